@@ -1,0 +1,11 @@
+"""Models: the local self-attention layer and the ResNet zoo (teacher and students)."""
+
+from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl
+from alite_jax.models.resnet import ResNet, check_image_size
+from alite_jax.models.zoo import (MODEL_NAMES, STUDENTS, VARIANTS, abstract_variables, count_params,
+                                  create_model, init_model)
+
+__all__ = [
+    "IMPLS", "LocalSelfAttention", "register_impl", "ResNet", "check_image_size", "MODEL_NAMES",
+    "STUDENTS", "VARIANTS", "abstract_variables", "count_params", "create_model", "init_model",
+]

@@ -1,0 +1,129 @@
+"""Bottleneck ResNets in the CIFAR layout: the ResNet-50 teacher and the SA-ResNet students.
+
+One skeleton serves both (reference.md §2): a 3x3 stride-1 stem (no max-pool), four stages of bottleneck
+blocks of widths 64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a projection
+shortcut (1x1 conv + BN, strided) where the shape changes, global average pooling and a dense head.
+
+* Teacher: the spatial layer is a 3x3 convolution (PyTorch-style symmetric padding of 1).
+* Student: every k x k (k > 1) convolution becomes :class:`LocalSelfAttention`; a downsampling block
+  average-pools 2x2 after its attention layer (SASA). ``stem="conv"`` is the hybrid variant,
+  ``stem="attention"`` the homogeneous one (the same simple relative embedding as every other layer).
+
+``__call__(x, train)`` returns ``(logits, features)``, where ``features`` are the four stage outputs that
+attention transfer compares (the student's have the teacher's shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from alite_jax.models.attention import LocalSelfAttention
+
+Dtype = Any
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+EXPANSION = 4
+# He normal over fan-out, as torchvision and the public SASA code initialise convolutions.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channels of a layer under a width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raises ValueError unless the model can take a height x width image.
+
+    Three stride-2 stages halve the resolution three times and the head pools globally, so any height
+    and width that are positive multiples of 8 work (32x32 for CIFAR, 64x64 for Tiny-ImageNet).
+    """
+    if height < 8 or width < 8 or height % 8 or width % 8:
+        raise ValueError(
+            f"these ResNets take images whose height and width are positive multiples of 8 "
+            f"(e.g. 32x32 for CIFAR, 64x64 for Tiny-ImageNet, or 40x48); got {height}x{width}. "
+            f"Resize, crop or pad the images to such a size.")
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> spatial (3x3 conv or local attention, strided) -> 1x1 expand, plus shortcut."""
+
+    width: int
+    stride: int
+    spatial: str  # "conv" or "attention"
+    attention: dict
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out_ch = EXPANSION * self.width
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                                 epsilon=1e-5, dtype=self.dtype)
+        y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
+        if self.spatial == "conv":
+            y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv2")(y)
+        else:
+            y = LocalSelfAttention(self.width, stride=self.stride, dtype=self.dtype,
+                                   name="attention", **self.attention)(y)
+        y = nn.relu(norm(name="bn2")(y))
+        y = norm(name="bn3")(conv(out_ch, (1, 1), name="conv3")(y))
+        if self.stride != 1 or x.shape[-1] != out_ch:
+            x = conv(out_ch, (1, 1), strides=self.stride, name="proj_conv")(x)
+            x = norm(name="proj_bn")(x)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """CIFAR-layout bottleneck ResNet; see the module docstring.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      num_classes: classifier outputs.
+      width: multiplier on every layer's channels (1.0 is the paper's model).
+      stem: "conv" (3x3 conv) or "attention" (local self-attention).
+      spatial: the blocks' spatial layer, "conv" or "attention".
+      attention: LocalSelfAttention options (num_heads, kernel_size, scaling, rel_layout, impl).
+      dtype: computation dtype; parameters and logits stay float32.
+    """
+
+    stage_sizes: Sequence[int]
+    num_classes: int
+    width: float = 1.0
+    stem: str = "conv"
+    spatial: str = "conv"
+    attention: dict | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        chex.assert_rank(x, 4)
+        check_image_size(x.shape[1], x.shape[2])
+        attention = dict(self.attention or {})
+        x = x.astype(self.dtype)
+        stem_ch = scaled(STAGE_WIDTHS[0], self.width)
+        if self.stem == "conv":
+            x = nn.Conv(stem_ch, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                        kernel_init=conv_init, name="stem_conv")(x)
+        else:
+            x = LocalSelfAttention(stem_ch, dtype=self.dtype, name="stem_attention", **attention)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                         name="stem_bn")(x)
+        x = nn.relu(x)
+        features = []
+        for s, (blocks, base) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+            for i in range(blocks):
+                stride = 2 if s > 0 and i == 0 else 1
+                x = Bottleneck(scaled(base, self.width), stride, self.spatial, attention, self.dtype,
+                               name=f"stage{s + 1}_block{i + 1}")(x, train)
+            features.append(x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
+        chex.assert_shape(logits, (x.shape[0], self.num_classes))
+        return logits, tuple(features)

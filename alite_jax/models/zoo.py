@@ -1,0 +1,93 @@
+"""The model zoo: ``create_model(name, num_classes, **options)`` and parameter counting.
+
+| name         | blocks per stage | spatial layer                 | params (10 classes, width 1) |
+|--------------|------------------|-------------------------------|------------------------------|
+| resnet50     | 3, 4, 6, 3       | 3x3 conv (the teacher)        | 23,520,842                   |
+| sa_resnet26  | 1, 2, 4, 1       | 7x7 local self-attention      | 8,306,442 (hybrid)           |
+| sa_resnet38  | 2, 3, 5, 2       | 7x7 local self-attention      | 12,154,442 (hybrid)          |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alite_jax.models.attention import check_attention_options
+from alite_jax.models.resnet import STAGE_WIDTHS, ResNet, check_image_size, scaled
+
+STAGE_SIZES = {
+    "resnet50": (3, 4, 6, 3),
+    "sa_resnet26": (1, 2, 4, 1),
+    "sa_resnet38": (2, 3, 5, 2),
+}
+MODEL_NAMES = tuple(STAGE_SIZES)
+STUDENTS = ("sa_resnet26", "sa_resnet38")
+VARIANTS = ("hybrid", "homogeneous")
+ATTENTION_DEFAULTS = dict(num_heads=8, kernel_size=7, scaling="paper", rel_layout="per_head",
+                          impl="patches")
+
+
+def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any = jnp.float32,
+                 **options: Any) -> ResNet:
+    """Builds a model of the zoo.
+
+    Args:
+      name: "resnet50" (the CNN teacher), "sa_resnet26" or "sa_resnet38" (the students).
+      num_classes: classifier outputs.
+      width: channel multiplier (1.0: the paper's models; e.g. 0.25 for demos and tests).
+      dtype: computation dtype (jnp.float32 or jnp.bfloat16); parameters stay float32.
+      **options: students only: ``variant`` ("hybrid": conv stem, "homogeneous": attention stem) and
+        the LocalSelfAttention options ``num_heads`` (8), ``kernel_size`` (7), ``scaling`` ("paper"),
+        ``rel_layout`` ("per_head") and ``impl`` ("patches").
+    Returns:
+      A Linen module; ``model.apply(variables, images, train=...)`` returns ``(logits, features)``.
+    Raises:
+      ValueError: unknown name or option, or options that give an inconsistent attention layer.
+    """
+    if name not in STAGE_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if width <= 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    if name not in STUDENTS:
+        if options:
+            raise ValueError(f"{name} is a convolutional network: the options {sorted(options)} apply "
+                             f"only to the self-attention students {STUDENTS}")
+        return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype)
+    variant = options.pop("variant", "hybrid")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    unknown = set(options) - set(ATTENTION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; the options are 'variant' "
+                         f"and {sorted(ATTENTION_DEFAULTS)}")
+    attention = {**ATTENTION_DEFAULTS, **options}
+    # Every attention layer's width must suit the head layout: fail here, before any tracing.
+    for base in STAGE_WIDTHS if variant == "hybrid" else (STAGE_WIDTHS[0],) + STAGE_WIDTHS:
+        check_attention_options(scaled(base, width), stride=1, **attention)
+    return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype,
+                  stem="conv" if variant == "hybrid" else "attention", spatial="attention",
+                  attention=attention)
+
+
+def init_model(model: ResNet, rng: jax.Array, image_size: int | tuple[int, int] = 32,
+               channels: int = 3) -> dict:
+    """Initialises a model's variables ({'params', 'batch_stats'}) for images of the given size."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    check_image_size(h, w)
+    return model.init(rng, jnp.zeros((1, h, w, channels), jnp.float32), train=False)
+
+
+def abstract_variables(model: ResNet, image_size: int | tuple[int, int] = 32,
+                       channels: int = 3) -> dict:
+    """Shapes and dtypes of a model's variables, without allocating or computing them."""
+    return jax.eval_shape(lambda key: init_model(model, key, image_size, channels), jax.random.key(0))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))
