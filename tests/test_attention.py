@@ -58,7 +58,9 @@ def jitted_apply(layer):
 
 
 def make_input(seed, b, h, w, c):
-    return jax.random.normal(jax.random.key(seed), (b, h, w, c), jnp.float32)
+    # numpy RNG: no eager XLA compilations for test data.
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((b, h, w, c)).astype(np.float32))
 
 
 def randomize_params(params, seed, rel_std=1.0):
@@ -69,11 +71,11 @@ def randomize_params(params, seed, rel_std=1.0):
     content term.  Independent of whatever the layer's initialisers do.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     new = []
-    for (path, leaf), key in zip(leaves, keys):
+    for path, leaf in leaves:
         names = [getattr(p, "key", str(p)) for p in path]
-        z = jax.random.normal(key, leaf.shape, jnp.float32)
+        z = jnp.asarray(rng.standard_normal(leaf.shape).astype(np.float32))
         if "kernel" in names:
             z = z / math.sqrt(leaf.shape[0])
         else:
@@ -88,7 +90,8 @@ def setup_case(c_in, c_out, heads, k, stride, scaling, layout, impl, hw, seed=0,
     """Layer, variables (random params) and input for one configuration."""
     layer = make_layer(c_out, heads, k, stride, scaling, layout, impl, dtype_name)
     x = make_input(seed, 2, hw[0], hw[1], c_in)
-    variables = layer.init(jax.random.key(seed + 1), x)
+    # Only the structure/shapes of init are needed: every value is replaced.
+    variables = jax.eval_shape(layer.init, jax.random.key(seed + 1), x)
     variables = dict(variables)
     variables["params"] = randomize_params(variables["params"], seed + 2)
     return layer, variables, x
@@ -189,6 +192,58 @@ def reference_numpy(params, x, *, heads, k, stride, scaling, layout):
 # ----------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("ma", "mb", "heads", "layout", "s_qk", "s_qr"))
+def _pixel_attention(q, kk, v, rel_rows, rel_cols, i, j, a0, b0, ra0, rb0, *,
+                     ma, mb, heads, layout, s_qk, s_qr):
+    """Output of one query pixel (i, j) over the neighbour rectangle
+    [a0, a0 + ma) x [b0, b0 + mb), whose offsets index rel_rows from ra0 and
+    rel_cols from rb0.  Jitted only so that the per-pixel Python loop below does
+    not dispatch (and compile) hundreds of tiny eager ops; the bounds are
+    computed explicitly per pixel by the caller."""
+    b, _, _, c_out = q.shape
+    d = c_out // heads
+    hp = jax.lax.Precision.HIGHEST
+    ds = jax.lax.dynamic_slice
+    r_rows = ds(rel_rows, (ra0, 0), (ma, c_out // 2))  # (ma, C/2)
+    r_cols = ds(rel_cols, (rb0, 0), (mb, c_out // 2))  # (mb, C/2)
+    if layout == "per_head":
+        r_rows = r_rows.reshape(ma, 1, heads, d // 2)
+        r_cols = r_cols.reshape(1, mb, heads, d // 2)
+    else:
+        r_rows = r_rows.reshape(ma, 1, c_out // 2)
+        r_cols = r_cols.reshape(1, mb, c_out // 2)
+    r = jnp.concatenate([jnp.broadcast_to(r_rows, (ma, mb) + r_rows.shape[2:]),
+                         jnp.broadcast_to(r_cols, (ma, mb) + r_cols.shape[2:])],
+                        axis=-1).reshape(ma * mb, heads, d)
+    k_nb = ds(kk, (0, a0, b0, 0), (b, ma, mb, c_out)).reshape(b, ma * mb, heads, d)
+    v_nb = ds(v, (0, a0, b0, 0), (b, ma, mb, c_out)).reshape(b, ma * mb, heads, d)
+    q_ij = ds(q, (0, i, j, 0), (b, 1, 1, c_out)).reshape(b, heads, d)
+    logits = (s_qk * jnp.einsum("bnd,bmnd->bmn", q_ij, k_nb, precision=hp)
+              + s_qr * jnp.einsum("bnd,mnd->bmn", q_ij, r, precision=hp))
+    wts = jax.nn.softmax(logits, axis=1)  # over the ma * mb in-image neighbours
+    out = jnp.einsum("bmn,bmnd->bnd", wts, v_nb, precision=hp)
+    return out.reshape(b, c_out)
+
+
+@jax.jit
+def _projections(x, wq, wk, wv):
+    hp = jax.lax.Precision.HIGHEST
+    return tuple(jnp.einsum("bhwi,io->bhwo", x, w, precision=hp) for w in (wq, wk, wv))
+
+
+@functools.partial(jax.jit, static_argnames=("stride",))
+def _assemble(rows, stride):
+    """Stacks the per-pixel outputs rows[i][j] into (B, H, W, C), then pools."""
+    y = jnp.stack([jnp.stack(row, axis=1) for row in rows], axis=1)
+    if stride == 2:
+        b, hh, ww, c_out = y.shape
+        h2, w2 = hh // 2, ww // 2
+        y = y[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c_out).mean(axis=(2, 4))
+    else:
+        assert stride == 1
+    return y
+
+
 def reference_jax(params, x, *, heads, k, stride, scaling, layout):
     wq = params["query"]["kernel"]
     wk = params["key"]["kernel"]
@@ -196,47 +251,22 @@ def reference_jax(params, x, *, heads, k, stride, scaling, layout):
     rel_rows, rel_cols = params["rel_rows"], params["rel_cols"]
     b, hh, ww, _ = x.shape
     c_out = wq.shape[1]
-    d = c_out // heads
     half = k // 2
     s_qk, s_qr = scales(scaling, c_out, heads)
-    hp = jax.lax.Precision.HIGHEST
-    q = jnp.einsum("bhwi,io->bhwo", x, wq, precision=hp).reshape(b, hh, ww, heads, d)
-    kk = jnp.einsum("bhwi,io->bhwo", x, wk, precision=hp).reshape(b, hh, ww, heads, d)
-    v = jnp.einsum("bhwi,io->bhwo", x, wv, precision=hp).reshape(b, hh, ww, heads, d)
+    q, kk, v = _projections(x, wq, wk, wv)
     rows = []
     for i in range(hh):
         row = []
         for j in range(ww):
-            a_idx, b_idx = [], []
-            for a in range(max(0, i - half), min(hh, i + half + 1)):
-                for bb in range(max(0, j - half), min(ww, j + half + 1)):
-                    a_idx.append(a)
-                    b_idx.append(bb)
-            a_idx = np.asarray(a_idx)
-            b_idx = np.asarray(b_idx)
-            m = len(a_idx)
-            r_rows = rel_rows[a_idx - i + half]  # (M, C/2)
-            r_cols = rel_cols[b_idx - j + half]  # (M, C/2)
-            if layout == "per_head":
-                r = jnp.concatenate(
-                    [r_rows.reshape(m, heads, d // 2), r_cols.reshape(m, heads, d // 2)],
-                    axis=-1)
-            else:
-                r = jnp.concatenate([r_rows, r_cols], axis=-1).reshape(m, heads, d)
-            k_nb = kk[:, a_idx, b_idx]  # (B, M, N, d)
-            v_nb = v[:, a_idx, b_idx]
-            q_ij = q[:, i, j]  # (B, N, d)
-            logits = (s_qk * jnp.einsum("bnd,bmnd->bmn", q_ij, k_nb, precision=hp)
-                      + s_qr * jnp.einsum("bnd,mnd->bmn", q_ij, r, precision=hp))
-            wts = jax.nn.softmax(logits, axis=1)
-            out = jnp.einsum("bmn,bmnd->bnd", wts, v_nb, precision=hp)
-            row.append(out.reshape(b, c_out))
-        rows.append(jnp.stack(row, axis=1))
-    y = jnp.stack(rows, axis=1)
-    if stride == 2:
-        h2, w2 = hh // 2, ww // 2
-        y = y[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c_out).mean(axis=(2, 4))
-    return y
+            # In-image neighbours of (i, j): the rectangle [a0, a1) x [b0, b1).
+            a0, a1 = max(0, i - half), min(hh, i + half + 1)
+            b0, b1 = max(0, j - half), min(ww, j + half + 1)
+            # Row offsets a - i for a in [a0, a1) index rel_rows at a - i + half.
+            row.append(_pixel_attention(
+                q, kk, v, rel_rows, rel_cols, i, j, a0, b0, a0 - i + half, b0 - j + half,
+                ma=a1 - a0, mb=b1 - b0, heads=heads, layout=layout, s_qk=s_qk, s_qr=s_qr))
+        rows.append(row)
+    return _assemble(rows, stride)
 
 
 def _to64(tree):
@@ -244,16 +274,14 @@ def _to64(tree):
 
 
 def reference_jax_grads(params, x, ct, **cfg):
-    """float64 reference gradients of sum(y * ct) w.r.t. (x, params)."""
+    """float64 reference output y and gradients of sum(y * ct) w.r.t. params, x."""
     with jax.enable_x64(True):
         p64, x64, ct64 = _to64(params), _to64(x), _to64(ct)
         assert x64.dtype == jnp.float64
 
-        def loss(p, xx):
-            return jnp.sum(reference_jax(p, xx, **cfg) * ct64)
-
-        gp, gx = jax.grad(loss, argnums=(0, 1))(p64, x64)
-        return (jax.tree_util.tree_map(np.asarray, gp), np.asarray(gx))
+        y, vjp = jax.vjp(lambda p, xx: reference_jax(p, xx, **cfg), p64, x64)
+        gp, gx = vjp(ct64)
+        return (np.asarray(y), jax.tree_util.tree_map(np.asarray, gp), np.asarray(gx))
 
 
 # ----------------------------------------------------------------------------
@@ -275,11 +303,6 @@ def assert_close(actual, expected, rel, what=""):
         f"(rel err {err / scale:.3e})")
 
 
-def case_id(c):
-    return "-".join(f"{v}" if not isinstance(v, tuple) else "x".join(map(str, v))
-                    for v in c)
-
-
 # (H, W), c_in, c_out, heads, k, stride, scaling, layout
 VALUE_CASES = [
     ((5, 7), 8, 8, 1, 3, 1, "paper", "per_head"),
@@ -293,7 +316,6 @@ VALUE_CASES = [
     ((6, 8), 8, 16, 2, 3, 2, "paper", "per_head"),
     ((6, 8), 12, 16, 8, 7, 2, "none", "across_heads"),
     ((6, 8), 8, 8, 2, 5, 2, "dim_head", "across_heads"),
-    ((5, 7), 8, 16, 8, 3, 2, "paper", "per_head"),       # odd size, VALID pooling
 ]
 VALUE_IDS = [
     "hw{}x{}-cin{}-cout{}-h{}-k{}-s{}-{}-{}".format(c[0][0], c[0][1], *c[1:])
@@ -324,19 +346,15 @@ def cached_numpy_reference(c, seed=0, bf16_inputs=False):
 
 
 # ----------------------------------------------------------------------------
-# 0. the two references agree with each other (guards the test code itself)
+# 0. sanity of the test's own references
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("c", [VALUE_CASES[1], VALUE_CASES[2], VALUE_CASES[9]],
-                         ids=[VALUE_IDS[1], VALUE_IDS[2], VALUE_IDS[9]])
-def test_references_agree(c):
+def test_reference_sanity():
+    """k=1: attention over the centre pixel only, so y = x @ Wv; and the jnp
+    reference equals the numpy one (the gradient tests also check this)."""
+    c = VALUE_CASES[2]
     _, variables, x = _setup(c, IMPLS[0])
-    ref_np = cached_numpy_reference(c)
-    with jax.enable_x64(True):
-        ref_j = np.asarray(reference_jax(_to64(variables["params"]), _to64(x), **_cfg(c)))
-    assert_close(ref_j, ref_np, 1e-12, "jax ref vs numpy ref")
-    # k=1 sanity of the numpy reference: attention over only the centre pixel.
     p = variables["params"]
     k1 = reference_numpy(
         {"query": p["query"], "key": p["key"], "value": p["value"],
@@ -379,8 +397,8 @@ def test_position_term_matters():
         assert np.max(np.abs(other - ref)) > 1e-2 * np.max(np.abs(ref))
 
 
-BF16_CASES = [VALUE_CASES[1], VALUE_CASES[2], VALUE_CASES[9]]
-BF16_IDS = [VALUE_IDS[1], VALUE_IDS[2], VALUE_IDS[9]]
+BF16_CASES = [VALUE_CASES[1], VALUE_CASES[9]]
+BF16_IDS = [VALUE_IDS[1], VALUE_IDS[9]]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -399,70 +417,81 @@ def test_values_bfloat16(c, impl):
 # 3./4. gradients (eager and jit) and eager/jit agreement
 # ----------------------------------------------------------------------------
 
-GRAD_CASES = [
-    ((5, 7), 8, 8, 2, 7, 1, "paper", "per_head"),        # every pixel near a border
-    ((5, 7), 12, 16, 8, 3, 1, "dim_head", "across_heads"),
-    ((6, 5), 8, 16, 8, 7, 1, "none", "per_head"),
-    ((6, 8), 8, 8, 2, 3, 2, "paper", "across_heads"),
-]
-GRAD_IDS = [
-    "hw{}x{}-cin{}-cout{}-h{}-k{}-s{}-{}-{}".format(c[0][0], c[0][1], *c[1:])
-    for c in GRAD_CASES
+GRAD_CASES = {
+    # every pixel near a border
+    "hw5x7-cin8-cout8-h2-k7-s1-paper-per_head":
+        ((5, 7), 8, 8, 2, 7, 1, "paper", "per_head"),
+    "hw5x7-cin12-cout16-h8-k3-s1-dim_head-across_heads":
+        ((5, 7), 12, 16, 8, 3, 1, "dim_head", "across_heads"),
+    "hw6x8-cin8-cout16-h2-k3-s2-none-across_heads":
+        ((6, 8), 8, 16, 2, 3, 2, "none", "across_heads"),
+}
+GRAD_RUNS = [  # (case id, mode): a covering set, not the full product
+    ("hw5x7-cin8-cout8-h2-k7-s1-paper-per_head", "eager"),
+    ("hw5x7-cin8-cout8-h2-k7-s1-paper-per_head", "jit"),
+    ("hw5x7-cin12-cout16-h8-k3-s1-dim_head-across_heads", "eager"),
+    ("hw5x7-cin12-cout16-h8-k3-s1-dim_head-across_heads", "jit"),
+    ("hw6x8-cin8-cout16-h2-k3-s2-none-across_heads", "jit"),
 ]
 
 
-def _cotangent(c, layer, variables, x):
+def _cotangent(layer, variables, x):
     shape = jax.eval_shape(layer.apply, variables, x).shape
-    return jax.random.normal(jax.random.key(123), shape, jnp.float32)
+    rng = np.random.default_rng(123)
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
 
 @functools.lru_cache(maxsize=None)
-def cached_reference_grads(c):
+def cached_reference_grads(name):
+    c = GRAD_CASES[name]
     layer, variables, x = _setup(c, IMPLS[0])
-    ct = _cotangent(c, layer, variables, x)
+    ct = _cotangent(layer, variables, x)
     return reference_jax_grads(variables["params"], x, ct, **_cfg(c))
 
 
-def _layer_grad_fn(layer, rest):
+def _layer_grad_fn(layer):
     def loss(params, x, ct):
-        v = dict(rest, params=params)
-        return jnp.sum(layer.apply(v, x).astype(jnp.float32) * ct)
+        return jnp.sum(layer.apply({"params": params}, x).astype(jnp.float32) * ct)
     return jax.grad(loss, argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_grad(layer):
-    return jax.jit(_layer_grad_fn(layer, {}))
+    return jax.jit(_layer_grad_fn(layer))
 
 
-@pytest.mark.parametrize("mode", ["eager", "jit"])
+def _flatten(tree):
+    return {"/".join(getattr(q, "key", str(q)) for q in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("c", GRAD_CASES, ids=GRAD_IDS)
-def test_gradients(c, impl, mode):
+@pytest.mark.parametrize("name,mode", GRAD_RUNS, ids=[f"{n}-{m}" for n, m in GRAD_RUNS])
+def test_gradients(name, mode, impl):
+    c = GRAD_CASES[name]
     layer, variables, x = _setup(c, impl)
     assert set(variables) == {"params"}
-    ct = _cotangent(c, layer, variables, x)
+    ct = _cotangent(layer, variables, x)
     params = variables["params"]
     if mode == "eager":
         with jax.disable_jit():
-            gp, gx = _layer_grad_fn(layer, {})(params, x, ct)
+            gp, gx = _layer_grad_fn(layer)(params, x, ct)
     else:
         gp, gx = _jitted_grad(layer)(params, x, ct)
-    ref_gp, ref_gx = cached_reference_grads(c)
+    ref_y, ref_gp, ref_gx = cached_reference_grads(name)
+    # the jnp reference agrees with the literal numpy reference
+    assert_close(ref_y, cached_numpy_reference(c), 1e-12, "jnp reference vs numpy reference")
     assert_close(gx, ref_gx, 1e-5, "d/dx")
     names = {"query/kernel", "key/kernel", "value/kernel", "rel_rows", "rel_cols"}
-    flat = {"/".join(getattr(q, "key", str(q)) for q in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(gp)[0]}
-    flat_ref = {"/".join(getattr(q, "key", str(q)) for q in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(ref_gp)[0]}
+    flat, flat_ref = _flatten(gp), _flatten(ref_gp)
     assert set(flat) == names and set(flat_ref) == names
-    for name in sorted(names):
-        assert_close(flat[name], flat_ref[name], 1e-5, f"d/d{name}")
+    for pname in sorted(names):
+        assert_close(flat[pname], flat_ref[pname], 1e-5, f"d/d{pname}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("c", [VALUE_CASES[1], VALUE_CASES[3], VALUE_CASES[9]],
-                         ids=[VALUE_IDS[1], VALUE_IDS[3], VALUE_IDS[9]])
+@pytest.mark.parametrize("c", [VALUE_CASES[1], VALUE_CASES[9]],
+                         ids=[VALUE_IDS[1], VALUE_IDS[9]])
 def test_eager_matches_jit(c, impl):
     layer, variables, x = _setup(c, impl)
     y_jit = jitted_apply(layer)(variables, x)
@@ -478,10 +507,8 @@ def test_eager_matches_jit(c, impl):
 
 LOCALITY_CASES = [
     # hw, c_in, c_out, heads, k, stride, scaling, layout, output pixels probed
-    ((8, 9), 8, 8, 2, 3, 1, "paper", "per_head",
-     [(0, 0), (0, 4), (3, 4), (7, 8), (4, 0)]),
     ((8, 9), 8, 16, 8, 5, 1, "none", "across_heads",
-     [(0, 8), (2, 2), (4, 5), (7, 3)]),
+     [(0, 0), (0, 8), (2, 2), (4, 5), (7, 3), (5, 0), (7, 8)]),
     ((8, 10), 8, 8, 2, 3, 2, "dim_head", "per_head",
      [(0, 0), (1, 2), (3, 4)]),
 ]
@@ -604,7 +631,7 @@ def test_param_shapes_and_count(c, impl):
 def test_bfloat16_dtypes(impl):
     c = VALUE_CASES[8]  # stride 2
     layer, variables, x = _setup(c, impl, dtype_name="bfloat16")
-    fresh = layer.init(jax.random.key(0), x)
+    fresh = jax.eval_shape(layer.init, jax.random.key(0), x)
     for a in jax.tree_util.tree_leaves(fresh["params"]):
         assert a.dtype == jnp.float32
     y = jitted_apply(layer)(variables, x)
@@ -637,7 +664,7 @@ def test_bad_configuration_raises(overrides, match):
     x = jnp.ones((1, 5, 5, 8), jnp.float32)
     with pytest.raises(ValueError, match=match):
         layer = LocalSelfAttention(**kwargs)
-        layer.init(jax.random.key(0), x)
+        jax.eval_shape(layer.init, jax.random.key(0), x)
 
 
 def test_good_configurations_do_not_raise():
@@ -649,5 +676,6 @@ def test_good_configurations_do_not_raise():
         layer = LocalSelfAttention(**dict(dict(stride=1, scaling="paper",
                                                rel_layout="per_head", impl=IMPLS[0]),
                                           **kw))
-        y = layer.apply(layer.init(jax.random.key(0), x), x)
+        variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+        y = jax.eval_shape(layer.apply, variables, x)
         assert y.shape == (1, 5, 5, kw["features"])

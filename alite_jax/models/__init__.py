@@ -2,10 +2,11 @@
 
 from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl
 from alite_jax.models.resnet import ResNet, check_image_size
-from alite_jax.models.zoo import (MODEL_NAMES, STUDENTS, VARIANTS, abstract_variables, count_params,
-                                  create_model, init_model)
+from alite_jax.models.zoo import (MODEL_NAMES, STUDENTS, VARIANTS, ZOO, abstract_variables, count_params,
+                                  create_model, init_model, summary)
 
 __all__ = [
     "IMPLS", "LocalSelfAttention", "register_impl", "ResNet", "check_image_size", "MODEL_NAMES",
-    "STUDENTS", "VARIANTS", "abstract_variables", "count_params", "create_model", "init_model",
+    "STUDENTS", "VARIANTS", "ZOO", "abstract_variables", "count_params", "create_model", "init_model",
+    "summary",
 ]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -91,3 +92,44 @@ def abstract_variables(model: ResNet, image_size: int | tuple[int, int] = 32,
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))
+
+
+ZOO = (("resnet50", {}), ("sa_resnet26", {"variant": "hybrid"}),
+       ("sa_resnet26", {"variant": "homogeneous"}), ("sa_resnet38", {"variant": "hybrid"}),
+       ("sa_resnet38", {"variant": "homogeneous"}))
+
+
+def summary(num_classes: int = 10, image_size: int = 32, width: float = 1.0,
+            run_forward: bool = False) -> str:
+    """A table of the zoo: parameters, stage feature shapes and (optionally) a timed forward pass.
+
+    With ``run_forward`` every model is initialised and applied to two random images, so the table also
+    shows that each model compiles and runs here (the time includes compilation).
+    """
+    check_image_size(image_size, image_size)
+    rows = []
+    for name, opts in ZOO:
+        model = create_model(name, num_classes, width=width, **opts)
+        variables = abstract_variables(model, image_size)
+        images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+        _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+        row = [f"{name} ({opts['variant']})" if opts else f"{name} (teacher)",
+               f"{count_params(variables['params']):,}",
+               " ".join("x".join(map(str, f.shape[1:])) for f in feats)]
+        if run_forward:
+            start = time.perf_counter()
+            real = init_model(model, jax.random.key(0), image_size)
+            x = jax.random.normal(jax.random.key(1), images.shape)
+            logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(real, x)
+            jax.block_until_ready(logits)
+            if not bool(jnp.all(jnp.isfinite(logits))):
+                raise FloatingPointError(f"{name} produced non-finite logits")
+            row.append(f"{time.perf_counter() - start:.1f}s")
+        rows.append(row)
+    header = ["model", "params", f"stage features (HxWxC) at {image_size}x{image_size}"]
+    if run_forward:
+        header.append("init+forward")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = [f"Model zoo: {num_classes} classes, width x{width}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    return "\n".join(lines)
