@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -56,27 +57,10 @@ AUTODIFF_IMPL = "patches_autodiff"
 CHECK_IMPL = "patches"  # the impl every other attention entry is compared against
 
 
-@register_impl(AUTODIFF_IMPL)
-def patches_autodiff_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax.Array,
-                                     rel_cols: jax.Array, *, kernel_size: int, qk_scale: float,
-                                     qr_scale: float) -> jax.Array:
-    """:func:`patches_local_attention` with JAX's own transpose of the patches op as its backward.
-
-    Same math, same forward; only the gather differs: ``_patches`` (the bare
-    ``lax.conv_general_dilated_patches``) instead of ``gather_neighbourhoods`` (its custom VJP).
-    """
-    b, h, w, n, d = q.shape
-    kk = kernel_size * kernel_size
-    keys = attention_module._patches(k.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
-    values = attention_module._patches(v.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
-    f32 = jnp.float32
-    logits = jnp.einsum("bhwnd,bhwndp->bhwnp", q, keys, preferred_element_type=f32) * qk_scale
-    rows = jnp.einsum("bhwnd,and->bhwna", q, rel_rows, preferred_element_type=f32)
-    cols = jnp.einsum("bhwnd,cnd->bhwnc", q, rel_cols, preferred_element_type=f32)
-    rel = (rows[..., :, None] + cols[..., None, :]).reshape(b, h, w, n, kk)
-    logits = attention_module._masked_logits(logits + qr_scale * rel, h, w, kernel_size)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhwnp,bhwndp->bhwnd", weights, values, preferred_element_type=f32).astype(v.dtype)
+# The patches math with JAX's own transpose of the patches op as its backward (no custom VJP): the same
+# function, registered here only to show what the custom VJP saves.
+register_impl(AUTODIFF_IMPL)(functools.partial(attention_module.patches_local_attention,
+                                               gather=attention_module.extract_patches))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +303,7 @@ def cpu_model() -> str:
 
 
 def print_summary(layers: list[LayerResult], models: tuple[ModelResult, ModelResult],
-                  args: argparse.Namespace, wall_s: float) -> None:
+                  args: argparse.Namespace, wall_s: float, load_at_start: float) -> None:
     conv = layers[0]
     print("\n== Summary (ratios vs the 3x3 conv; > 1 is slower) ==")
     print(f"   layer B={args.batch} {args.size}x{args.size} C={args.channels} k={args.kernel_size}: "
@@ -339,6 +323,9 @@ def print_summary(layers: list[LayerResult], models: tuple[ModelResult, ModelRes
           f"{teacher.images_per_s:.2f} images/s, student/teacher {ratio:.3f}")
     print(f"   machine: processor={platform.processor()!r} ({cpu_model()}), "
           f"os.cpu_count()={os.cpu_count()}, jax.devices()={jax.devices()}")
+    print(f"   1-minute load average: {load_at_start:.1f} before, {os.getloadavg()[0]:.1f} at the end "
+          f"(this process alone adds up to ~{os.cpu_count()}; more means the cores were shared and the "
+          f"times are inflated)")
     print(f"   jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
           f"python {platform.python_version()}; total wall time {wall_s:.0f} s")
 
@@ -358,11 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"timed fwd+bwd runs of {AUTODIFF_IMPL} (default 2; about a minute each at "
                         f"full size)")
     p.add_argument("--autodiff-chunk", type=int,
-                   help=f"images per sequential chunk of {AUTODIFF_IMPL}'s fwd+bwd (default 8; 4 with "
-                        f"--quick): JAX's "
-                        f"transpose of the patches op takes about H*W*k^2*k^2*C*4 bytes per image and "
-                        f"gather (0.6 GiB at 32x32, C=64, k=7), so the whole batch of 32 does not fit "
-                        f"in 23 GiB")
+                   help=f"images per sequential call of {AUTODIFF_IMPL}'s fwd+bwd (default 8; 4 with "
+                        f"--quick): JAX's transpose of the patches op peaks at about H*W*k^4*C*4 bytes "
+                        f"per image and gather (0.6 GiB at 32x32, C=64, k=7), so a batch of 32 at once "
+                        f"is killed for memory on a 23 GiB machine")
     p.add_argument("--skip-autodiff", action="store_true", help=f"leave out {AUTODIFF_IMPL}")
     p.add_argument("--model-batch", type=int, help="training-step batch (default 32; 8 with --quick)")
     p.add_argument("--model-size", type=int, default=32,
@@ -383,11 +369,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     print(f"local attention benchmark{' (--quick)' if args.quick else ''}: {jax.devices()}, "
           f"impls {list(PACKAGE_IMPLS)}{'' if args.skip_autodiff else f' + {AUTODIFF_IMPL}'}")
     layers = run_layer_benchmark(args)
     models = run_model_benchmark(args)
-    print_summary(layers, models, args, time.perf_counter() - start)
+    print_summary(layers, models, args, time.perf_counter() - start, load_at_start)
 
 
 if __name__ == "__main__":

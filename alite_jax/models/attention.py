@@ -101,7 +101,8 @@ def neighbourhood_mask(height: int, width: int, kernel_size: int) -> np.ndarray:
     return mask
 
 
-def _patches(x: jax.Array, kernel_size: int) -> jax.Array:
+def extract_patches(x: jax.Array, kernel_size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H, W, C, k*k) by the patches op alone (JAX differentiates it itself)."""
     b, h, w, c = x.shape
     p = jax.lax.conv_general_dilated_patches(
         x, (kernel_size, kernel_size), (1, 1), "SAME",
@@ -141,11 +142,11 @@ def gather_neighbourhoods(x: jax.Array, kernel_size: int) -> jax.Array:
     Forward is ``lax.conv_general_dilated_patches``. Its autodiff transpose is a convolution with a huge
     one-hot filter (about 20x slower on CPU), so the backward is :func:`fold_neighbourhoods` instead.
     """
-    return _patches(x, kernel_size)
+    return extract_patches(x, kernel_size)
 
 
 def _gather_fwd(x, kernel_size):
-    return _patches(x, kernel_size), None
+    return extract_patches(x, kernel_size), None
 
 
 def _gather_bwd(kernel_size, _, g):
@@ -164,15 +165,18 @@ def _masked_logits(logits: jax.Array, height: int, width: int, kernel_size: int)
 @register_impl("patches")
 def patches_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax.Array,
                             rel_cols: jax.Array, *, kernel_size: int, qk_scale: float,
-                            qr_scale: float) -> jax.Array:
+                            qr_scale: float,
+                            gather: Callable[[jax.Array, int], jax.Array] = gather_neighbourhoods
+                            ) -> jax.Array:
     """Local attention by gathering every pixel's k x k keys and values (k^2 copies of each).
 
     Simple and exact but memory bound: the gathered keys and values are k^2 times larger than k and v.
+    ``gather`` maps (B, H, W, C) to (B, H, W, C, k*k) (benchmarks swap in :func:`extract_patches`).
     """
     b, h, w, n, d = q.shape
     kk = kernel_size * kernel_size
-    keys = gather_neighbourhoods(k.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
-    values = gather_neighbourhoods(v.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
+    keys = gather(k.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
+    values = gather(v.reshape(b, h, w, n * d), kernel_size).reshape(b, h, w, n, d, kk)
     f32 = jnp.float32
     logits = jnp.einsum("bhwnd,bhwndp->bhwnp", q, keys, preferred_element_type=f32) * qk_scale
     # q.r separates into a row term and a column term: k + k products per head instead of k^2.
