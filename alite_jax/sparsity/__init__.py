@@ -1,0 +1,18 @@
+"""Sparse learning (paper §3, Algorithm 1) as composable optax pieces.
+
+    tx = sparse_learning(optax.sgd(0.1, momentum=0.9), density=0.1)
+    state = tx.init(params); params = apply_masks(params, get_masks(state))
+    ... updates, state = tx.update(grads, state, params); params = optax.apply_updates(params, updates)
+    ... at the end of an epoch: params, state = prune_and_regrow(params, state, schedule(epoch))
+"""
+
+from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, apply_masks, default_is_prunable,
+                                      global_density, init_masks, layer_densities)
+from alite_jax.sparsity.prune_regrow import prune_and_regrow, prune_rate_schedule
+from alite_jax.sparsity.transform import SparseLearningState, get_masks, sparse_learning
+
+__all__ = [
+    "DISTRIBUTIONS", "STRUCTURES", "SparseLearningState", "apply_masks", "default_is_prunable",
+    "get_masks", "global_density", "init_masks", "layer_densities", "prune_and_regrow",
+    "prune_rate_schedule", "sparse_learning",
+]

@@ -1,0 +1,201 @@
+"""Masks: which tensors are prunable, how a global budget is split over layers, and mask helpers.
+
+A mask tree is parallel to the parameter tree: a boolean array of the parameter's shape for every
+prunable leaf, ``None`` for every other leaf (biases, normalisation parameters, relative embeddings).
+Masks are plain arrays, so they jit, shard and checkpoint like the parameters.
+
+Pruning works on *units*: a single weight (``structure="irregular"``) or a column
+(``structure="column"``). A conv kernel (kh, kw, C_in, C_out) has kh*kw*C_in columns and a dense kernel
+(C_in, C_out) has C_in, each spanning all C_out outputs (the paper's column of the C_out x (C_in k k)
+weight matrix); a column mask is constant along the last axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRUCTURES = ("irregular", "column")
+DISTRIBUTIONS = ("uniform", "erk")
+
+Params = Any
+Masks = Any
+IsPrunable = Callable[[tuple, Any], bool]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def default_is_prunable(path: tuple, leaf: Any) -> bool:
+    """Every conv and dense kernel: leaves named ``kernel`` with at least 2 dimensions.
+
+    That covers the convolutions, the attention projections (query/key/value) and the classifier, and
+    leaves out biases, BatchNorm scales and biases and the relative position embeddings.
+    """
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def path_name(path: tuple) -> str:
+    """'stage1_block1/conv1/kernel' for a key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def prunable_tree(params: Params, is_prunable: IsPrunable | Params | None = None) -> Any:
+    """A tree of Python bools parallel to ``params``: which leaves are pruned.
+
+    ``is_prunable`` is None (:func:`default_is_prunable`), a callable ``(key_path, leaf) -> bool``, or a
+    tree of bools with the structure of ``params``.
+    """
+    if is_prunable is None or callable(is_prunable):
+        fn = is_prunable or default_is_prunable
+        return jax.tree_util.tree_map_with_path(lambda p, x: bool(fn(p, x)), params)
+    flags = jax.tree.map(bool, is_prunable)
+    if jax.tree.structure(flags) != jax.tree.structure(params):
+        raise ValueError("is_prunable must be None, a callable (key_path, leaf) -> bool, or a tree of "
+                         "bools with the structure of params")
+    return flags
+
+
+def unit_size(shape: tuple[int, ...], structure: str) -> int:
+    """Weights per pruning unit: 1 (irregular) or C_out, the last axis (column)."""
+    return int(shape[-1]) if structure == "column" else 1
+
+
+def unit_view(x: jax.Array, structure: str) -> jax.Array:
+    """(units, weights per unit) view of a kernel."""
+    return x.reshape(-1, unit_size(x.shape, structure))
+
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+    """Zeroes the inactive weights of ``params`` (leaves with mask None are returned as they are)."""
+    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+                        masks, params, is_leaf=_is_none)
+
+
+def count_nonzero_masked(masks: Masks) -> tuple[int, int]:
+    """(active, total) weights over the prunable leaves of a mask tree."""
+    leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+    active = sum(int(jnp.sum(m)) for m in leaves)
+    total = sum(int(np.prod(m.shape)) for m in leaves)
+    return active, total
+
+
+def global_density(masks: Masks) -> float:
+    """Fraction of prunable weights that are active."""
+    active, total = count_nonzero_masked(masks)
+    return active / max(total, 1)
+
+
+def layer_densities(masks: Masks) -> dict[str, float]:
+    """{'stage1_block1/conv1/kernel': density, ...} for every prunable leaf, in tree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
+    return {path_name(p): float(jnp.mean(m)) for p, m in flat if m is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting an integer budget over layers.
+# --------------------------------------------------------------------------------------------------
+
+
+def allocate(share: jax.Array, room: jax.Array, unit: jax.Array, deficit: jax.Array,
+             rounds: int = 8) -> jax.Array:
+    """Splits ``deficit`` weights over layers in whole units, in proportion to ``share``.
+
+    Args:
+      share: (L,) non-negative floats, the wanted proportions (need not sum to 1; all zero means
+        proportional to room).
+      room: (L,) int, units each layer can still take.
+      unit: (L,) int, weights per unit of each layer.
+      deficit: int, weights to hand out.
+    Returns:
+      (L,) int units per layer, 0 <= g <= room, with sum(g * unit) <= deficit. Layers that hit their room
+      pass the excess on: a few rounds of proportional water-filling, then an exact greedy fill in
+      order of share. With unit 1 everywhere (and enough room) the sum is exactly ``deficit``; with
+      larger units it falls short by less than the smallest unit among layers with room left.
+    """
+    room = room.astype(jnp.int32)
+    unit = unit.astype(jnp.int32)
+    given = jnp.zeros_like(room)
+    share = share.astype(jnp.float32)
+    for _ in range(rounds):
+        remaining = deficit - jnp.sum(given * unit)
+        open_ = given < room
+        s = jnp.where(open_, share, 0.0)
+        s = jnp.where(jnp.sum(s) > 0, s, jnp.where(open_, (room - given).astype(jnp.float32), 0.0))
+        s = s / jnp.maximum(jnp.sum(s), 1e-30)
+        want = jnp.floor(s * remaining.astype(jnp.float32) / unit).astype(jnp.int32)
+        given = given + jnp.clip(want, 0, room - given)
+    order = jnp.argsort(-share, stable=True)
+
+    # Float rounding can overshoot by a unit or two on large budgets: take it back from the layers of
+    # smallest share first; then hand out what is left exactly, in order of share.
+    def trim(over, i):
+        back = jnp.clip((over + unit[i] - 1) // unit[i], 0, given[i])
+        return over - back * unit[i], back
+
+    _, back = jax.lax.scan(trim, jnp.sum(given * unit) - deficit, order[::-1])
+    given = given.at[order[::-1]].add(-back)
+
+    def fill(remaining, i):
+        take = jnp.minimum(room[i] - given[i], remaining // unit[i])
+        return remaining - take * unit[i], take
+
+    _, extra = jax.lax.scan(fill, deficit - jnp.sum(given * unit), order)
+    return given.at[order].add(extra)
+
+
+def rank_of(score: jax.Array) -> jax.Array:
+    """Position of each element in ascending order of ``score``; ties broken by index."""
+    order = jnp.argsort(score, stable=True)
+    return jnp.zeros_like(order).at[order].set(jnp.arange(score.shape[0], dtype=order.dtype))
+
+
+def distribution_shares(shapes: list[tuple[int, ...]], distribution: str) -> np.ndarray:
+    """Per-layer proportions of the budget: uniform (by size) or Erdos-Renyi-Kernel (RigL).
+
+    Uniform gives every layer the same density. ERK makes a layer's density proportional to
+    sum(shape) / prod(shape), so its share of weights is proportional to sum(shape); layers that would
+    exceed density 1 are capped by :func:`allocate`'s water-filling, which passes their excess on.
+    """
+    if distribution == "uniform":
+        return np.array([np.prod(s) for s in shapes], np.float64)
+    if distribution == "erk":
+        return np.array([np.sum(s) for s in shapes], np.float64)
+    raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+
+
+def init_masks(params: Params, density: float, structure: str = "irregular",
+               distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
+               seed: int = 0) -> tuple[Masks, int]:
+    """Random masks meeting the global budget, and the budget: round(density x prunable weights).
+
+    Per-layer counts follow ``distribution``; inside a layer the active units are drawn uniformly at
+    random. Irregular masks meet the budget exactly; column masks come as close as whole columns allow
+    (short by less than the smallest column among layers with room).
+    """
+    flags = prunable_tree(params, is_prunable)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flag_leaves = jax.tree.leaves(flags)
+    idx = [i for i, f in enumerate(flag_leaves) if f]
+    if not idx:
+        raise ValueError("no parameter is prunable: check is_prunable (the default prunes leaves named "
+                         "'kernel' with at least 2 dimensions)")
+    shapes = [tuple(flat[i][1].shape) for i in idx]
+    total = int(sum(np.prod(s) for s in shapes))
+    budget = int(round(density * total))
+    units = np.array([np.prod(s) // unit_size(s, structure) for s in shapes], np.int32)
+    sizes = np.array([unit_size(s, structure) for s in shapes], np.int32)
+    counts = jax.jit(allocate)(jnp.asarray(distribution_shares(shapes, distribution), jnp.float32),
+                               jnp.asarray(units), jnp.asarray(sizes), jnp.int32(budget))
+    keys = jax.random.split(jax.random.key(seed), len(idx))
+    masks = [None] * len(flat)
+    for j, i in enumerate(idx):
+        active = rank_of(jax.random.uniform(keys[j], (int(units[j]),))) < counts[j]
+        masks[i] = jnp.broadcast_to(active[:, None], (int(units[j]), int(sizes[j]))).reshape(shapes[j])
+    return jax.tree_util.tree_unflatten(treedef, masks), budget

@@ -1,0 +1,454 @@
+"""Sparse learning: masks, the optax wrapper, prune/regrow, the schedule."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alite_jax import sparsity
+from alite_jax.models import create_model, init_model
+from alite_jax.sparsity.masks import allocate, count_nonzero_masked
+from alite_jax.sparsity.prune_regrow import _prune_regrow
+
+
+def small_params(seed=0):
+    """A conv, a dense layer, biases and a BN-like scale: prunable and non-prunable leaves."""
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.standard_normal(s).astype(np.float32))
+    return {"conv": {"kernel": f(3, 3, 4, 8), "bias": f(8)},
+            "bn": {"scale": f(8), "bias": f(8)},
+            "dense": {"kernel": f(72, 16), "bias": f(16)},
+            "head": {"kernel": f(16, 5)},
+            "rel_rows": f(7, 4)}
+
+
+def sgd():
+    return optax.sgd(0.1, momentum=0.9)
+
+
+def nnz(masks):
+    return count_nonzero_masked(masks)[0]
+
+
+def min_unit(masks, structure):
+    if structure == "irregular":
+        return 1
+    return min(m.shape[-1] for m in jax.tree.leaves(masks) if m is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation (hand-computed).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_allocate_proportional_and_exact():
+    g = allocate(jnp.array([0.5, 0.3, 0.2]), jnp.array([100, 100, 100]), jnp.array([1, 1, 1]),
+                 jnp.int32(10))
+    np.testing.assert_array_equal(g, [5, 3, 2])
+    # 7 over shares 1/3 each: floors give 2, 2, 2 and the last one goes to the first in share order.
+    g = allocate(jnp.array([1.0, 1.0, 1.0]), jnp.array([9, 9, 9]), jnp.array([1, 1, 1]), jnp.int32(7))
+    np.testing.assert_array_equal(g, [3, 2, 2])
+
+
+def test_allocate_full_layer_passes_excess_on():
+    # The first layer wants 9 of 10 but has room for 3: its excess goes to the other.
+    g = allocate(jnp.array([0.9, 0.1]), jnp.array([3, 100]), jnp.array([1, 1]), jnp.int32(10))
+    np.testing.assert_array_equal(g, [3, 7])
+
+
+def test_allocate_columns_fall_short_by_less_than_a_unit():
+    # Units of 4 and 6 weights; 17 weights: 2 x 4 + 1 x 6 = 14 or 1 x 4 + 2 x 6 = 16; 17 is unreachable.
+    g = np.asarray(allocate(jnp.array([0.5, 0.5]), jnp.array([10, 10]), jnp.array([4, 6]),
+                            jnp.int32(17)))
+    total = int(g @ np.array([4, 6]))
+    assert 17 - 4 < total <= 17
+
+
+# ---------------------------------------------------------------------------------------------
+# init.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", sparsity.STRUCTURES)
+@pytest.mark.parametrize("distribution", sparsity.DISTRIBUTIONS)
+def test_init_meets_budget(structure, distribution):
+    params = small_params()
+    state = sparsity.sparse_learning(sgd(), density=0.3, structure=structure,
+                                     distribution=distribution).init(params)
+    masks = sparsity.get_masks(state)
+    prunable = 3 * 3 * 4 * 8 + 72 * 16 + 16 * 5
+    assert state.budget == round(0.3 * prunable)
+    if structure == "irregular":
+        assert nnz(masks) == state.budget
+    else:
+        assert 0 <= state.budget - nnz(masks) < min_unit(masks, structure)
+    # Non-prunable leaves are marked None; prunable ones are boolean arrays of the parameter's shape.
+    assert masks["conv"]["bias"] is None and masks["bn"]["scale"] is None
+    assert masks["rel_rows"] is None and masks["dense"]["bias"] is None
+    for name in ("conv", "dense", "head"):
+        assert masks[name]["kernel"].dtype == jnp.bool_
+        assert masks[name]["kernel"].shape == params[name]["kernel"].shape
+
+
+def test_column_masks_are_constant_along_cout():
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.4, structure="column")
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    for _ in range(3):
+        state = _set_momentum(state, jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape),
+                                                  params))
+        params, state = sparsity.prune_and_regrow(params, state, 0.5)
+        for m in jax.tree.leaves(sparsity.get_masks(state)):
+            assert np.all(m == m[..., :1]), "column mask varies along C_out"
+
+
+def test_erk_gives_small_layers_higher_density():
+    dens = sparsity.layer_densities(sparsity.init_masks(small_params(), 0.3, distribution="erk")[0])
+    uni = sparsity.layer_densities(sparsity.init_masks(small_params(), 0.3)[0])
+    # ERK density ~ sum(shape)/prod(shape): head 21/80 = 0.26, dense 88/1152 = 0.076, conv
+    # 18/288 = 0.0625. Shares of the 456-weight budget: 456 * (21, 88, 18) / 127 = 75.4, 316, 64.6.
+    assert dens["head/kernel"] > dens["dense/kernel"] > dens["conv/kernel"]
+    assert dens["conv/kernel"] == pytest.approx(64 / 288, abs=1.5 / 288)
+    assert all(abs(d - 0.3) < 0.01 for d in uni.values())
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="density"):
+        sparsity.sparse_learning(sgd(), density=0.0)
+    with pytest.raises(ValueError, match="density"):
+        sparsity.sparse_learning(sgd(), density=1.5)
+    with pytest.raises(ValueError, match="structure"):
+        sparsity.sparse_learning(sgd(), density=0.5, structure="filter")
+    with pytest.raises(ValueError, match="distribution"):
+        sparsity.sparse_learning(sgd(), density=0.5, distribution="normal")
+    with pytest.raises(ValueError, match="momentum"):
+        sparsity.sparse_learning(optax.sgd(0.1), density=0.5).init(small_params())
+    with pytest.raises(ValueError, match="no parameter is prunable"):
+        sparsity.sparse_learning(sgd(), density=0.5, is_prunable=lambda p, x: False).init(small_params())
+    tx = sparsity.sparse_learning(sgd(), density=0.5)
+    state = tx.init(small_params())
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(small_params(), state)
+
+
+def test_custom_is_prunable_tree():
+    params = small_params()
+    flags = jax.tree.map(lambda _: False, params)
+    flags["head"]["kernel"] = True
+    masks = sparsity.get_masks(sparsity.sparse_learning(sgd(), density=0.5, is_prunable=flags)
+                               .init(params))
+    assert masks["conv"]["kernel"] is None and int(jnp.sum(masks["head"]["kernel"])) == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# update.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,make", [
+    ("sgd+wd inside", lambda: optax.chain(optax.add_decayed_weights(1e-2), sgd())),
+    ("nesterov, clip and wd outside", lambda: None),
+    ("adamw", lambda: optax.adamw(1e-2, weight_decay=1e-2)),
+])
+def test_inactive_weights_stay_exactly_zero(name, make):
+    inner = make()
+    if inner is None:
+        tx = optax.chain(optax.clip_by_global_norm(1.0),
+                         sparsity.sparse_learning(optax.sgd(0.1, momentum=0.9, nesterov=True),
+                                                  density=0.2),
+                         optax.add_decayed_weights(1e-2), optax.scale(1.0))
+    else:
+        tx = sparsity.sparse_learning(inner, density=0.2)
+    params = small_params()
+    state = tx.init(params)
+    masks = sparsity.get_masks(state)
+    params = sparsity.apply_masks(params, masks)
+    start = params
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    for i in range(5):
+        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for m, p, p0 in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(params),
+                        jax.tree.leaves(start)):
+        if m is None:
+            assert not np.allclose(p, p0)  # dense leaves train normally
+        else:
+            assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+            assert not np.allclose(np.asarray(p)[np.asarray(m)], np.asarray(p0)[np.asarray(m)])
+    # The inner optimizer saw the dense gradient: momentum is non-zero on inactive weights too.
+    momentum = sparsity.transform.find_momentum(sparsity.transform.find_state(state).inner_state, params)
+    inactive = ~np.asarray(masks["dense"]["kernel"])
+    assert np.all(np.asarray(momentum["dense"]["kernel"])[inactive] != 0.0)
+
+
+def test_update_zeroes_weights_that_were_never_masked():
+    tx = sparsity.sparse_learning(sgd(), density=0.2)
+    params = small_params()
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    m = np.asarray(sparsity.get_masks(state)["dense"]["kernel"])
+    assert np.all(np.asarray(params["dense"]["kernel"])[~m] == 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_and_regrow (hand-computed).
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_momentum(state, momentum):
+    sparse = sparsity.transform.find_state(state)
+    trace, rest = sparse.inner_state[0], sparse.inner_state[1:]
+    new = dataclasses.replace(sparse, inner_state=(trace._replace(trace=momentum),) + rest)
+    return sparsity.transform.replace_state(state, new)
+
+
+def _hand_state(weights, masks, momentum, budget):
+    tx = sparsity.sparse_learning(sgd(), density=0.5)
+    state = tx.init(weights)
+    state = dataclasses.replace(state, masks=masks, budget=budget)
+    return _set_momentum(state, momentum)
+
+
+def _layers(a, b, shape=(2, 4)):  # two (2, 4) kernels from flat lists
+    return {"a": {"kernel": jnp.asarray(a, jnp.float32).reshape(shape)},
+            "b": {"kernel": jnp.asarray(b, jnp.float32).reshape(shape)}}
+
+
+def test_prune_and_regrow_hand_computed():
+    weights = _layers([1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0])
+    masks = jax.tree.map(lambda w: w != 0, weights)
+    momentum = _layers([1, 1, 1, 1, 9, 8, 7, 6], [0.5, 0.5, 3, 3, 1, 2, 3, 4])
+    state = _hand_state(weights, masks, momentum, budget=8)
+    params, state = sparsity.prune_and_regrow(weights, state, 0.5)
+    m = sparsity.get_masks(state)
+    # Each layer prunes ceil(0.5 * 4) = 2 smallest |w| (positions 0, 1). Importance: mean |m| over the
+    # active weights: a 1, b 1.75, so shares 0.364 / 0.636 of the 4 freed: floors 1 / 2 and the last
+    # one to b (the larger share). a regrows its top-|m| inactive weight (position 4, m = 9); b its
+    # top 3 (positions 7, 6, 5 with m = 4, 3, 2), all at zero.
+    np.testing.assert_array_equal(m["a"]["kernel"].ravel(), [0, 0, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(m["b"]["kernel"].ravel(), [0, 0, 1, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(params["a"]["kernel"].ravel(), [0, 0, 3, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(params["b"]["kernel"].ravel(), [0, 0, 7, 8, 0, 0, 0, 0])
+
+
+def test_full_layer_passes_its_regrowth_on():
+    # a: 4 weights, 3 active, all the momentum; b: 16 weights, 8 active, no momentum. Rate 0.5 prunes
+    # ceil(1.5) = 2 from a and 4 from b: 6 freed. a wants all 6 but has room for 3; b takes the rest.
+    weights = {"a": {"kernel": jnp.array([[1.0, 2.0], [3.0, 0.0]])},
+               "b": {"kernel": jnp.array([1, 2, 3, 4, 5, 6, 7, 8] + [0] * 8, jnp.float32).reshape(4, 4)}}
+    masks = jax.tree.map(lambda w: w != 0, weights)
+    momentum = {"a": {"kernel": jnp.full((2, 2), 5.0)}, "b": {"kernel": jnp.zeros((4, 4))}}
+    state = _hand_state(weights, masks, momentum, budget=11)
+    params, state = sparsity.prune_and_regrow(weights, state, 0.5)
+    m = sparsity.get_masks(state)
+    assert int(m["a"]["kernel"].sum()) == 4 and int(m["b"]["kernel"].sum()) == 7
+    # b kept its 4 largest (5..8) and regrew 3 at zero (ties at momentum 0 broken by index: 0, 1, 2).
+    np.testing.assert_array_equal(params["b"]["kernel"].ravel(), [0, 0, 0, 0, 5, 6, 7, 8] + [0] * 8)
+    np.testing.assert_array_equal(m["b"]["kernel"].ravel(), [1, 1, 1, 0, 1, 1, 1, 1] + [0] * 8)
+
+
+def test_column_prune_and_regrow_hand_computed():
+    # Dense kernels (C_in, C_out): columns are rows here. a: 4 columns of 2; b: 4 columns of 2.
+    wa = jnp.array([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
+    wb = jnp.array([[3.0, 4.0], [0.1, 0.1], [0.0, 0.0], [0.0, 0.0]])
+    weights = {"a": {"kernel": wa}, "b": {"kernel": wb}}
+    masks = jax.tree.map(lambda w: w != 0, weights)
+    ma = jnp.array([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])  # all of a's momentum: inactive
+    mb = jnp.array([[1.0, 1.0], [1.0, 1.0], [0.0, 6.0], [6.0, 8.0]])
+    state = _hand_state(weights, masks, {"a": {"kernel": ma}, "b": {"kernel": mb}}, budget=8)
+    state = dataclasses.replace(state, structure="column")
+    params, state = sparsity.prune_and_regrow(weights, state, 0.5)
+    m = sparsity.get_masks(state)
+    # Each layer prunes ceil(0.5 * 2) = 1 column: a's [1, 1] (norm 1.41), b's [0.1, 0.1]. Importance:
+    # a 0 (no momentum on its active weights), b 1, so b regrows both freed columns: its largest
+    # momentum norms among its 3 free columns are column 3 (10) and column 2 (6).
+    np.testing.assert_array_equal(m["a"]["kernel"][:, 0], [0, 1, 0, 0])
+    np.testing.assert_array_equal(m["b"]["kernel"][:, 0], [1, 0, 1, 1])
+    np.testing.assert_array_equal(params["b"]["kernel"], [[3, 4], [0, 0], [0, 0], [0, 0]])
+    assert np.all(m["b"]["kernel"] == m["b"]["kernel"][:, :1])
+
+
+@pytest.mark.parametrize("structure", sparsity.STRUCTURES)
+def test_prune_rate_zero_changes_nothing(structure):
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.3, structure=structure)
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    state = _set_momentum(state, jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape),
+                                              params))
+    new_params, new_state = sparsity.prune_and_regrow(params, state, 0.0)
+    for a, b in zip(jax.tree.leaves((params, sparsity.get_masks(state))),
+                    jax.tree.leaves((new_params, sparsity.get_masks(new_state)))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("structure", sparsity.STRUCTURES)
+@pytest.mark.parametrize("distribution", sparsity.DISTRIBUTIONS)
+def test_budget_holds_over_many_rounds_and_compiles_once(structure, distribution):
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.25, structure=structure, distribution=distribution)
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    start = nnz(sparsity.get_masks(state))
+    compiled_before = _prune_regrow._cache_size()
+    schedule = sparsity.prune_rate_schedule(0.5, 12)
+    for epoch in range(11):
+        key = jax.random.key(epoch)
+        state = _set_momentum(state, jax.tree.map(lambda x: jax.random.normal(key, x.shape), params))
+        params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(key, p.shape), params)
+        params = sparsity.apply_masks(params, sparsity.get_masks(state))
+        old = sparsity.get_masks(state)
+        params, state = sparsity.prune_and_regrow(params, state, schedule(epoch))
+        masks = sparsity.get_masks(state)
+        if structure == "irregular":
+            assert nnz(masks) == state.budget == start
+        else:
+            assert 0 <= state.budget - nnz(masks) < min_unit(masks, structure)
+        # Regrown weights start at zero; inactive weights are zero.
+        for m0, m1, p in zip(jax.tree.leaves(old), jax.tree.leaves(masks), jax.tree.leaves(
+                [params[k]["kernel"] for k in ("conv", "dense", "head")])):
+            assert np.all(np.asarray(p)[np.asarray(m1 & ~m0)] == 0)
+            assert np.all(np.asarray(p)[~np.asarray(m1)] == 0)
+    # One compilation for all 11 rounds, whatever the rate and the masks.
+    assert _prune_regrow._cache_size() - compiled_before <= 1
+
+
+def test_layer_with_more_momentum_gets_more_regrowth():
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.3)
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    before = sparsity.layer_densities(sparsity.get_masks(state))
+    # Momentum only on the dense layer: it must gain weights, the other layers lose theirs.
+    momentum = jax.tree.map(jnp.zeros_like, params)
+    momentum["dense"]["kernel"] = jnp.ones_like(params["dense"]["kernel"])
+    params, state = sparsity.prune_and_regrow(params, _set_momentum(state, momentum), 0.5)
+    after = sparsity.layer_densities(sparsity.get_masks(state))
+    assert after["dense/kernel"] > before["dense/kernel"]
+    assert after["conv/kernel"] < before["conv/kernel"] and after["head/kernel"] < before["head/kernel"]
+
+
+def test_eager_equals_jit():
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.3, structure="irregular", distribution="erk")
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    state = _set_momentum(state, jax.tree.map(lambda x: jax.random.normal(jax.random.key(7), x.shape),
+                                              params))
+    jit_out = sparsity.prune_and_regrow(params, state, 0.3)
+    with jax.disable_jit():
+        eager_out = sparsity.prune_and_regrow(params, state, 0.3)
+    for a, b in zip(jax.tree.leaves(jit_out), jax.tree.leaves(eager_out)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_works_inside_a_chain_state():
+    params = small_params()
+    tx = optax.chain(optax.clip_by_global_norm(1.0), sparsity.sparse_learning(sgd(), density=0.3))
+    state = tx.init(params)
+    params, new_state = sparsity.prune_and_regrow(params, state, 0.3)
+    assert isinstance(new_state, tuple) and len(new_state) == 2
+    assert isinstance(new_state[1], sparsity.SparseLearningState)
+    assert nnz(sparsity.get_masks(new_state)) == new_state[1].budget
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prune_rate_schedule():
+    linear = sparsity.prune_rate_schedule(0.5, 5)
+    np.testing.assert_allclose([linear(e) for e in range(5)], [0.5, 0.375, 0.25, 0.125, 0.0])
+    cosine = sparsity.prune_rate_schedule(0.5, 5, kind="cosine")
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(5)]
+    np.testing.assert_allclose([cosine(e) for e in range(5)], expected)
+    np.testing.assert_allclose(expected[1], 0.4267767, rtol=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        sparsity.prune_rate_schedule(0.5, 5, kind="step")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sa_resnet26_parameters():
+    model = create_model("sa_resnet26", 10)
+    shapes = jax.eval_shape(lambda k: init_model(model, k), jax.random.key(0))["params"]
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(0), shapes["head"]["kernel"].shape)
+    tx = sparsity.sparse_learning(sgd(), density=0.1)
+    state = tx.init(params)
+    masks = sparsity.get_masks(state)
+    # Prunable: every conv and dense kernel (attention projections and the classifier included);
+    # not the relative embeddings, BN parameters or the head bias.
+    stage1 = masks["stage1_block1"]
+    assert stage1["attention"]["query"]["kernel"] is not None and stage1["conv1"]["kernel"] is not None
+    assert stage1["attention"]["rel_rows"] is None and stage1["bn1"]["scale"] is None
+    assert masks["head"]["kernel"] is not None and masks["head"]["bias"] is None
+    active, total = count_nonzero_masked(masks)
+    assert total == 8_263_360 and active == state.budget == round(0.1 * 8_263_360)
+    params = sparsity.apply_masks(params, masks)
+    momentum = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    params, state = sparsity.prune_and_regrow(params, _set_momentum(state, momentum), 0.5)
+    assert count_nonzero_masked(sparsity.get_masks(state))[0] == state.budget
+
+
+def test_mlp_trains_sparse_to_known_accuracy():
+    """A 3-layer MLP on 4 Gaussian classes in 16-D, at 20% density with prune/regrow every 50 steps."""
+    r = np.random.default_rng(0)
+    centres = r.standard_normal((4, 16)) * 1.5
+    labels = r.integers(0, 4, 2400)
+    x = (centres[labels] + r.standard_normal((2400, 16))).astype(np.float32)
+    xtr, ytr, xte, yte = x[:2000], labels[:2000], x[2000:], labels[2000:]
+
+    def init(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        he = lambda k, i, o: jax.random.normal(k, (i, o)) * np.sqrt(2.0 / i)
+        return {"l1": {"kernel": he(k1, 16, 128), "bias": jnp.zeros(128)},
+                "l2": {"kernel": he(k2, 128, 128), "bias": jnp.zeros(128)},
+                "out": {"kernel": he(k3, 128, 4), "bias": jnp.zeros(4)}}
+
+    def apply(p, x):
+        h = jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+        h = jax.nn.relu(h @ p["l2"]["kernel"] + p["l2"]["bias"])
+        return h @ p["out"]["kernel"] + p["out"]["bias"]
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+    tx = sparsity.sparse_learning(optax.chain(optax.add_decayed_weights(1e-4), sgd()), density=0.2)
+    params = init(jax.random.key(0))
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+
+    @jax.jit
+    def step(p, s, x, y):
+        g = jax.grad(loss)(p, x, y)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    schedule = sparsity.prune_rate_schedule(0.3, 6)
+    for epoch in range(6):
+        for i in range(0, 2000, 40):
+            params, state = step(params, state, xtr[i:i + 40], ytr[i:i + 40])
+        if epoch < 5:
+            params, state = sparsity.prune_and_regrow(params, state, schedule(epoch))
+    accuracy = float(jnp.mean(jnp.argmax(apply(params, xte), -1) == yte))
+    masks = sparsity.get_masks(state)
+    assert sparsity.global_density(masks) == pytest.approx(0.2, abs=1e-4)
+    for m, p in zip(jax.tree.leaves(masks), [params[k]["kernel"] for k in ("l1", "l2", "out")]):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+    # The Bayes-optimal accuracy of this problem is about 0.97 (measured with the true centres).
+    bayes = float(np.mean(np.argmin(((xte[:, None] - centres[None]) ** 2).sum(-1), -1) == yte))
+    print(f"sparse MLP accuracy {accuracy:.3f}, Bayes {bayes:.3f}")
+    assert accuracy > bayes - 0.03, (accuracy, bayes)
