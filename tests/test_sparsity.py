@@ -404,9 +404,9 @@ def test_sa_resnet26_parameters():
 
 
 def test_mlp_trains_sparse_to_known_accuracy():
-    """A 3-layer MLP on 4 Gaussian classes in 16-D, at 20% density with prune/regrow every 50 steps."""
+    """A 3-layer MLP on 4 Gaussian classes in 16-D at 20% density, prune/regrow after every epoch."""
     r = np.random.default_rng(0)
-    centres = r.standard_normal((4, 16)) * 1.5
+    centres = r.standard_normal((4, 16)) * 0.7
     labels = r.integers(0, 4, 2400)
     x = (centres[labels] + r.standard_normal((2400, 16))).astype(np.float32)
     xtr, ytr, xte, yte = x[:2000], labels[:2000], x[2000:], labels[2000:]
@@ -426,29 +426,35 @@ def test_mlp_trains_sparse_to_known_accuracy():
     def loss(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
 
-    tx = sparsity.sparse_learning(optax.chain(optax.add_decayed_weights(1e-4), sgd()), density=0.2)
-    params = init(jax.random.key(0))
-    state = tx.init(params)
-    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    def train(tx, sparse):
+        params = init(jax.random.key(0))
+        state = tx.init(params)
+        if sparse:
+            params = sparsity.apply_masks(params, sparsity.get_masks(state))
 
-    @jax.jit
-    def step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+        @jax.jit
+        def step(p, s, x, y):
+            u, s = tx.update(jax.grad(loss)(p, x, y), s, p)
+            return optax.apply_updates(p, u), s
 
-    schedule = sparsity.prune_rate_schedule(0.3, 6)
-    for epoch in range(6):
-        for i in range(0, 2000, 40):
-            params, state = step(params, state, xtr[i:i + 40], ytr[i:i + 40])
-        if epoch < 5:
-            params, state = sparsity.prune_and_regrow(params, state, schedule(epoch))
-    accuracy = float(jnp.mean(jnp.argmax(apply(params, xte), -1) == yte))
+        schedule = sparsity.prune_rate_schedule(0.3, 6)
+        for epoch in range(6):
+            for i in range(0, 2000, 40):
+                params, state = step(params, state, xtr[i:i + 40], ytr[i:i + 40])
+            if sparse and epoch < 5:
+                params, state = sparsity.prune_and_regrow(params, state, schedule(epoch))
+        return params, state, float(jnp.mean(jnp.argmax(apply(params, xte), -1) == yte))
+
+    inner = optax.chain(optax.add_decayed_weights(1e-4), sgd())
+    params, state, accuracy = train(sparsity.sparse_learning(inner, density=0.2), sparse=True)
+    _, _, dense_accuracy = train(inner, sparse=False)
     masks = sparsity.get_masks(state)
     assert sparsity.global_density(masks) == pytest.approx(0.2, abs=1e-4)
     for m, p in zip(jax.tree.leaves(masks), [params[k]["kernel"] for k in ("l1", "l2", "out")]):
         assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
-    # The Bayes-optimal accuracy of this problem is about 0.97 (measured with the true centres).
+    # Chance is 0.25; the Bayes-optimal rule (nearest true centre) reaches 0.905 on this test set and
+    # the same MLP trained dense 0.86. At 20% density it must stay within 3 points of dense.
     bayes = float(np.mean(np.argmin(((xte[:, None] - centres[None]) ** 2).sum(-1), -1) == yte))
-    print(f"sparse MLP accuracy {accuracy:.3f}, Bayes {bayes:.3f}")
-    assert accuracy > bayes - 0.03, (accuracy, bayes)
+    print(f"sparse MLP {accuracy:.3f}, dense MLP {dense_accuracy:.3f}, Bayes {bayes:.3f}")
+    assert bayes == pytest.approx(0.905, abs=0.005)
+    assert accuracy > 0.8 and accuracy > dense_accuracy - 0.03, (accuracy, dense_accuracy)
