@@ -458,3 +458,23 @@ def test_mlp_trains_sparse_to_known_accuracy():
     print(f"sparse MLP {accuracy:.3f}, dense MLP {dense_accuracy:.3f}, Bayes {bayes:.3f}")
     assert bayes == pytest.approx(0.905, abs=0.005)
     assert accuracy > 0.8 and accuracy > dense_accuracy - 0.03, (accuracy, dense_accuracy)
+
+
+def test_state_checkpoints_with_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.3, structure="column")
+    state = tx.init(params)
+    path = tmp_path / "ckpt"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"params": params, "opt_state": state})
+        checkpointer.wait_until_finished()
+        target = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+        restored = checkpointer.restore(path, target)
+    new = restored["opt_state"]
+    assert isinstance(new, sparsity.SparseLearningState)
+    assert (new.structure, new.budget) == (state.structure, state.budget)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
