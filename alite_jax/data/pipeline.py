@@ -61,23 +61,43 @@ def _allgather(x: np.ndarray) -> np.ndarray:
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-    """Runs ``iterator`` in a background thread, ``size`` items ahead (host work overlaps the step)."""
+    """Runs ``iterator`` in a background thread, ``size`` items ahead (host work overlaps the step).
+
+    Closing the returned generator (or dropping it, e.g. after ``next(iter(...))``) stops the thread
+    and waits for it, so no producer is left running JAX work at shutdown.
+    """
     q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
     done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in iterator:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-        q.put(done)
+            put(e)
+        put(done)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclasses.dataclass

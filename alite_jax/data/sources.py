@@ -129,8 +129,10 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, image_size
             config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(download_config=config)
         elif not builder.is_prepared():
-            raise FileNotFoundError(f"data set {name!r} is not prepared in {builder.data_dir} and "
-                                    f"download is off: set download=True, or prepare it there")
+            manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+            raise FileNotFoundError(
+                f"data set {name!r} is not prepared in {builder.data_dir} and download is off: set "
+                f"download=True to prepare it" + (f". {manual}" if manual else ""))
         # Shard with TFDS's own split arithmetic, so a shard is read without reading the rest.
         shards = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)
         chunks = list(tfds.as_numpy(builder.as_dataset(split=shards[process_index], batch_size=1024)))
