@@ -16,6 +16,7 @@ def test_python_examples_run(capsys):
     out = capsys.readouterr().out
     assert "531402" in out.replace(",", "")
     assert "density 0.250" in out  # the sparse-learning example keeps its budget
+    assert "22 6 359" in out  # the data example's steps and eval coverage
 
 
 def test_setup_commands_and_ci_agree():
