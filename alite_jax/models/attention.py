@@ -118,7 +118,8 @@ def fold_neighbourhoods(g: jax.Array, kernel_size: int) -> jax.Array:
     Neighbour (a, b) of pixel (i, j) is pixel (i + a - k//2, j + b - k//2), so its cotangent lands there:
     a sum of k^2 shifted slices, accumulated in place into a padded buffer by a loop. (Written as k^2
     unrolled pads, XLA's CPU compiler emits one kernel per pad with the cotangent's producer fused into
-    each: 2-3x slower to compile and to run.)
+    each: measured here, the layer's fwd+bwd ran 1.7x slower and SA-ResNet26's gradient took 5x longer
+    to compile, 47 s instead of 9 s.)
     """
     b, h, w, c, kk = g.shape
     half = kernel_size // 2
