@@ -1,0 +1,43 @@
+"""Reports rendered from a small fake run directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alite_jax import report
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    summary = dict(model="sa_resnet26", variant="hybrid", dataset="cifar10", distill="kd+at",
+                   structure="irregular", density=0.1, test_accuracy=0.9374,
+                   teacher_test_accuracy=0.9534, dense_student_test_accuracy=0.9277,
+                   param_reduction_vs_teacher=27.05, flops_reduction_vs_teacher=1.91)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    lines = [dict(epoch=e, test_accuracy=0.5 + 0.1 * e, train_accuracy=0.55 + 0.1 * e, density=0.1,
+                  per_layer_density={"stem_conv/kernel": 0.1 + 0.02 * e, "head/kernel": 0.1 - 0.01 * e})
+             for e in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return tmp_path
+
+
+def test_render_writes_table_and_plots(run_dir):
+    table = report.render(str(run_dir))
+    row = table.splitlines()[-1]
+    for text in ("sa_resnet26 hybrid", "cifar10", "kd+at", "irregular", "93.74", "95.34", "92.77",
+                 "27.05x", "1.91x"):
+        assert text in row
+    assert (run_dir / "table1.md").read_text().strip() == table
+    for name in ("accuracy.png", "layer_density.png"):
+        data = (run_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_cli_and_missing_run(run_dir, tmp_path_factory):
+    out = subprocess.run([sys.executable, "-m", "alite_jax.report", f"--workdir={run_dir}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "93.74" in out
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        report.render(str(tmp_path_factory.mktemp("empty")))
