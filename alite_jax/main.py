@@ -1,31 +1,56 @@
-"""Entry point: ``python -m alite_jax.main``.
+"""``python -m alite_jax.main --config=configs/<file>.py --workdir=<dir>``: train, distil, report.
 
-Prints the model zoo: every model of the paper with its parameter count and stage-feature shapes, and
-runs one forward pass of each on random images to show the models build and run on this machine.
+A config is an ml_collections file (``configs/``); ``--config.<field>=value`` overrides a field and
+``--config=configs/<file>.py:smoke`` shrinks the run. A config with ``phases`` (the demo) runs each
+phase in ``<workdir>/<phase>``, in ``phase_order``; relative teacher and baseline paths of a phase are
+taken inside the workdir. Running again in the same workdir resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from alite_jax.models import summary
+from alite_jax import train
 
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classifier outputs (10, 100 or 200 in the paper).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input height and width (a multiple of 8).")
-_WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of every model.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
+def run(config, workdir: str) -> None:
+    """Runs a config (or each phase of a phased config) in ``workdir``."""
+    if "phases" not in config:
+        train.train_and_evaluate(config, workdir)
+        return
+    for name in config.phase_order:
+        phase = config.phases[name]
+        for field in ("teacher.workdir", "baseline_workdir"):
+            section, _, key = field.rpartition(".")
+            holder = phase[section] if section else phase
+            if holder[key] and not os.path.isabs(holder[key]):
+                holder[key] = os.path.join(workdir, holder[key])
+        print(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}",
+              flush=True)
+        train.train_and_evaluate(phase, os.path.join(workdir, name))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # hide the backend probing chatter
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # multi-host: JAX_NUM_PROCESSES, JAX_PROCESS_ID too
+        jax.distributed.initialize()
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("give --config=configs/<file>.py and --workdir=<dir> "
+                             "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")
     start = time.perf_counter()
-    print(f"JAX {jax.__version__} on {jax.devices()}")
-    print(summary(_NUM_CLASSES.value, _IMAGE_SIZE.value, _WIDTH.value, run_forward=True))
-    print(f"done in {time.perf_counter() - start:.1f}s")
+    run(_CONFIG.value, _WORKDIR.value)
+    print(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from the data set's (e.g. 28x28 MNIST to 32x32).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -63,8 +64,19 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.round(np.concatenate([o.numpy() for o in out])), 0, 255).astype(np.uint8)
 
 
+def _parse_split(split: str) -> tuple[str, slice]:
+    """'train' -> ('train', [:]); 'train[:512]' / 'test[10:20]' -> the name and the slice."""
+    match = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", split)
+    if not match:
+        raise ValueError(f"cannot read split {split!r}: use a name, optionally sliced like 'train[:512]'")
+    name, start, end = match.groups()
+    return name, slice(int(start) if start else None, int(end) if end else None)
+
+
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from sklearn.datasets import load_digits
+
+    split, part = _parse_split(split)
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
@@ -73,7 +85,7 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     parts = {"train": order[:cut], "test": order[cut:]}
     if split not in parts:
         raise ValueError(f"the digits demo data set has splits 'train' and 'test', not {split!r}")
-    idx = np.sort(parts[split])
+    idx = np.sort(parts[split])[part]
     return images[idx], digits.target[idx].astype(np.int32), tuple(str(i) for i in range(10))
 
 

@@ -1,0 +1,428 @@
+"""The trainer: teacher training, dense student baselines and sparse distillation (paper Algorithm 1).
+
+One loop serves three ``config.mode``\\ s:
+
+* ``"teacher"``: the CNN teacher with cross-entropy;
+* ``"baseline"``: a dense student with cross-entropy;
+* ``"distill"``: the student learns from a finished teacher run (``config.teacher.workdir``) with the
+  loss of eq. 2 (``config.distill.loss``: "kd" or "kd+at") while ``alite_jax.sparsity`` prunes it to
+  ``config.sparsity.density`` (1.0: dense distillation), with prune/regrow after every epoch but the last.
+
+The step is ``jax.jit`` over a 1-D device mesh: the batch is sharded over ``"data"``, the state (params,
+BatchNorm statistics, optimizer state with the masks, step) is replicated, and BatchNorm statistics are
+global over the batch. The teacher runs in inference mode inside the step and is never saved.
+
+A run directory holds ``config.json``, ``checkpoints/`` (orbax, every epoch and on SIGTERM/SIGINT),
+``metrics.jsonl`` (one line per epoch), ``tensorboard/``, and at the end ``model/`` (the final params and
+batch statistics, what a later distillation loads as its teacher), ``summary.json`` and the report
+(``table1.md``, plots). Starting in an existing run directory resumes from its latest readable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alite_jax import costs, data, distill, report, sparsity
+from alite_jax.models import STUDENTS, abstract_variables, count_params, create_model, init_model
+
+MODES = ("teacher", "baseline", "distill")
+State = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks from the config.
+# --------------------------------------------------------------------------------------------------
+
+
+def model_from_config(model_config: ml_collections.ConfigDict, num_classes: int):
+    """The Linen model a config's ``model`` section describes."""
+    options = {}
+    if model_config.name in STUDENTS:  # the attention options apply to the students only
+        options = {k: model_config[k] for k in ("variant", "num_heads", "kernel_size", "scaling",
+                                                "rel_layout", "impl") if k in model_config}
+    return create_model(model_config.name, num_classes, width=model_config.get("width", 1.0),
+                        dtype=jnp.dtype(model_config.get("dtype", "float32")), **options)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """lr, multiplied by decay_factor at each epoch of decay_epochs (paper §4.1)."""
+    opt = config.optimizer
+    return optax.piecewise_constant_schedule(
+        opt.lr, {int(e) * steps_per_epoch: opt.decay_factor for e in opt.decay_epochs})
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum and (coupled, PyTorch-style) weight decay; wrapped in sparse learning if pruned."""
+    opt = config.optimizer
+    inner = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=opt.momentum,
+                                  nesterov=opt.get("nesterov", False)))
+    if is_sparse(config):
+        s = config.sparsity
+        return sparsity.sparse_learning(inner, density=s.density, structure=s.structure,
+                                        distribution=s.distribution, seed=config.seed)
+    return inner
+
+
+def is_sparse(config: ml_collections.ConfigDict) -> bool:
+    return config.mode == "distill" and config.sparsity.density < 1.0
+
+
+def loss_mode(config: ml_collections.ConfigDict) -> str:
+    return config.distill.loss if config.mode == "distill" else "ce"
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation before anything is compiled or read.
+# --------------------------------------------------------------------------------------------------
+
+
+def teacher_paths(workdir: str) -> tuple[str, str]:
+    return os.path.join(workdir, "config.json"), os.path.join(workdir, "model")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Raises ValueError/FileNotFoundError for a config that cannot run; returns the number of classes."""
+    if config.mode not in MODES:
+        raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+    if config.num_epochs < 1:
+        raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
+    num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
+    model_from_config(config.model, num_classes)  # unknown model or options raise here
+    data.check_data_config(config.data, num_devices, jax.process_count())
+    if config.mode == "teacher" and config.model.name in STUDENTS:
+        logging.warning("training a self-attention model as a teacher (mode='teacher')")
+    if config.mode == "distill":
+        if not 0.0 < config.sparsity.density <= 1.0:
+            raise ValueError(f"config.sparsity.density must be in (0, 1], got {config.sparsity.density}")
+        if config.distill.loss not in ("kd", "kd+at"):
+            raise ValueError(f"config.distill.loss must be 'kd' or 'kd+at', got {config.distill.loss!r}")
+        config_path, model_path = teacher_paths(config.teacher.workdir)
+        if not config.teacher.workdir or not os.path.exists(config_path) or not os.path.exists(model_path):
+            raise FileNotFoundError(
+                f"no finished teacher run at config.teacher.workdir={config.teacher.workdir!r} (it needs "
+                f"config.json and model/). Train the teacher first, e.g. python -m alite_jax.main "
+                f"--config=configs/teacher_cifar10.py --workdir=<dir>, and point teacher.workdir at it.")
+        with open(config_path) as f:
+            teacher = ml_collections.ConfigDict(json.load(f))
+        if teacher.data.dataset != config.data.dataset or teacher.num_classes != num_classes:
+            raise ValueError(f"the teacher at {config.teacher.workdir} was trained on "
+                             f"{teacher.data.dataset} ({teacher.num_classes} classes), not on "
+                             f"{config.data.dataset} ({num_classes} classes)")
+        if teacher.data.image_size != config.data.image_size:
+            raise ValueError(f"the teacher at {config.teacher.workdir} takes {teacher.data.image_size}px "
+                             f"images, the student {config.data.image_size}px")
+    return num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps.
+# --------------------------------------------------------------------------------------------------
+
+
+def make_train_step(model, teacher, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+                    ) -> Callable[[State, dict, Any], tuple[State, dict]]:
+    mode = loss_mode(config)
+    d = config.distill
+
+    def train_step(state: State, batch: dict, teacher_variables: Any) -> tuple[State, dict]:
+        images, labels = batch["image"], batch["label"]
+
+        def loss_fn(params):
+            (logits, features), updates = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]}, images, train=True,
+                mutable=["batch_stats"])
+            t_logits, t_features = None, None  # the "ce" mode needs no teacher
+            if teacher is not None:
+                t_logits, t_features = teacher.apply(teacher_variables, images, train=False)
+            total, terms = distill.distillation_loss(
+                logits, t_logits, labels, features, t_features, mode=mode, alpha=d.alpha, beta=d.beta,
+                temperature=d.temperature)
+            return total, (terms, logits, updates["batch_stats"])
+
+        (_, (terms, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**terms, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        return dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                    step=state["step"] + 1), metrics
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable[[State, dict], dict]:
+    def eval_step(state: State, batch: dict) -> dict:
+        logits, _ = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                                batch["image"], train=False)
+        mask = batch["mask"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+        return dict(correct=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
+                    loss=jnp.sum(jnp.where(mask, nll, 0.0)), count=jnp.sum(mask))
+
+    return eval_step
+
+
+def evaluate(eval_step, state: State, pipe: data.InputPipeline) -> dict[str, float]:
+    totals = None
+    for batch in pipe.eval_batches():
+        out = eval_step(state, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return dict(test_accuracy=float(totals["correct"]) / count, test_loss=float(totals["loss"]) / count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints.
+# --------------------------------------------------------------------------------------------------
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: State) -> State | None:
+    """The newest readable checkpoint; an unreadable one is reported and the previous one is used."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # corrupt or partial files: say so, fall back
+            logging.error("checkpoint %d in %s is unreadable (%s: %s); falling back to the previous one",
+                          step, manager.directory, type(e).__name__, str(e)[:300])
+            print(f"WARNING: checkpoint at step {step} in {manager.directory} is unreadable "
+                  f"({type(e).__name__}); falling back to the previous checkpoint", flush=True)
+    return None
+
+
+def load_teacher(workdir: str, mesh) -> tuple[Any, Any]:
+    """(model, variables) of a finished teacher run, the variables replicated on the mesh."""
+    config_path, model_path = teacher_paths(workdir)
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = model_from_config(config.model, config.num_classes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Target shardings for this mesh: the teacher may have been trained on another number of devices.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            abstract_variables(model, config.data.image_size, config.channels))
+    with ocp.StandardCheckpointer() as checkpointer:
+        return model, checkpointer.restore(os.path.abspath(model_path), abstract)
+
+
+class Preemption:
+    """Turns SIGTERM / SIGINT into a flag the loop checks, so it can checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print(f"signal {signum}: checkpointing and stopping after this step", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------------
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _read_json(path: str) -> dict | None:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates per ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+    Returns the summary (also written to ``workdir/summary.json``).
+    """
+    mesh = data.make_mesh()
+    num_classes = check_config(config, mesh.devices.size)
+    os.makedirs(workdir, exist_ok=True)
+    pipe = data.create_input_pipeline(config.data, mesh)
+    channels = pipe.train_shards[0].images.shape[-1]
+    config_dict = dict(config.to_dict(), num_classes=num_classes, channels=channels)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2)
+
+    model = model_from_config(config.model, num_classes)
+    tx = make_optimizer(config, pipe.steps_per_epoch)
+    teacher, teacher_variables = None, None
+    if config.mode == "distill":
+        teacher, teacher_variables = load_teacher(config.teacher.workdir, mesh)
+
+    def init_state(key):
+        variables = init_model(model, key, config.data.image_size, channels)
+        params = variables["params"]
+        opt_state = tx.init(params)
+        if is_sparse(config):
+            params = sparsity.apply_masks(params, sparsity.get_masks(opt_state))
+        return dict(params=params, batch_stats=variables["batch_stats"], opt_state=opt_state,
+                    step=jnp.zeros((), jnp.int32))
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True))
+    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = restore_latest(manager, abstract)
+    if state is None:
+        state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+    step = int(state["step"])
+    steps_per_epoch, num_epochs = pipe.steps_per_epoch, config.num_epochs
+    total_steps = steps_per_epoch * num_epochs
+    epoch, start_step = divmod(step, steps_per_epoch)
+
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history = []
+    if os.path.exists(metrics_path):  # keep the epochs the restored state has finished
+        with open(metrics_path) as f:
+            history = [r for r in map(json.loads, filter(str.strip, f)) if r["epoch"] < epoch]
+    if jax.process_index() == 0:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+    if step:
+        print(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})",
+              flush=True)
+
+    # Fixed output shardings: the state stays replicated, so the second step does not recompile.
+    train_step = jax.jit(make_train_step(model, teacher, tx, config), donate_argnums=0,
+                         out_shardings=(replicated, replicated))
+    eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
+    prune_schedule = sparsity.prune_rate_schedule(config.sparsity.prune_rate, num_epochs,
+                                                  config.sparsity.schedule)
+    writer = None
+    if jax.process_index() == 0:
+        from flax.metrics import tensorboard
+
+        writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    name = f"{config.model.name} ({config.mode})"
+    print(f"{name}: {num_epochs} epochs x {steps_per_epoch} steps, batch {config.data.batch_size} on "
+          f"{mesh.devices.size} device(s), {count_params(state['params']):,} params", flush=True)
+
+    with Preemption() as preemption:
+        while epoch < num_epochs:
+            epoch_start, sums, counted = time.perf_counter(), None, 0
+            timer_step, timer = None, None
+            for batch in pipe.train_epoch(epoch, start_step):
+                state, metrics = train_step(state, batch, teacher_variables)
+                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                counted += 1
+                step += 1
+                if counted == 1:  # the first step compiles: time from after it
+                    jax.block_until_ready(state["step"])
+                    timer_step, timer = step, time.perf_counter()
+                if step % config.log_every_steps == 0 or preemption.requested:
+                    loss = float(metrics["total"])
+                    if not np.isfinite(loss):
+                        raise FloatingPointError(
+                            f"the loss became {loss} at step {step} (epoch {epoch}); stopped. The last "
+                            f"good checkpoint is step {manager.latest_step()} in {manager.directory}. "
+                            f"Lower config.optimizer.lr or check the data.")
+                    speed = "(compiling)"
+                    if step > timer_step:
+                        rate = (step - timer_step) / (time.perf_counter() - timer)
+                        speed = (f"{rate:.2f} steps/s {rate * config.data.batch_size:.1f} images/s "
+                                 f"ETA {_format_eta((total_steps - step) / rate)}")
+                    print(f"epoch {epoch} step {step}/{total_steps} loss {loss:.4f} {speed}", flush=True)
+                if preemption.requested:
+                    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                    manager.wait_until_finished()
+                    print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
+                    return {"preempted_at_step": step}
+            train = {f"train_{k}": float(v) / counted for k, v in jax.device_get(sums).items()}
+            if not np.isfinite(train["train_total"]):
+                raise FloatingPointError(
+                    f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
+                    f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
+            row = dict(epoch=epoch, step=step, lr=float(learning_rate_schedule(config, steps_per_epoch)(step - 1)),
+                       **train)
+            if is_sparse(config) and epoch < num_epochs - 1:
+                rate = prune_schedule(epoch)
+                params, opt_state = sparsity.prune_and_regrow(state["params"], state["opt_state"], rate)
+                state = dict(state, params=params, opt_state=opt_state)
+                row["prune_rate"] = rate
+            row.update(evaluate(eval_step, state, pipe))
+            if is_sparse(config):
+                masks = sparsity.get_masks(state["opt_state"])
+                row.update(density=sparsity.global_density(masks),
+                           per_layer_density=sparsity.layer_densities(masks))
+            row.update(epoch_time_s=time.perf_counter() - epoch_start)
+            history.append(row)
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                for k, v in row.items():
+                    if isinstance(v, float):
+                        writer.scalar(k, v, epoch)
+                writer.flush()
+            print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                if isinstance(v, float) and k != "lr"), flush=True)
+            manager.save(step, args=ocp.args.StandardSave(state))
+            epoch, start_step = epoch + 1, 0
+    manager.wait_until_finished()
+    return finish(config, workdir, model, state, history, teacher, channels)
+
+
+def finish(config, workdir, model, state, history, teacher, channels) -> dict[str, Any]:
+    """Exports the model, writes summary.json and renders the report."""
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    model_dir = os.path.abspath(os.path.join(workdir, "model"))
+    if not os.path.exists(model_dir):
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(model_dir, variables)
+    masks = sparsity.get_masks(state["opt_state"]) if is_sparse(config) else None
+    size = config.data.image_size
+    student_costs = costs.count_costs(model, size, channels, masks=masks)
+    summary = dict(
+        mode=config.mode, model=config.model.name,
+        variant=config.model.get("variant") if config.model.name in STUDENTS else None,
+        dataset=config.data.dataset, distill=loss_mode(config),
+        structure=config.sparsity.structure if is_sparse(config) else "dense",
+        density=student_costs["density"], test_accuracy=history[-1]["test_accuracy"],
+        best_test_accuracy=max(r["test_accuracy"] for r in history), epochs=len(history),
+        params_dense=student_costs["params"], params_nonzero=student_costs["params_nonzero"],
+        flops_dense=student_costs["flops"], flops_sparse=student_costs["flops_sparse"],
+        per_layer_density=sparsity.layer_densities(masks) if masks is not None else {})
+    if teacher is not None:
+        teacher_costs = costs.count_costs(teacher, size, channels)
+        summary.update(costs.reductions(student_costs, teacher_costs),
+                       teacher_params=teacher_costs["params"], teacher_flops=teacher_costs["flops"])
+        teacher_summary = _read_json(os.path.join(config.teacher.workdir, "summary.json"))
+        summary["teacher_test_accuracy"] = (teacher_summary or {}).get("test_accuracy")
+    baseline = config.get("baseline_workdir")
+    if baseline:
+        summary["dense_student_test_accuracy"] = (_read_json(
+            os.path.join(baseline, "summary.json")) or {}).get("test_accuracy")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(report.render(workdir), flush=True)
+    return summary

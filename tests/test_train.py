@@ -1,0 +1,262 @@
+"""The trainer end to end on tiny configs: teacher, sparse distillation, resume, devices, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from alite_jax import train
+from alite_jax.config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = """
+from alite_jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.mode = {mode!r}
+    c.num_epochs = {epochs}
+    c.data.dataset = "digits"
+    c.data.image_size = 8
+    c.data.batch_size = c.data.eval_batch_size = 32
+    c.data.train_split = "train[:128]"
+    c.data.eval_split = "test[:64]"
+    c.optimizer.lr = 0.05
+    c.optimizer.decay_epochs = (2,)
+    c.sparsity.density = 0.2
+    c.log_every_steps = 1
+    c.teacher.workdir = {teacher!r}
+    if c.mode == "teacher":
+        c.model.name, c.model.width = "resnet50", 0.125
+    else:
+        c.model.width = 0.25
+    return c
+"""
+
+
+def tiny_config(mode, epochs=3, teacher=""):
+    namespace = {}
+    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher), namespace)
+    return namespace["get_config"]()
+
+
+def write_config(path, mode, epochs=3, teacher=""):
+    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher))
+    return str(path)
+
+
+def run_main(config_path, workdir, env=None, wait=True):
+    cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=ROOT, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def final_params(workdir):
+    """The exported model of a run, on this process's first device (whatever devices saved it)."""
+    path = os.path.abspath(os.path.join(workdir, "model"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              checkpointer.metadata(path).item_metadata.tree)
+        return checkpointer.restore(path, target)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    train.train_and_evaluate(tiny_config("teacher"), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory, teacher_dir):
+    """An uninterrupted sparse-distillation run, in a subprocess like the interrupted ones."""
+    base = tmp_path_factory.mktemp("student")
+    config_path = write_config(base / "config.py", "distill", epochs=3, teacher=teacher_dir)
+    workdir = str(base / "run")
+    run_main(config_path, workdir)
+    return config_path, workdir
+
+
+def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
+    _, workdir = student_run
+    teacher_summary = json.load(open(os.path.join(teacher_dir, "summary.json")))
+    assert teacher_summary["mode"] == "teacher" and 0 <= teacher_summary["test_accuracy"] <= 1
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    for key in ("test_accuracy", "teacher_test_accuracy", "params_dense", "params_nonzero", "density",
+                "param_reduction_vs_teacher", "flops_dense", "flops_sparse",
+                "flops_reduction_vs_teacher", "per_layer_density"):
+        assert key in summary, key
+    assert summary["teacher_test_accuracy"] == teacher_summary["test_accuracy"]
+    assert summary["density"] == pytest.approx(0.2, abs=1e-5)
+    # SA-ResNet26 at width 0.25 has 531,402 params for RGB; digits are grayscale: 3*3*2*16 fewer.
+    assert summary["params_dense"] == 531_402 - 288 and summary["flops_sparse"] < summary["flops_dense"]
+    assert summary["param_reduction_vs_teacher"] == pytest.approx(
+        summary["teacher_params"] / summary["params_nonzero"])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for key in ("train_ce", "train_kd", "train_at", "train_total", "train_accuracy", "test_accuracy",
+                "density", "per_layer_density"):
+        assert key in rows[0], key
+    assert "prune_rate" in rows[0] and "prune_rate" not in rows[-1]  # none after the last epoch
+    assert rows[0]["prune_rate"] == 0.5 and rows[1]["prune_rate"] == 0.25  # linear decay to 0
+    for name in ("table1.md", "accuracy.png", "layer_density.png", "config.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # The exported student holds only the student (no teacher inside), pruned to 20%.
+    params = final_params(workdir)["params"]
+    assert set(params) == {k for k in params if not k.startswith("teacher")}
+    kernels = [np.asarray(params[b]["conv1"]["kernel"]) for b in params if b.startswith("stage")]
+    assert 0.02 < np.mean(np.concatenate([k.ravel() for k in kernels]) != 0) < 0.6
+
+
+def test_resume_after_sigkill_equals_uninterrupted(student_run, tmp_path):
+    config_path, reference = student_run
+    workdir = str(tmp_path / "killed")
+    proc = run_main(config_path, workdir, wait=False)
+    first_checkpoint = os.path.join(workdir, "checkpoints", "4")  # end of epoch 0 (4 steps)
+    deadline = time.time() + 300
+    while not os.path.isdir(first_checkpoint) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(first_checkpoint), "the run ended before its first checkpoint"
+    assert not os.path.exists(os.path.join(workdir, "summary.json")), "killed after it finished"
+    out = run_main(config_path, workdir)
+    assert "resuming" in out
+    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
+        np.testing.assert_array_equal(a, b)
+    assert (json.load(open(os.path.join(workdir, "summary.json")))["test_accuracy"]
+            == json.load(open(os.path.join(reference, "summary.json")))["test_accuracy"])
+    assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 3
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes(student_run, tmp_path):
+    config_path, reference = student_run
+    workdir = str(tmp_path / "preempted")
+    proc = run_main(config_path, workdir, wait=False)
+    lines = []
+    for line in proc.stdout:  # wait for a step inside epoch 1
+        lines.append(line)
+        if line.startswith("epoch 1 step 6/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "preempted: checkpoint at step" in rest, "".join(lines) + rest
+    out = run_main(config_path, workdir)
+    assert "resuming" in out and "(epoch 1, step" in out
+    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_latest_checkpoint_falls_back(student_run, tmp_path):
+    config_path, reference = student_run
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(reference, workdir)
+    for name in ("model", "summary.json"):
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    latest = os.path.join(workdir, "checkpoints", "12")
+    for root, _, files in os.walk(latest):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    out = run_main(config_path, workdir)
+    assert "checkpoint at step 12" in out and "unreadable" in out and "falling back" in out
+    assert "resuming" in out and "at step 8" in out
+    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
+    config_path = write_config(tmp_path / "baseline.py", "baseline", epochs=1)
+    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+    run_main(config_path, one)
+    script = textwrap.dedent(f"""
+        import sys, jax
+        jax.config.update("jax_num_cpu_devices", 8)
+        assert len(jax.devices()) == 8
+        sys.argv = ["main", "--config={config_path}", "--workdir={eight}"]
+        from absl import app
+        from alite_jax import main
+        app.run(main.main)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 8 device(s)" in result.stdout
+    a, b = final_params(one), final_params(eight)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
+    cases = []
+    c = tiny_config("baseline"); c.model.name = "resnet18"; cases.append((c, ValueError, "unknown model"))
+    c = tiny_config("baseline"); c.data.dataset = "cifar11"; cases.append((c, ValueError, "unknown data set"))
+    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.density = 0.0
+    cases.append((c, ValueError, "density"))
+    c = tiny_config("distill", teacher=str(tmp_path / "none")); cases.append((c, FileNotFoundError, "Train the teacher first"))
+    c = tiny_config("baseline"); c.mode = "finetune"; cases.append((c, ValueError, "config.mode"))
+    c = tiny_config("baseline"); c.data.image_size = 12; cases.append((c, ValueError, "multiples of 8"))
+    for config, error, match in cases:
+        with pytest.raises(error, match=match):
+            train.check_config(config, 1)
+    # A teacher trained on another data set is refused.
+    fake = tmp_path / "fake_teacher"
+    shutil.copytree(teacher_dir, fake)
+    meta = json.load(open(fake / "config.json"))
+    meta["data"]["dataset"], meta["num_classes"] = "cifar100", 100
+    json.dump(meta, open(fake / "config.json", "w"))
+    with pytest.raises(ValueError, match="trained on cifar100"):
+        train.check_config(tiny_config("distill", teacher=str(fake)), 1)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    config = tiny_config("baseline", epochs=2)
+    config.optimizer.lr = 1e30
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_config_files_load():
+    import importlib.util
+
+    for name in ("cifar10", "cifar100", "tiny_imagenet", "teacher_cifar10", "teacher_cifar100",
+                 "teacher_tiny_imagenet", "demo"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        if name == "demo":
+            assert tuple(config.phase_order) == ("teacher", "baseline", "student")
+            continue
+        assert config.mode == ("teacher" if name.startswith("teacher") else "distill")
+        dataset = name.removeprefix("teacher_")
+        assert config.data.dataset == dataset
+        if dataset == "tiny_imagenet":
+            assert (config.data.image_size, config.data.batch_size, config.num_epochs) == (64, 32, 100)
+            assert tuple(config.optimizer.decay_epochs) == (50, 75)
+        else:
+            assert tuple(config.optimizer.decay_epochs) == (120, 160, 180)
+        if config.mode == "distill":
+            assert config.model.name == "sa_resnet26" and config.distill.loss == "kd+at"
+            assert config.sparsity.density == (0.25 if dataset == "tiny_imagenet" else 0.1)
+        smoke = module.get_config("smoke")
+        assert smoke.num_epochs == 2 and smoke.data.train_split.endswith("[:512]")
+    assert base_config().distill.alpha == 0.1 and base_config().distill.beta == 1000.0
