@@ -55,8 +55,9 @@ def write_config(path, mode, epochs=3, teacher=""):
     return str(path)
 
 
-def run_main(config_path, workdir, env=None, wait=True):
-    cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}"]
+def run_main(config_path, workdir, env=None, wait=True, flags=()):
+    cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}",
+           *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -183,15 +184,24 @@ def test_corrupt_latest_checkpoint_falls_back(student_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
+def test_one_and_eight_devices_agree(tmp_path):
+    """The same global batches on 1 and 8 devices give the same training.
+
+    Sums over a batch split 8 ways round differently: after one step the parameters agree to 2.5e-6
+    (measured). This toy (8x8 grayscale digits, 32 images, width 0.25) is ill-conditioned: some
+    BatchNorm channels have near-zero batch variance, and the second step amplifies that rounding 2000x
+    (5e-3 on the stem kernel, measured). So the test compares one whole training step (data, BatchNorm
+    statistics over the global batch, optimizer, evaluation) to 1e-4 relative, 1e-5 absolute.
+    """
     config_path = write_config(tmp_path / "baseline.py", "baseline", epochs=1)
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-    run_main(config_path, one)
+    flags = ["--config.data.train_split=train[:32]"]
+    run_main(config_path, one, flags=flags)
     script = textwrap.dedent(f"""
         import sys, jax
         jax.config.update("jax_num_cpu_devices", 8)
         assert len(jax.devices()) == 8
-        sys.argv = ["main", "--config={config_path}", "--workdir={eight}"]
+        sys.argv = ["main", "--config={config_path}", "--workdir={eight}", *{flags!r}]
         from absl import app
         from alite_jax import main
         app.run(main.main)
@@ -202,7 +212,9 @@ def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
     assert "on 8 device(s)" in result.stdout
     a, b = final_params(one), final_params(eight)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    acc = [json.load(open(os.path.join(d, "summary.json")))["test_accuracy"] for d in (one, eight)]
+    assert acc[0] == acc[1]
 
 
 def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
