@@ -196,7 +196,9 @@ def test_one_and_eight_devices_agree(tmp_path):
     config_path = write_config(tmp_path / "baseline.py", "baseline", epochs=1)
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
     flags = ["--config.data.train_split=train[:32]"]
-    run_main(config_path, one, flags=flags)
+    config = tiny_config("baseline", epochs=1)
+    config.data.train_split = "train[:32]"
+    train.train_and_evaluate(config, one)  # in this process: 1 device
     script = textwrap.dedent(f"""
         import sys, jax
         jax.config.update("jax_num_cpu_devices", 8)
