@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from alite_jax.data.pipeline import default_config as default_data_config
+from alite_jax.data.sources import default_splits
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,7 +63,7 @@ def apply_switch(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
         return c
     if arg != "smoke":
         raise ValueError(f"unknown config switch {arg!r}: the only one is 'smoke'")
-    defaults = {"tiny_imagenet": ("train", "validation")}.get(c.data.dataset, ("train", "test"))
+    defaults = default_splits(c.data.dataset)
     c.num_epochs = 2
     c.model.width = 0.25
     c.data.train_split = f"{defaults[0]}[:512]"

@@ -49,10 +49,15 @@ class LayerCost:
     output_shape: tuple[int, ...]
 
 
-def layer_costs(model: nn.Module, image_size: int | tuple[int, int], channels: int = 3) -> list[LayerCost]:
-    """Every counted operation of ``model`` on one image, in call order."""
+def layer_costs(model: nn.Module, image_size: int | tuple[int, int], channels: int = 3,
+                variables: Any = None) -> list[LayerCost]:
+    """Every counted operation of ``model`` on one image, in call order.
+
+    ``variables``: the model's (abstract) variables, if the caller already has them.
+    """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    variables = abstract_variables(model, (h, w), channels)
+    if variables is None:
+        variables = abstract_variables(model, (h, w), channels)
     records: list[LayerCost] = []
 
     def record(next_fun, args, kwargs, context):
@@ -115,7 +120,7 @@ def count_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
     n_prunable = sum(sizes[k] for k in densities)
     nonzero = total - n_prunable + sum(sizes[k] * densities[k] for k in densities)
     layers, macs, macs_sparse = [], 0, 0.0
-    for layer in layer_costs(model, image_size, channels):
+    for layer in layer_costs(model, image_size, channels, variables):
         d = densities.get(layer.kernel, 1.0) if layer.kernel else 1.0
         sparse = layer.macs * d
         macs += layer.macs
@@ -158,7 +163,7 @@ def format_table(costs: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import flags
 
     del argv
     f = flags.FLAGS

@@ -316,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = jax.jit(make_train_step(model, teacher, tx, config), donate_argnums=0,
                          out_shardings=(replicated, replicated))
     eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
+    lr_schedule = learning_rate_schedule(config, steps_per_epoch)  # for the metrics
     prune_schedule = sparsity.prune_rate_schedule(config.sparsity.prune_rate, num_epochs,
                                                   config.sparsity.schedule)
     writer = None
@@ -362,8 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise FloatingPointError(
                     f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
                     f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
-            row = dict(epoch=epoch, step=step, lr=float(learning_rate_schedule(config, steps_per_epoch)(step - 1)),
-                       **train)
+            row = dict(epoch=epoch, step=step, lr=float(lr_schedule(step - 1)), **train)
             if is_sparse(config) and epoch < num_epochs - 1:
                 rate = prune_schedule(epoch)
                 params, opt_state = sparsity.prune_and_regrow(state["params"], state["opt_state"], rate)

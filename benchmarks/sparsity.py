@@ -25,7 +25,6 @@ import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from alite_jax import sparsity  # noqa: E402

@@ -16,10 +16,12 @@ import pytest
 
 from alite_jax import train
 from alite_jax.config import base_config
+from alite_jax.models import abstract_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = """
 from alite_jax.config import base_config
+from alite_jax.models import abstract_variables
 
 
 def get_config(arg=None):
@@ -119,9 +121,14 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
     for name in ("table1.md", "accuracy.png", "layer_density.png", "config.json"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    # The exported student holds only the student (no teacher inside), pruned to 20%.
-    params = final_params(workdir)["params"]
-    assert set(params) == {k for k in params if not k.startswith("teacher")}
+    # The export holds exactly the student's variables (no teacher inside), pruned to 20%.
+    exported = final_params(workdir)
+    config = tiny_config("distill", teacher=teacher_dir)
+    student = train.model_from_config(config.model, 10)
+    expected = abstract_variables(student, 8, channels=1)
+    assert jax.tree.structure(exported) == jax.tree.structure(expected)
+    assert jax.tree.map(np.shape, exported) == jax.tree.map(lambda x: x.shape, expected)
+    params = exported["params"]
     kernels = [np.asarray(params[b]["conv1"]["kernel"]) for b in params if b.startswith("stage")]
     assert 0.02 < np.mean(np.concatenate([k.ravel() for k in kernels]) != 0) < 0.6
 

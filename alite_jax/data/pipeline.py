@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alite_jax.data.sources import DEFAULT_SPLITS, DEMO, Split, load_split
+from alite_jax.data.sources import DEMO, Split, default_splits, load_split
 from alite_jax.models.resnet import check_image_size
 
 Batch = dict[str, jax.Array]
@@ -216,7 +216,7 @@ def create_input_pipeline(config: Any, mesh: Mesh | None = None) -> InputPipelin
     check_data_config(config, mesh.devices.size, process_count)
     train_split, eval_split = config.train_split, config.eval_split
     if train_split is None or eval_split is None:
-        defaults = DEFAULT_SPLITS.get(config.dataset, ("train", "test"))
+        defaults = default_splits(config.dataset)
         train_split, eval_split = train_split or defaults[0], eval_split or defaults[1]
     num_shards = config.get("data_shards", 0) or process_count
     per_process = num_shards // process_count

@@ -26,6 +26,11 @@ DEFAULT_SPLITS = {"digits": ("train", "test"), "cifar10": ("train", "test"),
                   "cifar100": ("train", "test"), "tiny_imagenet": ("train", "validation")}
 
 
+def default_splits(name: str) -> tuple[str, str]:
+    """(train split, eval split) of a data set: train/test, or train/validation for Tiny-ImageNet."""
+    return DEFAULT_SPLITS.get(name, ("train", "test"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One process's shard of a split: uint8 images (N, H, W, C) and int32 labels (N,)."""
