@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 200
     c.model = ml_collections.ConfigDict(dict(
         name="sa_resnet26", variant="hybrid", width=1.0, num_heads=8, kernel_size=7, scaling="paper",
-        rel_layout="per_head", impl="patches", dtype="float32"))
+        rel_layout="per_head", impl="auto", dtype="float32"))
     c.data = default_data_config("cifar10", image_size=32, batch_size=100)
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, decay_epochs=(120, 160, 180),

@@ -28,8 +28,16 @@ Choices the paper leaves open, and what this module does:
   logits and the softmax are accumulated in float32.
 
 The neighbourhood computation sits behind one switch, ``impl``, a key of :data:`IMPLS`. Every entry is
-a pure function with the signature of :func:`patches_local_attention`, so faster implementations (blocked
-"halo" attention, fused kernels) slot in by registering themselves with :func:`register_impl`.
+a pure function with the signature of :func:`patches_local_attention` and computes the same function:
+
+* ``"patches"``: gathers every pixel's k x k keys and values (k^2 copies); simple, memory bound.
+* ``"halo"``: blocked attention; each b x b query block scores its shared (b+k-1)^2 window with one
+  matmul under a mask. Custom VJP that recomputes logits; cache-sized batch chunks on CPU.
+* ``"pallas"`` (:mod:`alite_jax.models.attention_pallas`): the halo forward as one fused
+  jax.experimental.pallas kernel per block (GPU/TPU; interpret mode elsewhere).
+* ``"auto"`` (default): the fastest measured one for the backend, :data:`AUTO_IMPLS`.
+
+Other implementations slot in by registering themselves with :func:`register_impl`.
 """
 
 from __future__ import annotations
@@ -423,6 +431,31 @@ def halo_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax
 
 
 # --------------------------------------------------------------------------------------------------
+# impl="auto": the fastest measured implementation for the backend.
+# --------------------------------------------------------------------------------------------------
+
+# Backend -> implementation, from benchmarks/local_attention.py (benchmarks/RESULTS.md). On the CPU the
+# halo implementation is 4-10x faster than patches at every SA-ResNet26 shape. On GPU and TPU it is the
+# pure-JAX choice too: the Pallas kernel ("pallas") is correct (tested in interpret mode) but has not
+# been timed on an accelerator yet, so it is not picked automatically.
+AUTO_IMPLS: dict[str, str] = {"cpu": "halo", "gpu": "halo", "tpu": "halo"}
+
+
+def select_impl(backend: str | None = None) -> str:
+    """The implementation ``impl="auto"`` runs on ``backend`` (default: JAX's default backend)."""
+    return AUTO_IMPLS.get(backend or jax.default_backend(), "halo")
+
+
+@register_impl("auto")
+def auto_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax.Array,
+                         rel_cols: jax.Array, *, kernel_size: int, qk_scale: float,
+                         qr_scale: float) -> jax.Array:
+    """Dispatches to :func:`select_impl`'s choice at trace time (a static, per-backend decision)."""
+    return IMPLS[select_impl()](q, k, v, rel_rows, rel_cols, kernel_size=kernel_size,
+                                qk_scale=qk_scale, qr_scale=qr_scale)
+
+
+# --------------------------------------------------------------------------------------------------
 # The Linen layer.
 # --------------------------------------------------------------------------------------------------
 
@@ -491,7 +524,8 @@ class LocalSelfAttention(nn.Module):
       stride: s > 1 average-pools the output s x s (the input height and width must divide by s).
       scaling: "paper" | "none" | "dim_head" (module docstring).
       rel_layout: "per_head" | "across_heads" (module docstring).
-      impl: a key of :data:`IMPLS`; every implementation computes the same function.
+      impl: a key of :data:`IMPLS`; every implementation computes the same function. "auto" (default)
+        runs the fastest measured one for the backend (:func:`select_impl`).
       dtype: computation dtype (None: from the input and params); param_dtype: parameter dtype.
     """
 
@@ -501,7 +535,7 @@ class LocalSelfAttention(nn.Module):
     stride: int = 1
     scaling: str = "paper"
     rel_layout: str = "per_head"
-    impl: str = "patches"
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

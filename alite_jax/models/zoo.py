@@ -28,7 +28,7 @@ MODEL_NAMES = tuple(STAGE_SIZES)
 STUDENTS = ("sa_resnet26", "sa_resnet38")
 VARIANTS = ("hybrid", "homogeneous")
 ATTENTION_DEFAULTS = dict(num_heads=8, kernel_size=7, scaling="paper", rel_layout="per_head",
-                          impl="patches")
+                          impl="auto")
 
 
 def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any = jnp.float32,
@@ -42,7 +42,7 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
       dtype: computation dtype (jnp.float32 or jnp.bfloat16); parameters stay float32.
       **options: students only: ``variant`` ("hybrid": conv stem, "homogeneous": attention stem) and
         the LocalSelfAttention options ``num_heads`` (8), ``kernel_size`` (7), ``scaling`` ("paper"),
-        ``rel_layout`` ("per_head") and ``impl`` ("patches").
+        ``rel_layout`` ("per_head") and ``impl`` ("auto").
     Returns:
       A Linen module; ``model.apply(variables, images, train=...)`` returns ``(logits, features)``.
     Raises:

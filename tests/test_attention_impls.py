@@ -1,0 +1,128 @@
+"""The fast local-attention implementations: halo plans, block and chunk choices, "auto", and Pallas.
+
+tests/test_attention.py checks every natively running impl ("patches", "halo") against two independent
+naive references (values, gradients, eager and jit, bf16, locality, equivariance). Here: the halo
+bookkeeping by hand, every block shape and chunking against "patches" (itself checked against the naive
+references), the "auto" dispatch, and the Pallas kernel in interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alite_jax.models import LocalSelfAttention
+from alite_jax.models import attention as A
+from alite_jax.models import attention_pallas  # noqa: F401  (registers "pallas")
+
+
+def _inputs(b, h, w, n, d, k, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q, key, v = (jnp.asarray(rng.normal(size=(b, h, w, n, d)), dtype) for _ in range(3))
+    rows, cols = (jnp.asarray(rng.normal(size=(k, n, d)), dtype) for _ in range(2))
+    return q, key, v, rows, cols
+
+
+def _values_and_grads(fn, args, cotangent_seed=1):
+    out = fn(*args)
+    ct = jnp.asarray(np.random.default_rng(cotangent_seed).normal(size=out.shape), out.dtype)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2, 3, 4))(*args)
+    return out, grads
+
+
+def _assert_same(fn, ref, args, atol=2e-5):
+    out, grads = _values_and_grads(fn, args)
+    ref_out, ref_grads = _values_and_grads(ref, args)
+    np.testing.assert_allclose(out, ref_out, atol=atol, rtol=1e-5)
+    for name, g, r in zip(("q", "k", "v", "rel_rows", "rel_cols"), grads, ref_grads):
+        scale = float(jnp.max(jnp.abs(r))) + 1e-6
+        np.testing.assert_allclose(g / scale, r / scale, atol=atol, err_msg=f"d{name}")
+
+
+def test_halo_plan_by_hand():
+    # Size 8, blocks of 4, k = 3: windows of 4 + 2 = 6 positions, the first at 0 (clipped from -1), the
+    # second at 2 (clipped from 3 so that it stays inside the image).
+    plan = A.halo_plan(8, 4, 3)
+    assert (plan.window, plan.starts, plan.num_blocks) == (6, (0, 2), 2)
+    # Block 1, query x=0 is pixel 4; window position u is pixel 2 + u; offsets -1..1 are u = 1, 2, 3.
+    np.testing.assert_array_equal(plan.bias[1, 0] == 0, [False, True, True, True, False, False])
+    assert plan.onehot[1, 0, 0, 1] == plan.onehot[1, 0, 1, 2] == plan.onehot[1, 0, 2, 3] == 1
+    assert plan.onehot.sum() == (plan.bias == 0).sum()  # one offset per allowed (query, key) pair
+    # Block 0, query x=0 is pixel 0: offset -1 is outside the image, so only u = 0, 1 are allowed.
+    np.testing.assert_array_equal(np.flatnonzero(plan.bias[0, 0] == 0), [0, 1])
+    # A window never exceeds the image: size 5, k = 9 -> one window of the whole axis.
+    small = A.halo_plan(5, 2, 9)
+    assert (small.window, small.starts) == (5, (0, 0, 0))
+
+
+@pytest.mark.parametrize("size,expected", [(32, 4), (64, 4), (16, 4), (8, 8), (4, 4), (5, 5)])
+def test_default_block(size, expected):
+    assert A.default_halo_block(size, 7) == expected
+
+
+def test_default_chunk():
+    assert A.default_halo_chunk(32, 1_000_000, "cpu") == 1     # 4 MB of logits per image
+    assert A.default_halo_chunk(32, 300_000, "cpu") == 2       # 1.2 MB: 3 would not divide 32
+    assert A.default_halo_chunk(32, 1_000, "cpu") == 32
+    assert A.default_halo_chunk(32, 10_000_000, "cpu") == 1    # too big even alone: still 1
+    assert A.default_halo_chunk(32, 10_000_000, "gpu") == 32   # accelerators: no sequential chunks
+
+
+@pytest.mark.parametrize("block", [None, (1, 1), (2, 3), (3, 2), (7, 5)])
+@pytest.mark.parametrize("hw,k", [((5, 7), 3), ((6, 5), 9), ((12, 10), 5)])
+def test_halo_blocks_match_patches(block, hw, k):
+    args = _inputs(2, *hw, 2, 4, k)
+    kw = dict(kernel_size=k, qk_scale=0.3, qr_scale=0.7)
+    _assert_same(jax.jit(functools.partial(A.halo_local_attention, block=block, **kw)),
+                 functools.partial(A.patches_local_attention, **kw), args)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 6])
+def test_halo_chunks_match_patches(chunk):
+    args = _inputs(6, 9, 8, 2, 4, 5, seed=3)
+    kw = dict(kernel_size=5, qk_scale=0.5, qr_scale=0.5)
+    _assert_same(jax.jit(functools.partial(A.halo_local_attention, chunk=chunk, **kw)),
+                 functools.partial(A.patches_local_attention, **kw), args)
+
+
+def test_halo_rejects_chunk_not_dividing_batch():
+    with pytest.raises(ValueError, match="chunk 4 must divide the batch 6"):
+        A.halo_local_attention(*_inputs(6, 5, 5, 1, 2, 3), kernel_size=3, qk_scale=1.0,
+                               qr_scale=1.0, chunk=4)
+
+
+def test_auto_dispatches_per_backend():
+    assert A.select_impl("cpu") == "halo"
+    assert set(A.AUTO_IMPLS.values()) <= set(A.IMPLS)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 16)), jnp.float32)
+    layers = {impl: LocalSelfAttention(16, num_heads=2, kernel_size=5, impl=impl)
+              for impl in ("auto", A.select_impl())}
+    variables = layers["auto"].init(jax.random.key(0), x)
+    assert LocalSelfAttention(16).impl == "auto"  # the default
+    np.testing.assert_array_equal(layers["auto"].apply(variables, x),
+                                  layers[A.select_impl()].apply(variables, x))
+
+
+@pytest.mark.parametrize("shape,block", [((2, 6, 5, 2, 4, 5), None), ((1, 16, 16, 8, 8, 7), (4, 8))])
+def test_pallas_matches_patches(shape, block):
+    # The kernel runs in Pallas' interpret mode here; on GPU/TPU it compiles. Under jit, and eagerly.
+    args = _inputs(*shape)
+    kw = dict(kernel_size=shape[-1], qk_scale=0.4, qr_scale=0.6)
+    fn = functools.partial(A.IMPLS["pallas"], block=block, **kw)
+    _assert_same(jax.jit(fn), functools.partial(A.patches_local_attention, **kw), args)
+    np.testing.assert_allclose(fn(*args), jax.jit(fn)(*args), atol=1e-6)
+
+
+def test_pallas_layer_bfloat16():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 16)), jnp.float32)
+    layer = LocalSelfAttention(16, num_heads=2, kernel_size=3, impl="pallas", dtype=jnp.bfloat16)
+    ref = LocalSelfAttention(16, num_heads=2, kernel_size=3, impl="patches", dtype=jnp.float32)
+    variables = ref.init(jax.random.key(0), x)
+    y, y_ref = layer.apply(variables, x), ref.apply(variables, x)
+    assert y.dtype == jnp.bfloat16
+    # bfloat16 has an 8-bit mantissa: agreement to ~2% of the output scale.
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))) < 0.03 * float(jnp.max(jnp.abs(y_ref)))
