@@ -29,7 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sparsity = ml_collections.ConfigDict(dict(
         density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear"))
     c.distill = ml_collections.ConfigDict(dict(loss="kd+at", alpha=0.1, beta=1000.0, temperature=4.0))
-    c.teacher = ml_collections.ConfigDict(dict(workdir=""))  # a finished teacher run's workdir
+    # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
+    # distillation step ("": as it was trained; "bfloat16" halves its cost on bf16 hardware).
+    c.teacher = ml_collections.ConfigDict(dict(workdir="", dtype=""))
     c.baseline_workdir = ""           # optional dense-student run, for the report's baseline column
     c.log_every_steps = 50
     c.checkpoint_max_to_keep = 3

@@ -36,7 +36,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, distill, report, sparsity
-from alite_jax.models import STUDENTS, abstract_variables, count_params, create_model, init_model
+from alite_jax.models import (STUDENTS, abstract_variables, compute_dtype, count_params, create_model,
+                              init_model)
 
 MODES = ("teacher", "baseline", "distill")
 State = dict[str, Any]
@@ -47,14 +48,14 @@ State = dict[str, Any]
 # --------------------------------------------------------------------------------------------------
 
 
-def model_from_config(model_config: ml_collections.ConfigDict, num_classes: int):
-    """The Linen model a config's ``model`` section describes."""
+def model_from_config(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str = ""):
+    """The Linen model a config's ``model`` section describes (``dtype`` overrides its compute dtype)."""
     options = {}
     if model_config.name in STUDENTS:  # the attention options apply to the students only
         options = {k: model_config[k] for k in ("variant", "num_heads", "kernel_size", "scaling",
                                                 "rel_layout", "impl") if k in model_config}
     return create_model(model_config.name, num_classes, width=model_config.get("width", 1.0),
-                        dtype=jnp.dtype(model_config.get("dtype", "float32")), **options)
+                        dtype=dtype or model_config.get("dtype", "float32"), **options)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -101,7 +102,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
     if config.num_epochs < 1:
         raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
     num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
-    model_from_config(config.model, num_classes)  # unknown model or options raise here
+    model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
+    if config.mode == "distill" and config.teacher.get("dtype", ""):
+        compute_dtype(config.teacher.dtype)
     data.check_data_config(config.data, num_devices, jax.process_count())
     if config.mode == "teacher" and config.model.name in STUDENTS:
         logging.warning("training a self-attention model as a teacher (mode='teacher')")
@@ -204,12 +207,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: State) -> Sta
     return None
 
 
-def load_teacher(workdir: str, mesh) -> tuple[Any, Any]:
-    """(model, variables) of a finished teacher run, the variables replicated on the mesh."""
+def load_teacher(workdir: str, mesh, dtype: str = "") -> tuple[Any, Any]:
+    """(model, variables) of a finished teacher run, the variables replicated on the mesh.
+
+    ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the teacher was trained with.
+    """
     config_path, model_path = teacher_paths(workdir)
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    model = model_from_config(config.model, config.num_classes)
+    model = model_from_config(config.model, config.num_classes, dtype)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Target shardings for this mesh: the teacher may have been trained on another number of devices.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -275,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = make_optimizer(config, pipe.steps_per_epoch)
     teacher, teacher_variables = None, None
     if config.mode == "distill":
-        teacher, teacher_variables = load_teacher(config.teacher.workdir, mesh)
+        teacher, teacher_variables = load_teacher(config.teacher.workdir, mesh,
+                                                  config.teacher.get("dtype", ""))
 
     def init_state(key):
         variables = init_model(model, key, config.data.image_size, channels)

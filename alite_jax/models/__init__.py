@@ -3,11 +3,11 @@
 from alite_jax.models import attention_pallas  # noqa: F401  (registers impl="pallas")
 from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl
 from alite_jax.models.resnet import ResNet, check_image_size
-from alite_jax.models.zoo import (MODEL_NAMES, STUDENTS, VARIANTS, ZOO, abstract_variables, count_params,
-                                  create_model, init_model, summary)
+from alite_jax.models.zoo import (COMPUTE_DTYPES, MODEL_NAMES, STUDENTS, VARIANTS, ZOO, abstract_variables,
+                                  compute_dtype, count_params, create_model, init_model, summary)
 
 __all__ = [
-    "IMPLS", "LocalSelfAttention", "register_impl", "ResNet", "check_image_size", "MODEL_NAMES",
-    "STUDENTS", "VARIANTS", "ZOO", "abstract_variables", "count_params", "create_model", "init_model",
-    "summary",
+    "COMPUTE_DTYPES", "IMPLS", "LocalSelfAttention", "MODEL_NAMES", "ResNet", "STUDENTS", "VARIANTS", "ZOO",
+    "abstract_variables", "check_image_size", "compute_dtype", "count_params", "create_model",
+    "init_model", "register_impl", "summary",
 ]

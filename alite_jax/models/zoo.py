@@ -31,6 +31,21 @@ ATTENTION_DEFAULTS = dict(num_heads=8, kernel_size=7, scaling="paper", rel_layou
                           impl="auto")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: Any) -> jnp.dtype:
+    """The computation dtype called ``name`` ("float32" or "bfloat16"); ValueError names the choices."""
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; choose one of {COMPUTE_DTYPES} (parameters "
+                         f"always stay float32)")
+    return dtype
+
+
 def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any = jnp.float32,
                  **options: Any) -> ResNet:
     """Builds a model of the zoo.
@@ -46,8 +61,9 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
     Returns:
       A Linen module; ``model.apply(variables, images, train=...)`` returns ``(logits, features)``.
     Raises:
-      ValueError: unknown name or option, or options that give an inconsistent attention layer.
+      ValueError: unknown name, dtype or option, or options that give an inconsistent attention layer.
     """
+    dtype = compute_dtype(dtype)
     if name not in STAGE_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     if num_classes < 1:
