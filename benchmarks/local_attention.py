@@ -1,26 +1,31 @@
-"""Benchmark: local self-attention versus the 3x3 convolution it replaces, as a layer and in whole models.
+"""Benchmark: local self-attention against the convolution it replaces, as layers and in whole models.
 
-What it measures, in one run:
+What it measures, in one run (ratios are printed; these machines are noisy):
 
-1. Layer: forward and forward+backward (``jax.grad`` of a scalar loss w.r.t. the input and the
-   parameters) of a 3x3 ``nn.Conv`` (the reference, ratio 1.0), of ``LocalSelfAttention`` with every
-   implementation in ``alite_jax.models.attention.IMPLS``, and of ``patches_autodiff``: the ``patches``
-   math with the plain ``lax.conv_general_dilated_patches`` gather differentiated by JAX itself (no
-   custom VJP), registered here only to show why the custom VJP exists. Its backward needs ~0.6 GiB per
-   image and gather, so its fwd+bwd runs the batch as sequential calls of ``--autodiff-chunk`` images
-   (the time is the whole batch's). Defaults are the shapes of reference.md §7: B=32, 32x32,
-   C_in=C_out=64, k=7, 8 heads. Each function is jit-compiled once
-   (ahead of time, compile excluded), warmed up, then timed as the median of N calls with
-   ``block_until_ready``. Attention outputs and gradients are checked against the ``patches`` impl.
-2. Model: images/s of one jitted SGD-with-momentum training step (cross-entropy, BatchNorm in train
-   mode) of ``sa_resnet26`` (student) and ``resnet50`` (teacher), and the compile time of each.
-3. A summary of the ratios and the machine.
+1. Layers: forward and forward+backward (``jax.grad`` of a mean-square loss w.r.t. the input and the
+   parameters) of a 3x3 ``nn.Conv`` of the same width (the reference, ratio 1.0) and of
+   ``LocalSelfAttention`` with every implementation that runs natively on the backend ("pallas" only
+   off the CPU, where it would run in interpret mode), at every attention shape of SA-ResNet26 at 32x32
+   and at 64x64 (stride left out: its 2x2 average pool is the same for all). At the shape of
+   reference.md §7 (32x32, C=64) also ``patches_autodiff`` (the patches math differentiated by JAX
+   itself, to show why the custom VJP exists; in chunks, see --autodiff-chunk) and, when PyTorch is
+   installed (``pip install torch==2.13.0``), the peer: an unfold-based SASA layer as in the common
+   public PyTorch code, same shapes, same machine. Every attention impl's output and gradients are
+   checked against ``patches``.
+2. Models (B=32, 32x32, width 1.0, 10 classes): images/s of the teacher's (ResNet-50) and the
+   student's (SA-ResNet26) SGD+momentum cross-entropy training step, of the full sparse-distillation
+   step (``alite_jax.train.make_train_step``: student at density 0.1 in ``sparse_learning``, ResNet-50
+   forward in inference mode, CE + KD + AT), of the teacher's forward alone (so the student's share of
+   the distillation step can be read apart), and inference images/s of both. Peak memory of each is
+   XLA's own buffer assignment for the compiled program (arguments + outputs + temporaries, minus
+   donated aliases; on GPU also the device allocator's peak).
+3. A summary: every ratio and whether the targets of the issue are met, and the machine.
 
 Run from anywhere (the repository root is put on ``sys.path``)::
 
-    python benchmarks/local_attention.py                  # full run, several minutes on 2 CPU cores
+    python benchmarks/local_attention.py                  # full run, ~15 minutes on 2 CPU cores
     python benchmarks/local_attention.py --quick          # smoke run: small shapes, few repeats
-    python benchmarks/local_attention.py --skip-autodiff  # leave out the slow autodiff baseline
+    python benchmarks/local_attention.py --skip-autodiff --skip-patches-model
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -47,24 +53,28 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from alite_jax import config as config_lib  # noqa: E402
+from alite_jax import sparsity, train  # noqa: E402
 from alite_jax.models import attention as attention_module  # noqa: E402
 from alite_jax.models import count_params, create_model, init_model  # noqa: E402
 from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl  # noqa: E402
 
-# The implementations the package itself registers, captured before this script adds its baseline.
-PACKAGE_IMPLS: tuple[str, ...] = tuple(IMPLS)
 AUTODIFF_IMPL = "patches_autodiff"
 CHECK_IMPL = "patches"  # the impl every other attention entry is compared against
-
-
 # The patches math with JAX's own transpose of the patches op as its backward (no custom VJP): the same
 # function, registered here only to show what the custom VJP saves.
 register_impl(AUTODIFF_IMPL)(functools.partial(attention_module.patches_local_attention,
                                                gather=attention_module.extract_patches))
 
 
+def native_impls() -> list[str]:
+    """The package's implementations that compile natively here ("auto" is one of them by another name)."""
+    skip = {"auto", AUTODIFF_IMPL} | ({"pallas"} if jax.default_backend() == "cpu" else set())
+    return sorted((name for name in IMPLS if name not in skip), key=lambda n: n != CHECK_IMPL)
+
+
 # --------------------------------------------------------------------------------------------------
-# Timing.
+# Timing and memory.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -77,10 +87,21 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
+    peak_bytes: int = 0  # XLA's buffer assignment: arguments + outputs + temporaries - aliases
 
 
-def time_calls(call: Callable[[], Any], *, compile_s: float, repeats: int,
-               warmup: int = 1) -> tuple[Timing, Any]:
+def peak_bytes(compiled: Any) -> int:
+    """Bytes XLA assigned to the compiled program's buffers (0 if the backend does not say)."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001  (some backends return None or lack fields)
+        return 0
+
+
+def time_calls(call: Callable[[], Any], *, compile_s: float, repeats: int, warmup: int = 1,
+               peak: int = 0) -> tuple[Timing, Any]:
     """Warms ``call`` up, then times ``repeats`` calls (each waited for); returns the last output too."""
     out = None
     for _ in range(warmup):
@@ -90,7 +111,7 @@ def time_calls(call: Callable[[], Any], *, compile_s: float, repeats: int,
         start = time.perf_counter()
         out = jax.block_until_ready(call())
         times.append(time.perf_counter() - start)
-    return Timing(compile_s, statistics.median(times), min(times), max(times), repeats), out
+    return Timing(compile_s, statistics.median(times), min(times), max(times), repeats, peak), out
 
 
 def compile_jitted(fn: Callable[..., Any], args: tuple, **jit_kwargs: Any) -> tuple[Any, float]:
@@ -100,10 +121,12 @@ def compile_jitted(fn: Callable[..., Any], args: tuple, **jit_kwargs: Any) -> tu
     return compiled, time.perf_counter() - start
 
 
-def time_jitted(fn: Callable[..., Any], args: tuple, *, repeats: int) -> tuple[Timing, Any]:
+def time_jitted(fn: Callable[..., Any], args: tuple, *, repeats: int, **jit_kwargs: Any
+                ) -> tuple[Timing, Any]:
     """Compiles ``jax.jit(fn)`` for ``args`` (timed apart), warms it up and times ``repeats`` calls."""
-    compiled, compile_s = compile_jitted(fn, args)
-    return time_calls(lambda: compiled(*args), compile_s=compile_s, repeats=repeats)
+    compiled, compile_s = compile_jitted(fn, args, **jit_kwargs)
+    return time_calls(lambda: compiled(*args), compile_s=compile_s, repeats=repeats,
+                      peak=peak_bytes(compiled))
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
@@ -111,9 +134,32 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f}" if n else "-"
+
+
 # --------------------------------------------------------------------------------------------------
-# 1. Layer benchmark.
+# 1. Layers.
 # --------------------------------------------------------------------------------------------------
+
+
+def attention_shapes(image_size: int) -> list[tuple[int, int, int]]:
+    """(height = width, channels, layers of this shape) of every attention layer of hybrid SA-ResNet26.
+
+    Stage i (blocks 1, 2, 4, 1) has bottleneck width 64 * 2^i; attention runs at the block's input
+    resolution (a stride-2 block pools after attention), so a stage's first block runs at the previous
+    stage's resolution.
+    """
+    shapes: dict[tuple[int, int], int] = {}
+    size = image_size
+    for i, blocks in enumerate((1, 2, 4, 1)):
+        width = 64 * 2 ** i
+        first = size
+        size = size if i == 0 else size // 2
+        for b in range(blocks):
+            key = (first if b == 0 else size, width)
+            shapes[key] = shapes.get(key, 0) + 1
+    return [(s, c, n) for (s, c), n in shapes.items()]
 
 
 @dataclasses.dataclass
@@ -134,26 +180,21 @@ def benchmark_layer(name: str, module: nn.Module, x: jax.Array, macs_per_pixel: 
 
     The loss is the mean square of the output. With ``bwd_chunk``, one forward+backward is that many
     images per call, called once per chunk of the batch in turn (the time is the whole batch's); this
-    bounds peak memory and gives the same gradients. The chunks are separate top-level calls on purpose:
-    inside ``lax.map`` XLA compiles the patches transpose differently (faster), which would not measure
-    plain autodiff.
+    bounds peak memory and gives the same gradients.
     """
     params = module.init(jax.random.key(0), x)
     out_size = jax.eval_shape(module.apply, params, x).size
 
-    def forward(p: Any, inputs: jax.Array) -> jax.Array:
-        return module.apply(p, inputs)
-
     def loss(p: Any, inputs: jax.Array) -> jax.Array:
         return jnp.sum(jnp.square(module.apply(p, inputs))) / out_size
 
+    fwd, y = time_jitted(module.apply, (params, x), repeats=repeats)
     grad = jax.grad(loss, argnums=(0, 1))
-    fwd, y = time_jitted(forward, (params, x), repeats=repeats)
     chunk = min(bwd_chunk or x.shape[0], x.shape[0])
     parts = [x[i:i + chunk] for i in range(0, x.shape[0], chunk)]
     compiled, compile_s = compile_jitted(grad, (params, parts[0]))
     fwd_bwd, outs = time_calls(lambda: [compiled(params, part) for part in parts], compile_s=compile_s,
-                               repeats=bwd_repeats)
+                               repeats=bwd_repeats, peak=peak_bytes(compiled))
     grads = (jax.tree.map(lambda *g: sum(g), *(param_grads for param_grads, _ in outs)),
              jnp.concatenate([input_grads for _, input_grads in outs]))
     check = "-"
@@ -162,57 +203,116 @@ def benchmark_layer(name: str, module: nn.Module, x: jax.Array, macs_per_pixel: 
     return LayerResult(name, macs_per_pixel, fwd, fwd_bwd, check), (y, grads)
 
 
-def run_layer_benchmark(args: argparse.Namespace) -> list[LayerResult]:
-    """Section 1: the conv, then every attention impl (``patches`` first, the reference of 'check')."""
-    b, s, c, k, heads = args.batch, args.size, args.channels, args.kernel_size, args.heads
-    print(f"\n== 1. Layer: B={b}, {s}x{s}, C_in=C_out={c}, k={k}, {heads} heads, float32 ==")
+def torch_sasa_layer(batch: int, size: int, channels: int, kernel_size: int, heads: int,
+                     repeats: int) -> tuple[Timing, Timing] | None:
+    """fwd and fwd+bwd of an unfold-based SASA layer in PyTorch (the common public implementation:
+    1x1 q/k/v convs, zero-padded unfold of keys and values, row/column relative embeddings added to the
+    keys across heads, softmax over the k^2 window), or None when torch is not installed."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    c, k, n, pad = channels, kernel_size, heads, kernel_size // 2
+    d = c // n
+    x = torch.randn(batch, c, size, size, requires_grad=True)
+    wq, wk, wv = (torch.randn(c, c, 1, 1, requires_grad=True) for _ in range(3))
+    rel_h = torch.randn(c // 2, 1, 1, k, 1, requires_grad=True)
+    rel_w = torch.randn(c // 2, 1, 1, 1, k, requires_grad=True)
+
+    def forward() -> Any:
+        b, _, h, w = x.shape
+        q = F.conv2d(x, wq)
+        kk = F.conv2d(F.pad(x, [pad] * 4), wk)
+        vv = F.conv2d(F.pad(x, [pad] * 4), wv)
+        kk = kk.unfold(2, k, 1).unfold(3, k, 1)  # (b, c, h, w, k, k)
+        vv = vv.unfold(2, k, 1).unfold(3, k, 1)
+        kh, kw = kk.split(c // 2, dim=1)
+        kk = torch.cat((kh + rel_h, kw + rel_w), dim=1)
+        kk = kk.contiguous().view(b, n, d, h, w, -1)
+        vv = vv.contiguous().view(b, n, d, h, w, -1)
+        q = q.view(b, n, d, h, w, 1)
+        weights = F.softmax((q * kk).sum(dim=2), dim=-1)
+        return torch.einsum("bnhwk,bndhwk->bndhw", weights, vv).reshape(b, c, h, w)
+
+    def fwd_bwd() -> None:
+        for t in (x, wq, wk, wv, rel_h, rel_w):
+            t.grad = None
+        forward().square().mean().backward()
+
+    timings = []
+    for fn in (lambda: forward().detach(), fwd_bwd):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        timings.append(Timing(0.0, statistics.median(times), min(times), max(times), repeats))
+    return timings[0], timings[1]
+
+
+def run_layer_benchmark(args: argparse.Namespace) -> dict[tuple[int, int], list[LayerResult]]:
+    """Section 1: per shape, the conv, then every attention impl (``patches`` first: the reference)."""
+    k, heads = args.kernel_size, args.heads
+    print(f"\n== 1. Layers: every attention shape of SA-ResNet26, C_in=C_out=C, k={k}, {heads} heads, "
+          f"float32 ==")
     print(f"   median of {args.repeats} calls after compile and 1 warm-up call; 'check' = max|diff| of "
-          f"output and grads vs {CHECK_IMPL!r}")
-    if not args.skip_autodiff:
-        chunk = min(args.autodiff_chunk, b)
-        gib_per_image = s * s * k ** 4 * c * 4 / 2 ** 30  # measured peak: a (k^2 C)-channel im2col per pixel
-        print(f"   {AUTODIFF_IMPL}: fwd+bwd median of {args.autodiff_repeats} runs, each {b // chunk} "
-              f"sequential call(s) on {chunk} images (its backward takes ~{gib_per_image:.2f} GiB per "
-              f"image and gather)")
-    x = jax.random.normal(jax.random.key(1), (b, s, s, c), jnp.float32)
-    attention_macs = 3 * c * c + 3 * k * k * c
-    results = []
-    conv, _ = benchmark_layer("3x3 conv (reference)", nn.Conv(c, (3, 3)), x, 9 * c * c,
-                              repeats=args.repeats, bwd_repeats=args.repeats, reference=None)
-    results.append(conv)
-    print_layer_row(conv, conv, header=True)
-    impls = list(PACKAGE_IMPLS)
-    if not args.skip_autodiff:
-        impls.append(AUTODIFF_IMPL)
-    reference = None
-    for impl in sorted(impls, key=lambda name: name != CHECK_IMPL):
-        slow = impl == AUTODIFF_IMPL
-        module = LocalSelfAttention(features=c, num_heads=heads, kernel_size=k, impl=impl)
-        result, outputs = benchmark_layer(
-            f"attention impl={impl}", module, x, attention_macs, repeats=args.repeats,
-            bwd_repeats=args.autodiff_repeats if slow else args.repeats, reference=reference,
-            bwd_chunk=args.autodiff_chunk if slow else None)
-        if impl == CHECK_IMPL:
-            reference = outputs
-        results.append(result)
-        print_layer_row(result, conv)
+          f"output and grads vs {CHECK_IMPL!r}; peak = XLA buffers of the fwd+bwd program")
+    results: dict[tuple[int, int], list[LayerResult]] = {}
+    for image_size, batch in zip(args.image_sizes, args.layer_batches):
+        for size, c, count in attention_shapes(image_size):
+            x = jax.random.normal(jax.random.key(1), (batch, size, size, c), jnp.float32)
+            print(f"\n   -- {image_size}x{image_size} model, layer {size}x{size}, C={c}, B={batch} "
+                  f"({count} such layer{'s' if count > 1 else ''} in SA-ResNet26) --")
+            conv, _ = benchmark_layer("3x3 conv (reference)", nn.Conv(c, (3, 3)), x, 9 * c * c,
+                                      repeats=args.repeats, bwd_repeats=args.repeats, reference=None)
+            rows = [conv]
+            print_layer_row(conv, conv, header=True)
+            impls = native_impls()
+            paper_shape = (image_size, size, c) == (32, 32, 64)
+            if paper_shape and not args.skip_autodiff:
+                impls.append(AUTODIFF_IMPL)
+            reference = None
+            for impl in impls:
+                slow = impl == AUTODIFF_IMPL
+                module = LocalSelfAttention(features=c, num_heads=heads, kernel_size=k, impl=impl)
+                result, outputs = benchmark_layer(
+                    f"attention impl={impl}", module, x, 3 * c * c + 3 * k * k * c,
+                    repeats=args.repeats, bwd_repeats=args.autodiff_repeats if slow else args.repeats,
+                    reference=reference, bwd_chunk=args.autodiff_chunk if slow else None)
+                if impl == CHECK_IMPL:
+                    reference = outputs
+                rows.append(result)
+                print_layer_row(result, conv)
+            if paper_shape or args.torch_all_shapes:
+                peer = torch_sasa_layer(batch, size, c, k, heads, args.repeats)
+                if peer is None:
+                    print("   (PyTorch not installed: `pip install torch==2.13.0` adds the peer row)")
+                else:
+                    row = LayerResult("PyTorch unfold SASA (peer)", 3 * c * c + 3 * k * k * c, *peer, "-")
+                    rows.append(row)
+                    print_layer_row(row, conv)
+            results[(image_size, size, c)] = rows
     return results
 
 
 def print_layer_row(r: LayerResult, conv: LayerResult, header: bool = False) -> None:
     """Prints one row of the layer table (after the header if asked), its ratios against ``conv``."""
     if header:
-        print(f"   {'layer':<33} {'MACs/px':>8} {'fwd ms':>10} {'x conv':>8} {'fwd+bwd ms':>11} "
-              f"{'x conv':>8} {'compile s':>10} {'check':>8}")
+        print(f"   {'layer':<33} {'MACs/px':>8} {'fwd ms':>10} {'x conv':>7} {'fwd+bwd ms':>11} "
+              f"{'x conv':>7} {'peak GiB':>9} {'compile s':>10} {'check':>8}")
     ms = 1e3
     print(f"   {r.name:<33} {r.macs_per_pixel:>8,} {r.fwd.median_s * ms:>10,.1f} "
-          f"{r.fwd.median_s / conv.fwd.median_s:>8.1f} {r.fwd_bwd.median_s * ms:>11,.1f} "
-          f"{r.fwd_bwd.median_s / conv.fwd_bwd.median_s:>8.1f} "
+          f"{r.fwd.median_s / conv.fwd.median_s:>7.1f} {r.fwd_bwd.median_s * ms:>11,.1f} "
+          f"{r.fwd_bwd.median_s / conv.fwd_bwd.median_s:>7.1f} {gib(r.fwd_bwd.peak_bytes):>9} "
           f"{r.fwd.compile_s + r.fwd_bwd.compile_s:>10.1f} {r.check:>8}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Model training-step benchmark.
+# 2. Models.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -230,14 +330,35 @@ class ModelResult:
         return self.batch / self.timing.median_s
 
 
-def benchmark_training_step(name: str, args: argparse.Namespace) -> ModelResult:
-    """Times one jitted SGD-with-momentum step (cross-entropy, BatchNorm in train mode) of a zoo model."""
-    model = create_model(name, 10, width=args.width)
+def _batch(args: argparse.Namespace) -> dict[str, jax.Array]:
+    s = args.model_size
+    return dict(image=jax.random.normal(jax.random.key(1), (args.model_batch, s, s, 3)),
+                label=jax.random.randint(jax.random.key(2), (args.model_batch,), 0, 10))
+
+
+def _time_stepper(step: Callable, state: Any, extra: tuple, repeats: int) -> Timing:
+    """Times ``state = step(state, *extra)[0]`` (state donated), compile apart."""
+    compiled, compile_s = compile_jitted(step, (state,) + extra, donate_argnums=0)
+    holder = [state]
+
+    def one() -> Any:
+        holder[0], aux = compiled(holder[0], *extra)
+        return aux
+
+    timing, aux = time_calls(one, compile_s=compile_s, repeats=repeats, peak=peak_bytes(compiled))
+    loss = jax.tree.leaves(aux)[0]
+    if not np.all(np.isfinite(np.asarray(loss))):
+        raise RuntimeError(f"a benchmarked step gave a non-finite value {loss}")
+    return timing
+
+
+def benchmark_ce_step(name: str, args: argparse.Namespace, **options: Any) -> ModelResult:
+    """One jitted SGD-with-momentum cross-entropy step (BatchNorm in train mode) of a zoo model."""
+    model = create_model(name, 10, width=args.width, **options)
     variables = init_model(model, jax.random.key(0), args.model_size)
     optimizer = optax.sgd(0.1, momentum=0.9)
     state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
-    images = jax.random.normal(jax.random.key(1), (args.model_batch, args.model_size, args.model_size, 3))
-    labels = jax.random.randint(jax.random.key(2), (args.model_batch,), 0, 10)
+    batch = _batch(args)
 
     def train_step(state: tuple, images: jax.Array, labels: jax.Array) -> tuple[tuple, jax.Array]:
         params, batch_stats, opt_state = state
@@ -245,44 +366,72 @@ def benchmark_training_step(name: str, args: argparse.Namespace) -> ModelResult:
         def loss_fn(p: Any) -> tuple[jax.Array, Any]:
             (logits, _), updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
                                                train=True, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates["batch_stats"]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), new_stats, opt_state), loss
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        upd, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, upd), updates["batch_stats"], opt_state), loss
 
-    step, compile_s = compile_jitted(train_step, (state, images, labels), donate_argnums=0)
-
-    def one_step() -> tuple[tuple, jax.Array]:
-        nonlocal state
-        state, loss = step(state, images, labels)
-        return state, loss
-
-    timing, (_, loss) = time_calls(one_step, compile_s=compile_s, repeats=args.steps)
-    if not np.isfinite(float(loss)):
-        raise RuntimeError(f"{name}: the training step gave a non-finite loss {float(loss)}")
+    timing = _time_stepper(train_step, state, (batch["image"], batch["label"]), args.steps)
     return ModelResult(name, count_params(variables["params"]), timing, args.model_batch)
 
 
-def run_model_benchmark(args: argparse.Namespace) -> tuple[ModelResult, ModelResult]:
-    """Section 2: the student's and the teacher's training step; returns (student, teacher)."""
+def benchmark_distill_step(args: argparse.Namespace) -> ModelResult:
+    """The trainer's own sparse-distillation step: SA-ResNet26 at density 0.1 taught by ResNet-50."""
+    cfg = config_lib.base_config()
+    cfg.model.width = args.width
+    teacher_cfg = config_lib.teacher_config("cifar10")
+    teacher_cfg.model.width = args.width
+    student = train.model_from_config(cfg.model, 10)
+    teacher = train.model_from_config(teacher_cfg.model, 10)
+    teacher_variables = init_model(teacher, jax.random.key(1), args.model_size)
+    tx = train.make_optimizer(cfg, 100)
+    variables = init_model(student, jax.random.key(0), args.model_size)
+    opt_state = tx.init(variables["params"])
+    state = dict(params=sparsity.apply_masks(variables["params"], sparsity.get_masks(opt_state)),
+                 batch_stats=variables["batch_stats"], opt_state=opt_state,
+                 step=jnp.zeros((), jnp.int32))
+    step = train.make_train_step(student, teacher, tx, cfg)
+    timing = _time_stepper(step, state, (_batch(args), teacher_variables), args.steps)
+    return ModelResult("sparse distillation step", count_params(variables["params"]), timing,
+                       args.model_batch)
+
+
+def benchmark_inference(name: str, args: argparse.Namespace) -> ModelResult:
+    """Images/s of ``model.apply(..., train=False)`` (BatchNorm from running statistics)."""
+    model = create_model(name, 10, width=args.width)
+    variables = init_model(model, jax.random.key(0), args.model_size)
+    timing, _ = time_jitted(lambda v, x: model.apply(v, x, train=False)[0],
+                            (variables, _batch(args)["image"]), repeats=args.steps)
+    return ModelResult(f"{name} inference", count_params(variables["params"]), timing, args.model_batch)
+
+
+def run_model_benchmark(args: argparse.Namespace) -> dict[str, ModelResult]:
+    """Section 2: training steps, the distillation step, the teacher's forward and inference."""
     b, s = args.model_batch, args.model_size
-    print(f"\n== 2. Model: SGD+momentum training step, B={b}, {s}x{s}, width {args.width}, 10 classes, "
-          f"float32 ==")
-    print(f"   median of {args.steps} steps after compile and 1 warm-up step")
-    print(f"   {'model':<22} {'params':>12} {'step ms':>10} {'images/s':>9} {'min-max ms':>17} "
-          f"{'compile s':>10}")
-    results = []
-    for name in ("sa_resnet26", "resnet50"):
-        r = benchmark_training_step(name, args)
-        results.append(r)
+    print(f"\n== 2. Models: B={b}, {s}x{s}, width {args.width}, 10 classes, float32; median of "
+          f"{args.steps} calls after compile and 1 warm-up ==")
+    print(f"   {'what':<40} {'params':>12} {'ms':>9} {'images/s':>9} {'peak GiB':>9} {'compile s':>10}")
+    entries: list[tuple[str, Callable[[], ModelResult]]] = [
+        ("teacher resnet50 CE training step", lambda: benchmark_ce_step("resnet50", args)),
+        ("student sa_resnet26 CE step, impl=auto", lambda: benchmark_ce_step("sa_resnet26", args)),
+    ]
+    if not args.skip_patches_model:
+        entries.append(("student sa_resnet26 CE step, impl=patches",
+                        lambda: benchmark_ce_step("sa_resnet26", args, impl="patches")))
+    entries += [
+        ("sparse-distillation step (d=0.1, kd+at)", lambda: benchmark_distill_step(args)),
+        ("teacher resnet50 inference", lambda: benchmark_inference("resnet50", args)),
+        ("student sa_resnet26 inference", lambda: benchmark_inference("sa_resnet26", args)),
+    ]
+    results = {}
+    for label, run in entries:
+        r = run()
+        results[label] = r
         t = r.timing
-        print(f"   {name:<22} {r.params:>12,} {t.median_s * 1e3:>10,.0f} {r.images_per_s:>9.2f} "
-              f"{f'{t.min_s * 1e3:,.0f}-{t.max_s * 1e3:,.0f}':>17} {t.compile_s:>10.1f}", flush=True)
-    student, teacher = results
-    print(f"   student/teacher images/s: {student.images_per_s / teacher.images_per_s:.3f}")
-    return student, teacher
+        print(f"   {label:<40} {r.params:>12,} {t.median_s * 1e3:>9,.0f} {r.images_per_s:>9.2f} "
+              f"{gib(t.peak_bytes):>9} {t.compile_s:>10.1f}", flush=True)
+    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,30 +451,54 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def print_summary(layers: list[LayerResult], models: tuple[ModelResult, ModelResult],
-                  args: argparse.Namespace, wall_s: float, load_at_start: float) -> None:
-    conv = layers[0]
-    print("\n== Summary (ratios vs the 3x3 conv; > 1 is slower) ==")
-    print(f"   layer B={args.batch} {args.size}x{args.size} C={args.channels} k={args.kernel_size}: "
-          f"conv fwd {conv.fwd.median_s * 1e3:,.1f} ms, fwd+bwd {conv.fwd_bwd.median_s * 1e3:,.1f} ms")
-    for r in layers[1:]:
-        print(f"   {r.name:<33} fwd {r.fwd.median_s / conv.fwd.median_s:6.1f}x   "
-              f"fwd+bwd {r.fwd_bwd.median_s / conv.fwd_bwd.median_s:7.1f}x   "
-              f"MACs {r.macs_per_pixel / conv.macs_per_pixel:.2f}x")
-    by_name = {r.name.removeprefix("attention impl="): r for r in layers}
-    if AUTODIFF_IMPL in by_name and CHECK_IMPL in by_name:
-        speedup = by_name[AUTODIFF_IMPL].fwd_bwd.median_s / by_name[CHECK_IMPL].fwd_bwd.median_s
-        print(f"   custom VJP speed-up of fwd+bwd ({AUTODIFF_IMPL} / {CHECK_IMPL}): {speedup:.1f}x")
-    student, teacher = models
-    ratio = student.images_per_s / teacher.images_per_s
-    print(f"   training step B={args.model_batch} {args.model_size}x{args.model_size} width "
-          f"{args.width}: sa_resnet26 {student.images_per_s:.2f} images/s, resnet50 "
-          f"{teacher.images_per_s:.2f} images/s, student/teacher {ratio:.3f}")
+def print_summary(layers: dict[tuple[int, int, int], list[LayerResult]],
+                  models: dict[str, ModelResult], args: argparse.Namespace, wall_s: float,
+                  load_at_start: float) -> None:
+    print("\n== Summary ==")
+    print("   layers, fwd+bwd time / the same-width 3x3 conv's (lower is better):")
+    for (image_size, size, c), rows in layers.items():
+        conv = rows[0]
+        ratios = "  ".join(f"{r.name.removeprefix('attention impl=').split(' (')[0]} "
+                           f"{r.fwd_bwd.median_s / conv.fwd_bwd.median_s:.1f}x" for r in rows[1:])
+        print(f"   {image_size}x{image_size} model, {size:>2}x{size:<2} C={c:<3}: {ratios}")
+    paper = layers.get((32, 32, 64))
+    if paper:
+        by_name = {r.name: r for r in paper}
+        best = min((r for r in paper[1:] if r.name.startswith("attention")),
+                   key=lambda r: r.fwd_bwd.median_s)
+        conv = paper[0]
+        print(f"   target layer (32x32, C=64): best impl {best.name.removeprefix('attention impl=')} "
+              f"fwd+bwd {best.fwd_bwd.median_s / conv.fwd_bwd.median_s:.2f}x the conv (target <= 3x)")
+        peer = by_name.get("PyTorch unfold SASA (peer)")
+        if peer:
+            print(f"   ... and {best.fwd_bwd.median_s / peer.fwd_bwd.median_s:.2f}x the PyTorch peer's "
+                  f"fwd+bwd (target <= 0.5x); fwd {best.fwd.median_s / peer.fwd.median_s:.2f}x")
+        slow, ref = by_name.get(f"attention impl={AUTODIFF_IMPL}"), by_name.get("attention impl=patches")
+        if slow and ref:
+            print(f"   custom VJP speed-up of patches fwd+bwd: "
+                  f"{slow.fwd_bwd.median_s / ref.fwd_bwd.median_s:.1f}x")
+    if models:
+        get = lambda key: next(r for label, r in models.items() if label.startswith(key))  # noqa: E731
+        teacher, student = get("teacher resnet50 CE"), get("student sa_resnet26 CE step, impl=auto")
+        distill, t_inf, s_inf = get("sparse-distillation"), get("teacher resnet50 inf"), get(
+            "student sa_resnet26 inf")
+        student_share = distill.timing.median_s - t_inf.timing.median_s
+        print(f"   training images/s, student CE step / teacher CE step: "
+              f"{student.images_per_s / teacher.images_per_s:.2f} (target >= 1)")
+        print(f"   sparse-distillation step: {distill.images_per_s:.2f} images/s = "
+              f"{distill.images_per_s / teacher.images_per_s:.2f}x the teacher's training step; without "
+              f"the teacher's forward ({t_inf.timing.median_s * 1e3:,.0f} ms) the student's share runs at "
+              f"{args.model_batch / student_share:.2f} images/s = "
+              f"{args.model_batch / student_share / teacher.images_per_s:.2f}x (target >= 1)")
+        print(f"   inference images/s, student / teacher: {s_inf.images_per_s / t_inf.images_per_s:.2f}")
+        patches = next((r for label, r in models.items() if label.endswith("impl=patches")), None)
+        if patches:
+            print(f"   student CE step, impl=auto / impl=patches speed-up: "
+                  f"{patches.timing.median_s / student.timing.median_s:.2f}x")
     print(f"   machine: processor={platform.processor()!r} ({cpu_model()}), "
           f"os.cpu_count()={os.cpu_count()}, jax.devices()={jax.devices()}")
     print(f"   1-minute load average: {load_at_start:.1f} before, {os.getloadavg()[0]:.1f} at the end "
-          f"(this process alone adds up to ~{os.cpu_count()}; more means the cores were shared and the "
-          f"times are inflated)")
+          f"(this process alone adds up to ~{os.cpu_count()}; more means the cores were shared)")
     print(f"   jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
           f"python {platform.python_version()}; total wall time {wall_s:.0f} s")
 
@@ -333,36 +506,38 @@ def print_summary(layers: list[LayerResult], models: tuple[ModelResult, ModelRes
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: B=8, 16x16 layer, B=8 models at width 0.25, few repeats "
-                        "(explicit flags still win)")
-    p.add_argument("--batch", type=int, help="layer batch size (default 32; 8 with --quick)")
-    p.add_argument("--size", type=int, help="layer height and width (default 32; 16 with --quick)")
-    p.add_argument("--channels", type=int, default=64, help="layer C_in = C_out (default 64)")
+                   help="smoke run: 16x16 model shapes at B=4, models at B=4, width 0.25, 16x16, few "
+                        "repeats (explicit flags still win)")
+    p.add_argument("--image-sizes", type=int, nargs="+",
+                   help="model input sizes whose attention shapes are benchmarked (default 32 64)")
+    p.add_argument("--layer-batches", type=int, nargs="+",
+                   help="layer batch per image size (default 32 16)")
     p.add_argument("--kernel-size", type=int, default=7, help="attention neighbourhood k (default 7)")
     p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--repeats", type=int, help="timed calls per layer entry (default 10; 3 with --quick)")
-    p.add_argument("--autodiff-repeats", type=int, default=2,
-                   help=f"timed fwd+bwd runs of {AUTODIFF_IMPL} (default 2; about a minute each at "
-                        f"full size)")
-    p.add_argument("--autodiff-chunk", type=int,
-                   help=f"images per sequential call of {AUTODIFF_IMPL}'s fwd+bwd (default 8; 4 with "
-                        f"--quick): JAX's transpose of the patches op peaks at about H*W*k^4*C*4 bytes "
-                        f"per image and gather (0.6 GiB at 32x32, C=64, k=7), so a batch of 32 at once "
-                        f"is killed for memory on a 23 GiB machine")
+    p.add_argument("--repeats", type=int, help="timed calls per layer entry (default 5; 2 with --quick)")
+    p.add_argument("--autodiff-repeats", type=int, default=1,
+                   help=f"timed fwd+bwd runs of {AUTODIFF_IMPL} (default 1; ~35 s each)")
+    p.add_argument("--autodiff-chunk", type=int, default=8,
+                   help=f"images per sequential call of {AUTODIFF_IMPL}'s fwd+bwd (default 8): JAX's "
+                        f"transpose of the patches op needs ~0.6 GiB per image and gather at 32x32, C=64")
     p.add_argument("--skip-autodiff", action="store_true", help=f"leave out {AUTODIFF_IMPL}")
-    p.add_argument("--model-batch", type=int, help="training-step batch (default 32; 8 with --quick)")
-    p.add_argument("--model-size", type=int, default=32,
-                   help="training-step image height and width (default 32)")
+    p.add_argument("--torch-all-shapes", action="store_true",
+                   help="time the PyTorch peer at every shape, not only at 32x32 C=64")
+    p.add_argument("--skip-models", action="store_true", help="layers only")
+    p.add_argument("--skip-patches-model", action="store_true",
+                   help="leave out the student's step with impl=patches (the before-and-after row)")
+    p.add_argument("--model-batch", type=int, help="model batch (default 32; 4 with --quick)")
+    p.add_argument("--model-size", type=int, help="model image size (default 32; 16 with --quick)")
     p.add_argument("--width", type=float, help="model width multiplier (default 1.0; 0.25 with --quick)")
-    p.add_argument("--steps", type=int, help="timed training steps per model (default 5; 2 with --quick)")
+    p.add_argument("--steps", type=int, help="timed calls per model entry (default 5; 2 with --quick)")
     args = p.parse_args(argv)
-    defaults = dict(batch=(32, 8), size=(32, 16), repeats=(10, 3), model_batch=(32, 8), width=(1.0, 0.25),
-                    steps=(5, 2), autodiff_chunk=(8, 4))
+    defaults = dict(image_sizes=([32, 64], [16]), layer_batches=([32, 16], [4]), repeats=(5, 2),
+                    model_batch=(32, 4), model_size=(32, 16), width=(1.0, 0.25), steps=(5, 2))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    if args.batch % min(args.autodiff_chunk, args.batch):
-        p.error(f"--autodiff-chunk ({args.autodiff_chunk}) must divide --batch ({args.batch})")
+    if len(args.layer_batches) != len(args.image_sizes):
+        p.error("--layer-batches needs one batch per --image-sizes entry")
     return args
 
 
@@ -371,9 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     load_at_start = os.getloadavg()[0]
     print(f"local attention benchmark{' (--quick)' if args.quick else ''}: {jax.devices()}, "
-          f"impls {list(PACKAGE_IMPLS)}{'' if args.skip_autodiff else f' + {AUTODIFF_IMPL}'}")
+          f"impls {native_impls()}, impl='auto' -> {attention_module.select_impl()!r}")
     layers = run_layer_benchmark(args)
-    models = run_model_benchmark(args)
+    models = {} if args.skip_models else run_model_benchmark(args)
     print_summary(layers, models, args, time.perf_counter() - start, load_at_start)
 
 

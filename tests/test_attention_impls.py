@@ -65,11 +65,12 @@ def test_default_block(size, expected):
 
 
 def test_default_chunk():
-    assert A.default_halo_chunk(32, 1_000_000, "cpu") == 1     # 4 MB of logits per image
-    assert A.default_halo_chunk(32, 300_000, "cpu") == 2       # 1.2 MB: 3 would not divide 32
-    assert A.default_halo_chunk(32, 1_000, "cpu") == 32
-    assert A.default_halo_chunk(32, 10_000_000, "cpu") == 1    # too big even alone: still 1
-    assert A.default_halo_chunk(32, 10_000_000, "gpu") == 32   # accelerators: no sequential chunks
+    budget = A.HALO_CHUNK_BYTES // 4  # float32 logits per chunk
+    assert A.default_halo_chunk(32, budget * 4, "cpu") == 1       # one image is over the budget
+    assert A.default_halo_chunk(32, budget // 3, "cpu") == 2      # 3 fit, but 3 does not divide 32
+    assert A.default_halo_chunk(32, budget // 64, "cpu") == 32    # the whole batch fits
+    assert A.default_halo_chunk(32, budget, "cpu") == 1
+    assert A.default_halo_chunk(32, budget * 4, "gpu") == 32      # accelerators: no sequential chunks
 
 
 @pytest.mark.parametrize("block", [None, (1, 1), (2, 3), (3, 2), (7, 5)])

@@ -290,61 +290,85 @@ def _halo_unblocks(t: jax.Array, rows: HaloPlan, cols: HaloPlan) -> jax.Array:
     return t.reshape(c, n, ni * rows.block, nj * cols.block, d)[:, :, :rows.size, :cols.size]
 
 
-def _halo_logits_t(qb: jax.Array, k: jax.Array, rel_rows: jax.Array, rel_cols: jax.Array,
-                   rows: HaloPlan, cols: HaloPlan, qk_scale: float, qr_scale: float) -> jax.Array:
-    """Transposed logits (c, N, I, J, keys, queries) of every block, float32, masked.
-
-    Keys-major so that both backward matmuls that contract over queries (dK and dV) are plain
-    row-major products; only dQ needs the transpose.
-    """
-    c, n, ni, nj, _, d = qb.shape
+def _halo_rel(qb: jax.Array, rel_rows: jax.Array, rel_cols: jax.Array, rows: HaloPlan,
+              cols: HaloPlan, qr_scale: float) -> jax.Array:
+    """Per query, q.r (plus the mask) for each window row then each window column: (c, N, I, J, bq,
+    window_rows + window_cols), float32. :func:`_halo_logits` spreads it over the window by a matmul."""
+    c, n, ni, nj, bq, d = qb.shape
     f32 = jnp.float32
-    keys = _halo_windows(k, rows, cols)
-    s = jnp.einsum("cnijpd,cnijqd->cnijpq", keys, qb, preferred_element_type=f32) * qk_scale
     q6 = qb.reshape(c, n, ni, nj, rows.block, cols.block, d)
-    # q.r: each query's k row-offset (column-offset) products, spread onto the window rows (columns).
+    # Each query's k row-offset (column-offset) products, moved onto the window rows (columns).
     rq = jnp.einsum("cnijxyd,and->cnijxya", q6, rel_rows, preferred_element_type=f32) * qr_scale
     cq = jnp.einsum("cnijxyd,and->cnijxya", q6, rel_cols, preferred_element_type=f32) * qr_scale
-    rt = jnp.einsum("cnijxya,ixau->cnijuxy", rq, rows.onehot) + (
-        rows.bias.transpose(0, 2, 1)[None, None, :, None, :, :, None])
-    ct = jnp.einsum("cnijxya,jyav->cnijvxy", cq, cols.onehot) + (
-        cols.bias.transpose(0, 2, 1)[None, None, None, :, :, None, :])
-    s = s.reshape(c, n, ni, nj, rows.window, cols.window, rows.block, cols.block)
-    s = s + rt[:, :, :, :, :, None] + ct[:, :, :, :, None]
-    return s.reshape(c, n, ni, nj, rows.window * cols.window, rows.block * cols.block)
+    rt = jnp.einsum("cnijxya,ixau->cnijxyu", rq, rows.onehot) + rows.bias[None, None, :, None, :,
+                                                                            None, :]
+    ct = jnp.einsum("cnijxya,jyav->cnijxyv", cq, cols.onehot) + cols.bias[None, None, None, :, None,
+                                                                            :, :]
+    return jnp.concatenate([rt, ct], axis=-1).reshape(c, n, ni, nj, bq, rows.window + cols.window)
+
+
+@functools.lru_cache(maxsize=None)
+def _window_positions(window_rows: int, window_cols: int) -> np.ndarray:
+    """(window_rows + window_cols, window_rows * window_cols): which row and column each key is in."""
+    pos = np.zeros((window_rows + window_cols, window_rows * window_cols), np.float32)
+    for u in range(window_rows):
+        for v in range(window_cols):
+            pos[u, u * window_cols + v] = pos[window_rows + v, u * window_cols + v] = 1.0
+    pos.setflags(write=False)
+    return pos
+
+
+def _halo_logits(qb: jax.Array, keys: jax.Array, rel: jax.Array, rows: HaloPlan, cols: HaloPlan,
+                 qk_scale: float) -> jax.Array:
+    """Logits (c, N, I, J, queries, keys) of every block, float32, masked: q.k plus q.r as two matmuls
+    (q.r and the mask come in as per-row and per-column terms, spread over the keys by a 0/1 matrix)."""
+    pos = _window_positions(rows.window, cols.window)
+    s = jnp.einsum("cnijqd,cnijpd->cnijqp", qb, keys, preferred_element_type=jnp.float32)
+    return s * qk_scale + jnp.einsum("cnijqe,ep->cnijqp", rel, pos)
 
 
 def _halo_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale):
     """One chunk, heads-major (c, N, H, W, d): output and per-query log-sum-exp (c, N, I, J, bq)."""
     f32 = jnp.float32
-    s = _halo_logits_t(_halo_blocks(q, rows, cols), k, rel_rows, rel_cols, rows, cols, qk_scale,
-                       qr_scale)
-    m = jnp.max(s, axis=-2, keepdims=True)
+    qb = _halo_blocks(q, rows, cols)
+    s = _halo_logits(qb, _halo_windows(k, rows, cols),
+                     _halo_rel(qb, rel_rows, rel_cols, rows, cols, qr_scale), rows, cols, qk_scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
-    denom = jnp.sum(e, axis=-2, keepdims=True)
-    values = _halo_windows(v, rows, cols)
-    o = jnp.einsum("cnijpq,cnijpd->cnijqd", (e / denom).astype(v.dtype), values,
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("cnijqp,cnijpd->cnijqd", (e / denom).astype(v.dtype), _halo_windows(v, rows, cols),
                    preferred_element_type=f32)
-    lse = (m + jnp.log(denom))[..., 0, :]
-    return _halo_unblocks(o.astype(v.dtype), rows, cols), lse
+    return _halo_unblocks(o.astype(v.dtype), rows, cols), (m + jnp.log(denom))[..., 0]
 
 
 def _halo_backward(q, k, v, rel_rows, rel_cols, o, lse, do, rows, cols, qk_scale, qr_scale):
-    """One chunk's gradients, recomputing the logits (flash-attention style: nothing k^2-sized kept)."""
+    """One chunk's gradients, recomputing the logits (flash-attention style: nothing k^2-sized kept).
+
+    Every matmul is a plain row-major product: the two that contract over queries (dK = dS^T Q and
+    dV = P^T dO) are computed transposed, as (d, q)(q, p), and their small (d, p) results transposed
+    back, instead of contracting the large (q, p) matrices over their major axis (which XLA's CPU
+    backend runs as a slow generic dot).
+    """
     f32 = jnp.float32
-    logits = functools.partial(_halo_logits_t, rows=rows, cols=cols, qk_scale=qk_scale,
-                               qr_scale=qr_scale)
-    s, logits_vjp = jax.vjp(logits, _halo_blocks(q, rows, cols), k, rel_rows, rel_cols)
-    p = jnp.exp(s - lse[..., None, :])
-    values, windows_vjp = jax.vjp(lambda t: _halo_windows(t, rows, cols), v)
+    swap = lambda t: jnp.swapaxes(t, -1, -2)  # noqa: E731
+    qb = _halo_blocks(q, rows, cols)
+    keys, keys_vjp = jax.vjp(lambda t: _halo_windows(t, rows, cols), k)
+    values, values_vjp = jax.vjp(lambda t: _halo_windows(t, rows, cols), v)
+    rel, rel_vjp = jax.vjp(lambda t, r, c: _halo_rel(t, r, c, rows, cols, qr_scale), qb, rel_rows,
+                           rel_cols)
+    p = jnp.exp(_halo_logits(qb, keys, rel, rows, cols, qk_scale) - lse[..., None])
     dob = _halo_blocks(do, rows, cols).astype(f32)
-    delta = jnp.sum(dob * _halo_blocks(o, rows, cols).astype(f32), axis=-1)[..., None, :]
-    dp = jnp.einsum("cnijpd,cnijqd->cnijpq", values, dob, preferred_element_type=f32)
+    delta = jnp.sum(dob * _halo_blocks(o, rows, cols).astype(f32), axis=-1, keepdims=True)
+    dp = jnp.einsum("cnijqd,cnijpd->cnijqp", dob, values, preferred_element_type=f32)
     ds = p * (dp - delta)
-    dvalues = jnp.einsum("cnijpq,cnijqd->cnijpd", p, dob, preferred_element_type=f32)
-    dqb, dk, drows, dcols = logits_vjp(ds)
-    (dv,) = windows_vjp(dvalues.astype(v.dtype))
-    return _halo_unblocks(dqb, rows, cols), dk, dv, drows, dcols
+    dqb = jnp.einsum("cnijqp,cnijpd->cnijqd", ds, keys, preferred_element_type=f32) * qk_scale
+    dkeys = swap(jnp.einsum("cnijdq,cnijqp->cnijdp", swap(qb).astype(f32), ds)) * qk_scale
+    dvalues = swap(jnp.einsum("cnijdq,cnijqp->cnijdp", swap(dob), p))
+    pos = _window_positions(rows.window, cols.window)
+    dqb_rel, drows, dcols = rel_vjp(jnp.einsum("cnijqp,ep->cnijqe", ds, pos))
+    (dk,) = keys_vjp(dkeys.astype(k.dtype))
+    (dv,) = values_vjp(dvalues.astype(v.dtype))
+    return _halo_unblocks(dqb + dqb_rel, rows, cols), dk, dv, drows, dcols
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -389,13 +413,18 @@ def _halo_attention_bwd(static, residuals, do):
 
 _halo_attention.defvjp(_halo_attention_fwd, _halo_attention_bwd)
 
-HALO_CHUNK_BYTES = 4 << 20  # CPU: batch chunk whose float32 logits fit in about L2 + a bit of L3
+HALO_CHUNK_BYTES = 256 << 10  # CPU: float32 logits per sequential batch chunk (see default_halo_chunk)
 
 
 def default_halo_chunk(batch: int, logits_per_image: int, backend: str | None = None) -> int:
-    """Images per sequential chunk: on CPU the largest divisor of the batch whose float32 logits stay
-    within :data:`HALO_CHUNK_BYTES` (cache-resident; measured 4x faster forward than all at once at
-    SA-ResNet26's 32x32 layer); on accelerators the whole batch (parallelism matters more)."""
+    """Images per sequential chunk of the batch.
+
+    On CPU, the largest divisor of the batch whose float32 logits fit in :data:`HALO_CHUNK_BYTES`, so
+    each chunk's working set stays in cache: at SA-ResNet26's 32x32, C=64 layer one image per chunk
+    runs the forward 4x faster than the whole batch at once, and the whole training step was fastest
+    with a 256 KiB budget (12.2 images/s, against 10.7 with 4 MiB; benchmarks/RESULTS.md). On
+    accelerators, the whole batch: parallelism matters more than cache there.
+    """
     if (backend or jax.default_backend()) != "cpu":
         return batch
     fits = [c for c in range(1, batch + 1) if batch % c == 0 and c * logits_per_image * 4 <=
