@@ -48,29 +48,24 @@ def _kernel(qa_ref, ka_ref, v_ref, o_ref, lse_ref):
 
 
 def _augmented(qb, k, rel_rows, rel_cols, rows: A.HaloPlan, cols: A.HaloPlan, qk_scale, qr_scale):
-    """(G, BQ, E) augmented queries and (G, P, E) augmented keys, G = c*N*I*J, padded to powers of 2."""
+    """(G, BQ, E) augmented queries and (G, P, E) augmented keys, G = c*N*I*J, padded to powers of 2.
+
+    The relative terms (with the mask) and the 0/1 window-position matrix are the halo impl's own
+    (:func:`~alite_jax.models.attention._halo_rel`, ``_window_positions``); the extra last feature
+    masks the keys added by padding.
+    """
     c, n, ni, nj, bq, d = qb.shape
     f32 = jnp.float32
-    q6 = qb.reshape(c, n, ni, nj, rows.block, cols.block, d)
-    rq = jnp.einsum("cnijxyd,and->cnijxya", q6, rel_rows, preferred_element_type=f32) * qr_scale
-    cq = jnp.einsum("cnijxyd,and->cnijxya", q6, rel_cols, preferred_element_type=f32) * qr_scale
-    rt = jnp.einsum("cnijxya,ixau->cnijxyu", rq, rows.onehot) + rows.bias[None, None, :, None, :, None, :]
-    ct = jnp.einsum("cnijxya,jyav->cnijxyv", cq, cols.onehot) + cols.bias[None, None, None, :, None, :, :]
-    g = c * n * ni * nj
-    p = rows.window * cols.window
-    e0 = d + rows.window + cols.window + 1
+    g, p = c * n * ni * nj, rows.window * cols.window
+    rel = A._halo_rel(qb, rel_rows, rel_cols, rows, cols, qr_scale)  # (c, N, I, J, bq, wr + wc)
+    e0 = d + rel.shape[-1] + 1
     big_q, big_p, big_e = _pow2(bq), _pow2(p), _pow2(e0)
-    qa = jnp.concatenate([
-        qb.reshape(g, bq, d).astype(f32) * qk_scale, rt.reshape(g, bq, rows.window),
-        ct.reshape(g, bq, cols.window), jnp.full((g, bq, 1), A._MASKED, f32)], axis=-1)
+    qa = jnp.concatenate([qb.reshape(g, bq, d).astype(f32) * qk_scale, rel.reshape(g, bq, -1),
+                          jnp.full((g, bq, 1), A._MASKED, f32)], axis=-1)
     qa = jnp.pad(qa, ((0, 0), (0, big_q - bq), (0, big_e - e0)))
-    # Key features: position one-hots (window row, window column) and the padding indicator.
     pos = np.zeros((big_p, big_e - d), np.float32)
-    for u in range(rows.window):
-        for w in range(cols.window):
-            pos[u * cols.window + w, u] = 1.0
-            pos[u * cols.window + w, rows.window + w] = 1.0
-    pos[p:, rows.window + cols.window] = 1.0
+    pos[:p, :rel.shape[-1]] = A._window_positions(rows.window, cols.window).T
+    pos[p:, rel.shape[-1]] = 1.0  # padding keys: their logit is the query's _MASKED feature
     keys = jnp.pad(A._halo_windows(k, rows, cols).reshape(g, p, d).astype(f32),
                    ((0, 0), (0, big_p - p), (0, 0)))
     ka = jnp.concatenate([keys, jnp.broadcast_to(jnp.asarray(pos), (g,) + pos.shape)], axis=-1)
