@@ -336,8 +336,8 @@ def _halo_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale):
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
     denom = jnp.sum(e, axis=-1, keepdims=True)
-    o = jnp.einsum("cnijqp,cnijpd->cnijqd", (e / denom).astype(v.dtype), _halo_windows(v, rows, cols),
-                   preferred_element_type=f32)
+    o = jnp.einsum("cnijqp,cnijpd->cnijqd", e.astype(v.dtype), _halo_windows(v, rows, cols),
+                   preferred_element_type=f32) / denom
     return _halo_unblocks(o.astype(v.dtype), rows, cols), (m + jnp.log(denom))[..., 0]
 
 
