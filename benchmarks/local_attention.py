@@ -11,7 +11,8 @@ What it measures, in one run (ratios are printed; these machines are noisy):
    itself, to show why the custom VJP exists; in chunks, see --autodiff-chunk) and, when PyTorch is
    installed (``pip install torch==2.13.0``), the peer: an unfold-based SASA layer as in the common
    public PyTorch code, same shapes, same machine. Every attention impl's output and gradients are
-   checked against ``patches``.
+   checked against ``patches``. The entries of one shape are timed round-robin (one call of each in
+   turn, repeated), so that drifts in the load of this shared machine hit all of them alike.
 2. Models (B=32, 32x32, width 1.0, 10 classes): images/s of the teacher's (ResNet-50) and the
    student's (SA-ResNet26) SGD+momentum cross-entropy training step, of the full sparse-distillation
    step (``alite_jax.train.make_train_step``: student at density 0.1 in ``sparse_learning``, ResNet-50
@@ -173,14 +174,26 @@ class LayerResult:
     check: str  # max |difference| vs the CHECK_IMPL, or "-"
 
 
-def benchmark_layer(name: str, module: nn.Module, x: jax.Array, macs_per_pixel: int, *,
-                    repeats: int, bwd_repeats: int, reference: tuple[jax.Array, Any] | None,
-                    bwd_chunk: int | None = None) -> tuple[LayerResult, tuple[jax.Array, Any]]:
-    """Times forward and forward+backward of one layer; returns its result and (output, gradients).
+@dataclasses.dataclass
+class PreparedLayer:
+    """A layer's compiled forward and forward+backward, ready to be called (and timed)."""
 
-    The loss is the mean square of the output. With ``bwd_chunk``, one forward+backward is that many
-    images per call, called once per chunk of the batch in turn (the time is the whole batch's); this
-    bounds peak memory and gives the same gradients.
+    name: str
+    macs_per_pixel: int
+    fwd: Callable[[], Any]
+    fwd_bwd: Callable[[], Any]
+    fwd_compile_s: float = 0.0
+    fwd_bwd_compile_s: float = 0.0
+    fwd_peak: int = 0
+    fwd_bwd_peak: int = 0
+
+
+def prepare_layer(name: str, module: nn.Module, x: jax.Array, macs_per_pixel: int,
+                  bwd_chunk: int | None = None) -> PreparedLayer:
+    """Compiles one layer's forward and forward+backward (loss: mean square of the output).
+
+    With ``bwd_chunk``, one forward+backward is that many images per call, called once per chunk of the
+    batch in turn (the time is the whole batch's); this bounds peak memory and gives the same gradients.
     """
     params = module.init(jax.random.key(0), x)
     out_size = jax.eval_shape(module.apply, params, x).size
@@ -188,26 +201,44 @@ def benchmark_layer(name: str, module: nn.Module, x: jax.Array, macs_per_pixel: 
     def loss(p: Any, inputs: jax.Array) -> jax.Array:
         return jnp.sum(jnp.square(module.apply(p, inputs))) / out_size
 
-    fwd, y = time_jitted(module.apply, (params, x), repeats=repeats)
-    grad = jax.grad(loss, argnums=(0, 1))
+    fwd, fwd_compile_s = compile_jitted(module.apply, (params, x))
+    grad, grad_compile_s = compile_jitted(jax.grad(loss, argnums=(0, 1)),
+                                          (params, x[:min(bwd_chunk or x.shape[0], x.shape[0])]))
     chunk = min(bwd_chunk or x.shape[0], x.shape[0])
     parts = [x[i:i + chunk] for i in range(0, x.shape[0], chunk)]
-    compiled, compile_s = compile_jitted(grad, (params, parts[0]))
-    fwd_bwd, outs = time_calls(lambda: [compiled(params, part) for part in parts], compile_s=compile_s,
-                               repeats=bwd_repeats, peak=peak_bytes(compiled))
-    grads = (jax.tree.map(lambda *g: sum(g), *(param_grads for param_grads, _ in outs)),
-             jnp.concatenate([input_grads for _, input_grads in outs]))
-    check = "-"
-    if reference is not None:
-        check = f"{max(max_abs_diff(y, reference[0]), max_abs_diff(grads, reference[1])):.1e}"
-    return LayerResult(name, macs_per_pixel, fwd, fwd_bwd, check), (y, grads)
+
+    def fwd_bwd() -> tuple[Any, jax.Array]:
+        outs = [grad(params, part) for part in parts]
+        return (jax.tree.map(lambda *g: sum(g), *(param_grads for param_grads, _ in outs)),
+                jnp.concatenate([input_grads for _, input_grads in outs]))
+
+    return PreparedLayer(name, macs_per_pixel, lambda: fwd(params, x), fwd_bwd, fwd_compile_s,
+                         grad_compile_s, peak_bytes(fwd), peak_bytes(grad))
 
 
-def torch_sasa_layer(batch: int, size: int, channels: int, kernel_size: int, heads: int,
-                     repeats: int) -> tuple[Timing, Timing] | None:
-    """fwd and fwd+bwd of an unfold-based SASA layer in PyTorch (the common public implementation:
-    1x1 q/k/v convs, zero-padded unfold of keys and values, row/column relative embeddings added to the
-    keys across heads, softmax over the k^2 window), or None when torch is not installed."""
+def time_round_robin(calls: list[Callable[[], Any]], repeats: int) -> tuple[list[list[float]], list]:
+    """Calls every function once (warm-up; its output is returned), then ``repeats`` rounds of one call
+    of each in turn: every entry sees the same drift in machine load, so their ratios stay meaningful
+    on a shared, noisy machine. Returns the seconds per call of each, and the warm-up outputs."""
+    outputs = [jax.block_until_ready(call()) for call in calls]
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[i].append(time.perf_counter() - start)
+    return times, outputs
+
+
+def _timing(times: list[float], compile_s: float, peak: int) -> Timing:
+    return Timing(compile_s, statistics.median(times), min(times), max(times), len(times), peak)
+
+
+def torch_sasa_layer(batch: int, size: int, channels: int, kernel_size: int, heads: int
+                     ) -> PreparedLayer | None:
+    """An unfold-based SASA layer in PyTorch (the common public implementation: 1x1 q/k/v convs,
+    zero-padded unfold of keys and values, row/column relative embeddings added to the keys across
+    heads, softmax over the k^2 window), or None when torch is not installed."""
     try:
         import torch
         import torch.nn.functional as F
@@ -242,59 +273,66 @@ def torch_sasa_layer(batch: int, size: int, channels: int, kernel_size: int, hea
             t.grad = None
         forward().square().mean().backward()
 
-    timings = []
-    for fn in (lambda: forward().detach(), fwd_bwd):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        timings.append(Timing(0.0, statistics.median(times), min(times), max(times), repeats))
-    return timings[0], timings[1]
+    def fwd() -> None:
+        with torch.no_grad():
+            forward()
+
+    return PreparedLayer("PyTorch unfold SASA (peer)", 3 * c * c + 3 * k * k * c, fwd, fwd_bwd)
 
 
-def run_layer_benchmark(args: argparse.Namespace) -> dict[tuple[int, int], list[LayerResult]]:
-    """Section 1: per shape, the conv, then every attention impl (``patches`` first: the reference)."""
+def run_layer_benchmark(args: argparse.Namespace) -> dict[tuple[int, int, int], list[LayerResult]]:
+    """Section 1: per shape, the conv, every attention impl (``patches`` first: the reference of
+    'check') and the PyTorch peer, timed round-robin; the slow autodiff baseline apart."""
     k, heads = args.kernel_size, args.heads
     print(f"\n== 1. Layers: every attention shape of SA-ResNet26, C_in=C_out=C, k={k}, {heads} heads, "
           f"float32 ==")
-    print(f"   median of {args.repeats} calls after compile and 1 warm-up call; 'check' = max|diff| of "
-          f"output and grads vs {CHECK_IMPL!r}; peak = XLA buffers of the fwd+bwd program")
-    results: dict[tuple[int, int], list[LayerResult]] = {}
+    print(f"   median of {args.repeats} rounds (each entry called once per round, in turn) after "
+          f"compile and 1 warm-up call; 'check' = max|diff| of output and grads vs {CHECK_IMPL!r}; "
+          f"peak = XLA buffers of the fwd+bwd program")
+    results: dict[tuple[int, int, int], list[LayerResult]] = {}
     for image_size, batch in zip(args.image_sizes, args.layer_batches):
         for size, c, count in attention_shapes(image_size):
             x = jax.random.normal(jax.random.key(1), (batch, size, size, c), jnp.float32)
             print(f"\n   -- {image_size}x{image_size} model, layer {size}x{size}, C={c}, B={batch} "
                   f"({count} such layer{'s' if count > 1 else ''} in SA-ResNet26) --")
-            conv, _ = benchmark_layer("3x3 conv (reference)", nn.Conv(c, (3, 3)), x, 9 * c * c,
-                                      repeats=args.repeats, bwd_repeats=args.repeats, reference=None)
-            rows = [conv]
-            print_layer_row(conv, conv, header=True)
-            impls = native_impls()
+            macs = 3 * c * c + 3 * k * k * c
+            layers = [prepare_layer("3x3 conv (reference)", nn.Conv(c, (3, 3)), x, 9 * c * c)]
+            layers += [prepare_layer(f"attention impl={impl}",
+                                     LocalSelfAttention(features=c, num_heads=heads, kernel_size=k,
+                                                        impl=impl), x, macs)
+                       for impl in native_impls()]
             paper_shape = (image_size, size, c) == (32, 32, 64)
-            if paper_shape and not args.skip_autodiff:
-                impls.append(AUTODIFF_IMPL)
-            reference = None
-            for impl in impls:
-                slow = impl == AUTODIFF_IMPL
-                module = LocalSelfAttention(features=c, num_heads=heads, kernel_size=k, impl=impl)
-                result, outputs = benchmark_layer(
-                    f"attention impl={impl}", module, x, 3 * c * c + 3 * k * k * c,
-                    repeats=args.repeats, bwd_repeats=args.autodiff_repeats if slow else args.repeats,
-                    reference=reference, bwd_chunk=args.autodiff_chunk if slow else None)
-                if impl == CHECK_IMPL:
-                    reference = outputs
-                rows.append(result)
-                print_layer_row(result, conv)
             if paper_shape or args.torch_all_shapes:
-                peer = torch_sasa_layer(batch, size, c, k, heads, args.repeats)
+                peer = torch_sasa_layer(batch, size, c, k, heads)
                 if peer is None:
                     print("   (PyTorch not installed: `pip install torch==2.13.0` adds the peer row)")
                 else:
-                    row = LayerResult("PyTorch unfold SASA (peer)", 3 * c * c + 3 * k * k * c, *peer, "-")
-                    rows.append(row)
-                    print_layer_row(row, conv)
+                    layers.append(peer)
+            fwd_times, fwd_outs = time_round_robin([layer.fwd for layer in layers], args.repeats)
+            bwd_times, bwd_outs = time_round_robin([layer.fwd_bwd for layer in layers], args.repeats)
+            rows = []
+            for i, layer in enumerate(layers):
+                check = "-"
+                if layer.name.startswith("attention") and i > 1:  # layers[1] is the reference impl
+                    diff = max(max_abs_diff(fwd_outs[i], fwd_outs[1]),
+                               max_abs_diff(bwd_outs[i], bwd_outs[1]))
+                    check = f"{diff:.1e}"
+                rows.append(LayerResult(layer.name, layer.macs_per_pixel,
+                                        _timing(fwd_times[i], layer.fwd_compile_s, layer.fwd_peak),
+                                        _timing(bwd_times[i], layer.fwd_bwd_compile_s,
+                                                layer.fwd_bwd_peak), check))
+                print_layer_row(rows[-1], rows[0], header=i == 0)
+            if paper_shape and not args.skip_autodiff:
+                slow = prepare_layer(f"attention impl={AUTODIFF_IMPL}",
+                                     LocalSelfAttention(features=c, num_heads=heads, kernel_size=k,
+                                                        impl=AUTODIFF_IMPL), x, macs,
+                                     bwd_chunk=args.autodiff_chunk)
+                (f_t,), (f_out,) = time_round_robin([slow.fwd], args.repeats)
+                (b_t,), (b_out,) = time_round_robin([slow.fwd_bwd], args.autodiff_repeats)
+                check = f"{max(max_abs_diff(f_out, fwd_outs[1]), max_abs_diff(b_out, bwd_outs[1])):.1e}"
+                rows.append(LayerResult(slow.name, macs, _timing(f_t, slow.fwd_compile_s, slow.fwd_peak),
+                                        _timing(b_t, slow.fwd_bwd_compile_s, slow.fwd_bwd_peak), check))
+                print_layer_row(rows[-1], rows[0])
             results[(image_size, size, c)] = rows
     return results
 
