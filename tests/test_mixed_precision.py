@@ -83,3 +83,14 @@ def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown compute dtype 'float64'"):
         create_model("resnet50", 10, dtype="float64")
     assert compute_dtype("bfloat16") == jnp.bfloat16
+
+
+def test_bad_teacher_dtype_fails_before_compiling():
+    cfg = config_lib.base_config()
+    cfg.data.dataset, cfg.data.image_size = "digits", 8
+    cfg.teacher.dtype = "fp16"
+    with pytest.raises(ValueError, match="unknown compute dtype 'fp16'"):
+        train.check_config(cfg, num_devices=1)
+    cfg.teacher.dtype, cfg.model.dtype = "", "half"
+    with pytest.raises(ValueError, match="unknown compute dtype 'half'"):
+        train.check_config(cfg, num_devices=1)

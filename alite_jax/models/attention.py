@@ -203,7 +203,7 @@ def patches_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: 
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: plans are cached, and hold arrays
 class HaloPlan:
     """How one spatial axis of size ``size`` is cut into query blocks and their key windows.
 
