@@ -254,8 +254,9 @@ def default_halo_block(size: int, kernel_size: int) -> int:
     """The query-block side for one axis: minimises keys scored per query, times a small-matmul penalty.
 
     A block of b queries scores (b + k - 1) keys per axis where k are needed, but small blocks make small
-    matmuls. Cost model (tuned on the CPU benchmark, benchmarks/local_attention.py): window^2 x
-    (1 + 8 / b^2). For k = 7 this picks 4 at 16x16 and larger, and the whole axis at 8 and below.
+    matmuls. Cost model: window^2 x (1 + 8 / b^2), whose constant was set so that it ranks blocks as
+    measured on the CPU at 32x32, C=64 (4 fastest, then 2, then 8; benchmarks/RESULTS.md). For k = 7 it
+    picks 4 at 16x16 and larger, and the whole axis at 8 and below.
     """
     candidates = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < size} | {size})
 
@@ -420,10 +421,11 @@ def default_halo_chunk(batch: int, logits_per_image: int, backend: str | None = 
     """Images per sequential chunk of the batch.
 
     On CPU, the largest divisor of the batch whose float32 logits fit in :data:`HALO_CHUNK_BYTES`, so
-    each chunk's working set stays in cache: at SA-ResNet26's 32x32, C=64 layer one image per chunk
-    runs the forward 4x faster than the whole batch at once, and the whole training step was fastest
-    with a 256 KiB budget (12.2 images/s, against 10.7 with 4 MiB; benchmarks/RESULTS.md). On
-    accelerators, the whole batch: parallelism matters more than cache there.
+    each chunk's working set stays in cache: at SA-ResNet26's 32x32, C=64 layer (B=32) one image per
+    chunk ran the forward 1.2-2.0x and fwd+bwd 1.1-2.4x faster than the whole batch at once (3
+    interleaved rounds on the noisy 2-core CPU), and the whole training step was fastest with a 256 KiB
+    budget (12.2 images/s, against 10.7 with 4 MiB; benchmarks/RESULTS.md). On accelerators, the whole
+    batch: parallelism matters more than cache there.
     """
     if (backend or jax.default_backend()) != "cpu":
         return batch
@@ -464,7 +466,7 @@ def halo_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax
 # --------------------------------------------------------------------------------------------------
 
 # Backend -> implementation, from benchmarks/local_attention.py (benchmarks/RESULTS.md). On the CPU the
-# halo implementation is 4-10x faster than patches at every SA-ResNet26 shape. On GPU and TPU it is the
+# halo implementation's fwd+bwd is 5-15x faster than patches' at every SA-ResNet26 shape. On GPU and TPU it is the
 # pure-JAX choice too: the Pallas kernel ("pallas") is correct (tested in interpret mode) but has not
 # been timed on an accelerator yet, so it is not picked automatically.
 AUTO_IMPLS: dict[str, str] = {"cpu": "halo", "gpu": "halo", "tpu": "halo"}
