@@ -54,10 +54,16 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
-    """(processes, ...) stack of x from every process."""
+    """(processes, ...) stack of x from every process, exactly (any dtype, float64 included).
+
+    JAX arrays are float32 unless x64 is on, so the values travel as their raw bytes: every process then
+    gets bit-identical statistics, the same as a one-process run computes.
+    """
+    x = np.ascontiguousarray(x)
     if jax.process_count() == 1:
-        return np.asarray(x)[None]
-    return np.asarray(multihost_utils.process_allgather(x))
+        return x[None]
+    raw = np.asarray(multihost_utils.process_allgather(x.reshape(-1).view(np.uint8)))
+    return raw.view(x.dtype).reshape((raw.shape[0],) + x.shape)
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
