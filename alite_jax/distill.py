@@ -147,6 +147,13 @@ def attention_transfer_loss(student_features: Sequence[jax.Array], teacher_featu
     return total
 
 
+def loss_terms(mode: str) -> tuple[str, ...]:
+    """The names of the terms :func:`distillation_loss` returns for ``mode`` (what a trainer logs)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown distillation mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+    return {"ce": ("ce",), "kd": ("ce", "kd"), "kd+at": ("ce", "kd", "at")}[mode] + ("total",)
+
+
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | None, labels: jax.Array,
                       student_features: Sequence[jax.Array] | None,
                       teacher_features: Sequence[jax.Array] | None, *,
@@ -163,8 +170,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Non
     The dict holds only the terms of the mode, all float32 scalars. Inputs not used by the mode
     (teacher logits for "ce", features for "ce" and "kd") may be None.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown distillation mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+    names = loss_terms(mode)
     ce = cross_entropy(student_logits, labels)
     terms = {"ce": ce}
     if mode == "ce":
@@ -185,6 +191,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Non
             total = total + (beta / 2.0) * at
     total = jnp.asarray(total, jnp.float32)
     terms["total"] = total
+    assert tuple(terms) == names, (tuple(terms), names)
     chex.assert_shape(list(terms.values()), ())
     chex.assert_type(list(terms.values()), jnp.float32)
     return total, terms

@@ -33,9 +33,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, distill, report, sparsity
+from alite_jax.distributed import is_leader
 from alite_jax.models import (STUDENTS, abstract_variables, compute_dtype, count_params, create_model,
                               init_model)
 
@@ -136,8 +138,32 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, teacher, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
-                    ) -> Callable[[State, dict, Any], tuple[State, dict]]:
+def metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What the training step reports per step: the loss terms of the mode, and accuracy."""
+    return distill.loss_terms(loss_mode(config)) + ("accuracy",)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                       key: jax.Array, channels: int = 3) -> State:
+    """The trainer's state, a plain tree: params (masked when pruned), batch_stats, opt_state (with the
+    masks), step, and epoch_sums (the running sums of :func:`metric_names` over the current epoch)."""
+    variables = init_model(model, key, config.data.image_size, channels)
+    params = variables["params"]
+    opt_state = tx.init(params)
+    if is_sparse(config):
+        params = sparsity.apply_masks(params, sparsity.get_masks(opt_state))
+    return dict(params=params, batch_stats=variables["batch_stats"], opt_state=opt_state,
+                step=jnp.zeros((), jnp.int32),
+                epoch_sums={k: jnp.zeros((), jnp.float32) for k in metric_names(config)})
+
+
+def make_train_step(model, teacher, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    steps_per_epoch: int) -> Callable[[State, dict, Any], tuple[State, dict]]:
+    """The jitted-to-be step: one SGD update, and the epoch's running metric sums in the state.
+
+    ``state["epoch_sums"]`` restarts at each epoch's first step; being part of the checkpointed state, a
+    run resumed mid-epoch reports the same epoch averages as one that never stopped.
+    """
     mode = loss_mode(config)
     d = config.distill
 
@@ -161,8 +187,10 @@ def make_train_step(model, teacher, tx: optax.GradientTransformation, config: ml
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**terms, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        first = state["step"] % steps_per_epoch == 0
+        sums = jax.tree.map(lambda s, m: jnp.where(first, m, s + m), state["epoch_sums"], metrics)
         return dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                    step=state["step"] + 1), metrics
+                    step=state["step"] + 1, epoch_sums=sums), metrics
 
     return train_step
 
@@ -225,20 +253,36 @@ def load_teacher(workdir: str, mesh, dtype: str = "") -> tuple[Any, Any]:
 
 
 class Preemption:
-    """Turns SIGTERM / SIGINT into a flag the loop checks, so it can checkpoint and stop cleanly."""
+    """Decides, the same way on every process, when to checkpoint and stop for a preemption notice.
+
+    One process: SIGTERM and SIGINT set a flag. Several processes: a notice may reach one host only, and a
+    process that stopped alone would leave the others waiting in the step's collectives, so the decision
+    is JAX's preemption service's (started by ``jax.distributed.initialize``): it catches SIGTERM on any
+    host and makes :meth:`should_stop` true on every process at the same step. No Python handler is
+    installed then, since it would replace the service's.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._multiprocess = False
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._multiprocess = jax.process_count() > 1
+        if not self._multiprocess:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
         print(f"signal {signum}: checkpointing and stopping after this step", flush=True)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint and stop after ``step``; call it after every step (all processes)."""
+        if self._multiprocess:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -250,9 +294,24 @@ class Preemption:
 # --------------------------------------------------------------------------------------------------
 
 
+def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State) -> dict[str, int]:
+    """Saves ``state`` at ``step`` (if not saved yet) and reports the preemption."""
+    if manager.latest_step() != step:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
+    return {"preempted_at_step": step}
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _say(message: str) -> None:
+    """Progress for the person watching: printed by process 0 only (every process runs the same loop)."""
+    if is_leader():
+        print(message, flush=True)
 
 
 def _read_json(path: str) -> dict | None:
@@ -273,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.train_shards[0].images.shape[-1]
     config_dict = dict(config.to_dict(), num_classes=num_classes, channels=channels)
-    if jax.process_index() == 0:
+    if is_leader():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
 
@@ -285,13 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   config.teacher.get("dtype", ""))
 
     def init_state(key):
-        variables = init_model(model, key, config.data.image_size, channels)
-        params = variables["params"]
-        opt_state = tx.init(params)
-        if is_sparse(config):
-            params = sparsity.apply_masks(params, sparsity.get_masks(opt_state))
-        return dict(params=params, batch_stats=variables["batch_stats"], opt_state=opt_state,
-                    step=jnp.zeros((), jnp.int32))
+        return create_train_state(model, tx, config, key, channels)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     manager = ocp.CheckpointManager(
@@ -312,42 +365,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if os.path.exists(metrics_path):  # keep the epochs the restored state has finished
         with open(metrics_path) as f:
             history = [r for r in map(json.loads, filter(str.strip, f)) if r["epoch"] < epoch]
-    if jax.process_index() == 0:
+    if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
+        multihost_utils.sync_global_devices("alite_jax: metrics read")
+    if is_leader():
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
     if step:
-        print(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})",
-              flush=True)
+        _say(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})")
 
     # Fixed output shardings: the state stays replicated, so the second step does not recompile.
-    train_step = jax.jit(make_train_step(model, teacher, tx, config), donate_argnums=0,
+    train_step = jax.jit(make_train_step(model, teacher, tx, config, steps_per_epoch), donate_argnums=0,
                          out_shardings=(replicated, replicated))
     eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
     lr_schedule = learning_rate_schedule(config, steps_per_epoch)  # for the metrics
     prune_schedule = sparsity.prune_rate_schedule(config.sparsity.prune_rate, num_epochs,
                                                   config.sparsity.schedule)
     writer = None
-    if jax.process_index() == 0:
+    if is_leader():
         from flax.metrics import tensorboard
 
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
     name = f"{config.model.name} ({config.mode})"
-    print(f"{name}: {num_epochs} epochs x {steps_per_epoch} steps, batch {config.data.batch_size} on "
-          f"{mesh.devices.size} device(s), {count_params(state['params']):,} params", flush=True)
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    _say(f"{name}: {num_epochs} epochs x {steps_per_epoch} steps, batch {config.data.batch_size} on "
+         f"{mesh.devices.size} device(s){processes}, {count_params(state['params']):,} params")
 
     with Preemption() as preemption:
         while epoch < num_epochs:
-            epoch_start, sums, counted = time.perf_counter(), None, 0
-            timer_step, timer = None, None
+            epoch_start, timer_step, timer, stop = time.perf_counter(), None, None, False
             for batch in pipe.train_epoch(epoch, start_step):
                 state, metrics = train_step(state, batch, teacher_variables)
-                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                counted += 1
                 step += 1
-                if counted == 1:  # the first step compiles: time from after it
+                if timer is None:  # the first step compiles: time from after it
                     jax.block_until_ready(state["step"])
                     timer_step, timer = step, time.perf_counter()
-                if step % config.log_every_steps == 0 or preemption.requested:
+                stop = preemption.should_stop(step)
+                if step % config.log_every_steps == 0 or stop:
                     loss = float(metrics["total"])
                     if not np.isfinite(loss):
                         raise FloatingPointError(
@@ -359,13 +412,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         rate = (step - timer_step) / (time.perf_counter() - timer)
                         speed = (f"{rate:.2f} steps/s {rate * config.data.batch_size:.1f} images/s "
                                  f"ETA {_format_eta((total_steps - step) / rate)}")
-                    print(f"epoch {epoch} step {step}/{total_steps} loss {loss:.4f} {speed}", flush=True)
-                if preemption.requested:
-                    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-                    manager.wait_until_finished()
-                    print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
-                    return {"preempted_at_step": step}
-            train = {f"train_{k}": float(v) / counted for k, v in jax.device_get(sums).items()}
+                    _say(f"epoch {epoch} step {step}/{total_steps} loss {loss:.4f} {speed}")
+                if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
+                    return _checkpoint_and_stop(manager, step, state)
+            train = {f"train_{k}": float(v) / steps_per_epoch
+                     for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
                 raise FloatingPointError(
                     f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
@@ -383,17 +434,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            per_layer_density=sparsity.layer_densities(masks))
             row.update(epoch_time_s=time.perf_counter() - epoch_start)
             history.append(row)
-            if jax.process_index() == 0:
+            if is_leader():
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 for k, v in row.items():
                     if isinstance(v, float):
                         writer.scalar(k, v, epoch)
                 writer.flush()
-            print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                if isinstance(v, float) and k != "lr"), flush=True)
+            _say(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                               if isinstance(v, float) and k != "lr"))
             manager.save(step, args=ocp.args.StandardSave(state))
             epoch, start_step = epoch + 1, 0
+            if stop and epoch < num_epochs:  # the notice came at the epoch's last step
+                return _checkpoint_and_stop(manager, step, state)
     manager.wait_until_finished()
     return finish(config, workdir, model, state, history, teacher, channels)
 
@@ -401,10 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def finish(config, workdir, model, state, history, teacher, channels) -> dict[str, Any]:
     """Exports the model, writes summary.json and renders the report."""
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    model_dir = os.path.abspath(os.path.join(workdir, "model"))
-    if not os.path.exists(model_dir):
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(model_dir, variables)
+    # Every process takes part (orbax saves collectively); force: a finished run started again re-exports.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(workdir, "model")), variables, force=True)
     masks = sparsity.get_masks(state["opt_state"]) if is_sparse(config) else None
     size = config.data.image_size
     student_costs = costs.count_costs(model, size, channels, masks=masks)
@@ -428,7 +480,7 @@ def finish(config, workdir, model, state, history, teacher, channels) -> dict[st
     if baseline:
         summary["dense_student_test_accuracy"] = (_read_json(
             os.path.join(baseline, "summary.json")) or {}).get("test_accuracy")
-    if jax.process_index() == 0:
+    if is_leader():
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(report.render(workdir), flush=True)

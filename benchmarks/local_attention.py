@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from alite_jax import config as config_lib  # noqa: E402
-from alite_jax import sparsity, train  # noqa: E402
+from alite_jax import train  # noqa: E402
 from alite_jax.models import attention as attention_module  # noqa: E402
 from alite_jax.models import count_params, create_model, init_model  # noqa: E402
 from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl  # noqa: E402
@@ -433,20 +433,17 @@ def benchmark_distill_step(args: argparse.Namespace) -> ModelResult:
     """The trainer's own sparse-distillation step: SA-ResNet26 at density 0.1 taught by ResNet-50."""
     cfg = config_lib.base_config()
     cfg.model.width = args.width
+    cfg.data.image_size = args.model_size
     teacher_cfg = config_lib.teacher_config("cifar10")
     teacher_cfg.model.width = args.width
     student = train.model_from_config(cfg.model, 10)
     teacher = train.model_from_config(teacher_cfg.model, 10)
     teacher_variables = init_model(teacher, jax.random.key(1), args.model_size)
     tx = train.make_optimizer(cfg, 100)
-    variables = init_model(student, jax.random.key(0), args.model_size)
-    opt_state = tx.init(variables["params"])
-    state = dict(params=sparsity.apply_masks(variables["params"], sparsity.get_masks(opt_state)),
-                 batch_stats=variables["batch_stats"], opt_state=opt_state,
-                 step=jnp.zeros((), jnp.int32))
-    step = train.make_train_step(student, teacher, tx, cfg)
+    state = train.create_train_state(student, tx, cfg, jax.random.key(0))
+    step = train.make_train_step(student, teacher, tx, cfg, steps_per_epoch=100)
     timing = _time_stepper(step, state, (_batch(args), teacher_variables), args.steps)
-    return ModelResult("sparse distillation step", count_params(variables["params"]), timing,
+    return ModelResult("sparse distillation step", count_params(state["params"]), timing,
                        args.model_batch)
 
 

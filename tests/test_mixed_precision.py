@@ -23,6 +23,7 @@ def _step(dtype: str):
     cfg = config_lib.base_config()
     cfg.model.width = 0.25
     cfg.sparsity.density = 0.5
+    cfg.data.image_size = 16
     teacher_cfg = config_lib.teacher_config("cifar10")
     teacher_cfg.model.width = 0.25
     rng = np.random.default_rng(0)
@@ -32,14 +33,10 @@ def _step(dtype: str):
     teacher = train.model_from_config(teacher_cfg.model, 10, dtype)
     teacher_variables = init_model(teacher, jax.random.key(1), 16)
     tx = train.make_optimizer(cfg, 10)
-    variables = init_model(student, jax.random.key(0), 16)
-    opt_state = tx.init(variables["params"])
-    params = sparsity.apply_masks(variables["params"], sparsity.get_masks(opt_state))
-    state = dict(params=params, batch_stats=variables["batch_stats"], opt_state=opt_state,
-                 step=jnp.zeros((), jnp.int32))
-    new_state, metrics = jax.jit(train.make_train_step(student, teacher, tx, cfg))(
+    state = train.create_train_state(student, tx, cfg, jax.random.key(0))
+    new_state, metrics = jax.jit(train.make_train_step(student, teacher, tx, cfg, steps_per_epoch=10))(
         state, batch, teacher_variables)
-    _, features = student.apply({"params": params, "batch_stats": variables["batch_stats"]},
+    _, features = student.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
                                 batch["image"], train=False)
     return state, new_state, metrics, features
 

@@ -11,72 +11,12 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from tiny_runs import ROOT, final_params, run_main, tiny_config, write_config
 
 from alite_jax import train
 from alite_jax.config import base_config
 from alite_jax.models import abstract_variables
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = """
-from alite_jax.config import base_config
-from alite_jax.models import abstract_variables
-
-
-def get_config(arg=None):
-    c = base_config()
-    c.mode = {mode!r}
-    c.num_epochs = {epochs}
-    c.data.dataset = "digits"
-    c.data.image_size = 8
-    c.data.batch_size = c.data.eval_batch_size = 32
-    c.data.train_split = "train[:128]"
-    c.data.eval_split = "test[:64]"
-    c.optimizer.lr = 0.05
-    c.optimizer.decay_epochs = (2,)
-    c.sparsity.density = 0.2
-    c.log_every_steps = 1
-    c.teacher.workdir = {teacher!r}
-    if c.mode == "teacher":
-        c.model.name, c.model.width = "resnet50", 0.125
-    else:
-        c.model.width = 0.25
-    return c
-"""
-
-
-def tiny_config(mode, epochs=3, teacher=""):
-    namespace = {}
-    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher), namespace)
-    return namespace["get_config"]()
-
-
-def write_config(path, mode, epochs=3, teacher=""):
-    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher))
-    return str(path)
-
-
-def run_main(config_path, workdir, env=None, wait=True, flags=()):
-    cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}",
-           *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=ROOT, env=env)
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def final_params(workdir):
-    """The exported model of a run, on this process's first device (whatever devices saved it)."""
-    path = os.path.abspath(os.path.join(workdir, "model"))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              checkpointer.metadata(path).item_metadata.tree)
-        return checkpointer.restore(path, target)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +73,14 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
     assert 0.02 < np.mean(np.concatenate([k.ravel() for k in kernels]) != 0) < 0.6
 
 
+def epoch_rows(workdir):
+    """metrics.jsonl without the wall-clock field (the only one a resumed run may change)."""
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    for r in rows:
+        r.pop("epoch_time_s")
+    return rows
+
+
 def test_resume_after_sigkill_equals_uninterrupted(student_run, tmp_path):
     config_path, reference = student_run
     workdir = str(tmp_path / "killed")
@@ -151,7 +99,7 @@ def test_resume_after_sigkill_equals_uninterrupted(student_run, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert (json.load(open(os.path.join(workdir, "summary.json")))["test_accuracy"]
             == json.load(open(os.path.join(reference, "summary.json")))["test_accuracy"])
-    assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 3
+    assert epoch_rows(workdir) == epoch_rows(reference)
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes(student_run, tmp_path):
@@ -170,6 +118,27 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes(student_run, tmp_path):
     assert "resuming" in out and "(epoch 1, step" in out
     for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
         np.testing.assert_array_equal(a, b)
+    # Epoch 1's training averages cover all its steps, before and after the stop (running sums in the
+    # checkpoint), so the metrics equal the uninterrupted run's.
+    assert epoch_rows(workdir) == epoch_rows(reference)
+
+
+def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(teacher_dir, student_run, tmp_path,
+                                                                     monkeypatch):
+    """A notice at the last step of epoch 1 (step 8 of 4-step epochs): the epoch's prune/regrow,
+    evaluation and metrics row come before the checkpoint, so resuming at step 8 skips none of them."""
+    _, reference = student_run
+    workdir = str(tmp_path / "stopped_at_epoch_end")
+    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
+    monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 8)
+    assert train.train_and_evaluate(config, workdir) == {"preempted_at_step": 8}
+    rows = epoch_rows(workdir)
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["prune_rate"] == 0.25
+    monkeypatch.undo()
+    train.train_and_evaluate(config, workdir)
+    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
+        np.testing.assert_array_equal(a, b)
+    assert epoch_rows(workdir) == epoch_rows(reference)
 
 
 def test_corrupt_latest_checkpoint_falls_back(student_run, tmp_path):

@@ -1,0 +1,68 @@
+"""Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading results."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = """
+from alite_jax.config import base_config
+from alite_jax.models import abstract_variables
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.mode = {mode!r}
+    c.num_epochs = {epochs}
+    c.data.dataset = "digits"
+    c.data.image_size = 8
+    c.data.batch_size = c.data.eval_batch_size = 32
+    c.data.train_split = "train[:128]"
+    c.data.eval_split = "test[:64]"
+    c.optimizer.lr = 0.05
+    c.optimizer.decay_epochs = (2,)
+    c.sparsity.density = 0.2
+    c.log_every_steps = 1
+    c.teacher.workdir = {teacher!r}
+    if c.mode == "teacher":
+        c.model.name, c.model.width = "resnet50", 0.125
+    else:
+        c.model.width = 0.25
+    return c
+"""
+
+
+def tiny_config(mode, epochs=3, teacher=""):
+    namespace = {}
+    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher), namespace)
+    return namespace["get_config"]()
+
+
+def write_config(path, mode, epochs=3, teacher=""):
+    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher))
+    return str(path)
+
+
+def run_main(config_path, workdir, env=None, wait=True, flags=()):
+    cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}",
+           *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=ROOT, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def final_params(workdir):
+    """The exported model of a run, on this process's first device (whatever devices saved it)."""
+    path = os.path.abspath(os.path.join(workdir, "model"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              checkpointer.metadata(path).item_metadata.tree)
+        return checkpointer.restore(path, target)
