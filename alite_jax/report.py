@@ -68,13 +68,16 @@ def table_markdown(summary: dict[str, Any]) -> str:
                       "| " + " | ".join(row[c] for c in COLUMNS) + " |"])
 
 
-def plot_accuracy(metrics: list[dict[str, Any]], path: str, title: str) -> None:
-    import matplotlib
+def accuracy_figure(metrics: list[dict[str, Any]], title: str):
+    """Test and train accuracy against epoch (paper Figs. 2-3), as a matplotlib Figure.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Built without pyplot, so it neither needs nor changes a backend: save it with ``fig.savefig`` or show
+    it in a notebook with ``display(fig)``.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     epochs = [m["epoch"] for m in metrics]
     for key, label in (("test_accuracy", "test"), ("train_accuracy", "train")):
         if any(key in m for m in metrics):
@@ -83,29 +86,28 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_layer_density(metrics: list[dict[str, Any]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def layer_density_figure(metrics: list[dict[str, Any]], title: str):
+    """Each pruned layer's density over the epochs (where momentum moved the budget), as a Figure."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     rows = [m for m in metrics if m.get("per_layer_density")]
+    if not rows:
+        raise ValueError("no epoch in these metrics has per_layer_density: was the run pruned?")
     layers = list(rows[0]["per_layer_density"])
     grid = np.array([[m["per_layer_density"].get(layer, np.nan) for m in rows] for layer in layers])
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(layers) + 1.5)))
+    fig = Figure(figsize=(8, max(3, 0.18 * len(layers) + 1.5)))
+    ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
                       extent=(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5, len(layers) - 0.5, -0.5))
     ax.set_yticks(range(len(layers)), [layer.removesuffix("/kernel") for layer in layers], fontsize=6)
     ax.set(xlabel="epoch", title=title)
     fig.colorbar(image, ax=ax, label="density")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def render(workdir: str) -> str:
@@ -116,10 +118,11 @@ def render(workdir: str) -> str:
         f.write(table + "\n")
     title = table_row(summary)["student"]
     if metrics:
-        plot_accuracy(metrics, os.path.join(workdir, "accuracy.png"), f"{title}: accuracy")
+        accuracy_figure(metrics, f"{title}: accuracy").savefig(os.path.join(workdir, "accuracy.png"),
+                                                               dpi=120)
         if any(m.get("per_layer_density") for m in metrics):
-            plot_layer_density(metrics, os.path.join(workdir, "layer_density.png"),
-                               f"{title}: per-layer density")
+            layer_density_figure(metrics, f"{title}: per-layer density").savefig(
+                os.path.join(workdir, "layer_density.png"), dpi=120)
     return table
 
 
