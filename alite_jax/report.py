@@ -75,6 +75,7 @@ def accuracy_figure(metrics: list[dict[str, Any]], title: str):
     it in a notebook with ``display(fig)``.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -83,6 +84,7 @@ def accuracy_figure(metrics: list[dict[str, Any]], title: str):
         if any(key in m for m in metrics):
             ax.plot(epochs, [100 * m.get(key, float("nan")) for m in metrics], marker=".", label=label)
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -93,6 +95,7 @@ def layer_density_figure(metrics: list[dict[str, Any]], title: str):
     """Each pruned layer's density over the epochs (where momentum moved the budget), as a Figure."""
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = [m for m in metrics if m.get("per_layer_density")]
     if not rows:
@@ -105,6 +108,7 @@ def layer_density_figure(metrics: list[dict[str, Any]], title: str):
                       extent=(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5, len(layers) - 0.5, -0.5))
     ax.set_yticks(range(len(layers)), [layer.removesuffix("/kernel") for layer in layers], fontsize=6)
     ax.set(xlabel="epoch", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=ax, label="density")
     fig.tight_layout()
     return fig

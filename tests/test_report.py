@@ -41,3 +41,24 @@ def test_cli_and_missing_run(run_dir, tmp_path_factory):
     assert "93.74" in out
     with pytest.raises(FileNotFoundError, match="summary.json"):
         report.render(str(tmp_path_factory.mktemp("empty")))
+
+
+def test_figures_leave_the_backend_alone(run_dir):
+    """The figures are built without pyplot: a notebook's inline backend stays as it was."""
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's backend (headless pytest would already be on Agg)
+    try:
+        summary, metrics = report.read_run(str(run_dir))
+        fig = report.accuracy_figure(metrics, "t")
+        assert [line.get_label() for line in fig.axes[0].get_lines()] == ["test", "train"]
+        assert list(fig.axes[0].get_lines()[0].get_ydata()) == pytest.approx([50, 60, 70, 80])
+        fig = report.layer_density_figure(metrics, "t")
+        assert fig.axes[0].images[0].get_array().shape == (2, 4)  # layers x epochs
+        report.render(str(run_dir))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    with pytest.raises(ValueError, match="per_layer_density"):
+        report.layer_density_figure([dict(epoch=0, test_accuracy=0.5)], "dense run")
