@@ -118,7 +118,8 @@ def count_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
         densities = {k: d for k, is_p in prunable.items() if is_p}
     total = count_params(params)
     n_prunable = sum(sizes[k] for k in densities)
-    nonzero = total - n_prunable + sum(sizes[k] * densities[k] for k in densities)
+    # A count: exact from masks (size x mask mean), the nearest whole number for a bare density.
+    nonzero = int(round(total - n_prunable + sum(sizes[k] * densities[k] for k in densities)))
     layers, macs, macs_sparse = [], 0, 0.0
     for layer in layer_costs(model, image_size, channels, variables):
         d = densities.get(layer.kernel, 1.0) if layer.kernel else 1.0
