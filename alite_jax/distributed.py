@@ -108,7 +108,13 @@ def initialize(mode: str = "auto", environ: Mapping[str, str] | None = None) -> 
     if mode == "off" or (mode == "auto" and reason is None):
         return False
     arguments = explicit_arguments(environ)
-    jax.distributed.initialize(**arguments)
+    try:
+        jax.distributed.initialize(**arguments)
+    except ValueError as e:  # JAX found no cluster to fill in what the environment left unset
+        raise ValueError(
+            f"cannot start jax.distributed ({e}): no cluster (Cloud TPU, Slurm, Open MPI, Kubernetes) was "
+            f"detected and JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are not all set. "
+            f"Set them on every process, or run with --distributed=auto (or off) for one process") from e
     print(f"process {jax.process_index()} of {jax.process_count()} ({reason or 'JAX cluster detection'}): "
           f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
     return True

@@ -235,6 +235,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: State) -> Sta
     return None
 
 
+def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classes: int, channels: int) -> None:
+    """``workdir/config.json``: the run's config with the data's class and channel counts (process 0)."""
+    if is_leader():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(dict(config.to_dict(), num_classes=num_classes, channels=channels), f, indent=2)
+
+
+def export_model(workdir: str, variables: dict[str, Any]) -> None:
+    """``workdir/model``: a model's variables ({'params', 'batch_stats'}), what a distillation loads.
+
+    With :func:`write_run_config` this makes a run directory a distillation can take as its teacher,
+    e.g. a ResNet-50 trained elsewhere and converted to this zoo's parameter tree. Every process takes
+    part (orbax saves collectively); an existing export is replaced.
+    """
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(workdir, "model")), variables, force=True)
+
+
 def load_teacher(workdir: str, mesh, dtype: str = "") -> tuple[Any, Any]:
     """(model, variables) of a finished teacher run, the variables replicated on the mesh.
 
@@ -331,10 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.train_shards[0].images.shape[-1]
-    config_dict = dict(config.to_dict(), num_classes=num_classes, channels=channels)
-    if is_leader():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+    write_run_config(workdir, config, num_classes, channels)
 
     model = model_from_config(config.model, num_classes)
     tx = make_optimizer(config, pipe.steps_per_epoch)
@@ -453,10 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def finish(config, workdir, model, state, history, teacher, channels) -> dict[str, Any]:
     """Exports the model, writes summary.json and renders the report."""
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    # Every process takes part (orbax saves collectively); force: a finished run started again re-exports.
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(os.path.join(workdir, "model")), variables, force=True)
+    export_model(workdir, {"params": state["params"], "batch_stats": state["batch_stats"]})
     masks = sparsity.get_masks(state["opt_state"]) if is_sparse(config) else None
     size = config.data.image_size
     student_costs = costs.count_costs(model, size, channels, masks=masks)

@@ -21,6 +21,7 @@ import pytest
 from tiny_runs import ROOT, final_params, run_main, tiny_config, write_config
 
 from alite_jax import distributed, train
+from alite_jax.models import abstract_variables
 
 
 def free_port() -> int:
@@ -61,8 +62,22 @@ def metrics(workdir):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+    """A teacher run directory with an untrained ResNet-50 (He-normal kernels drawn with numpy, so
+    nothing compiles), exported as the trainer exports one: what is tested is how the student trains."""
     workdir = str(tmp_path_factory.mktemp("teacher"))
-    train.train_and_evaluate(tiny_config("teacher", epochs=1), workdir)
+    config = tiny_config("teacher")
+    model = train.model_from_config(config.model, 10)
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            return (rng.standard_normal(x.shape) * np.sqrt(2.0 / np.prod(x.shape[:-1]))).astype(x.dtype)
+        return (np.ones if name.endswith(("['scale']", "['var']")) else np.zeros)(x.shape, x.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(draw, abstract_variables(model, 8, channels=1))
+    train.write_run_config(workdir, config, num_classes=10, channels=1)
+    train.export_model(workdir, variables)
     return workdir
 
 
@@ -134,6 +149,15 @@ def test_environment_decides_when_to_start():
 def test_bad_environment_fails_before_connecting(environ, match):
     with pytest.raises(ValueError, match=match):
         distributed.initialize("auto", environ)
+
+
+def test_on_without_a_cluster_says_what_to_set():
+    script = ("from alite_jax import distributed\n"
+              "try:\n    distributed.initialize('on', {})\n"
+              "except ValueError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("JAX_COORD")})
+    assert "no cluster" in result.stdout and "JAX_NUM_PROCESSES" in result.stdout, result.stderr[-2000:]
 
 
 def test_bad_mode_is_refused():

@@ -10,11 +10,12 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_runs import ROOT, final_params, run_main, tiny_config, write_config
 
-from alite_jax import train
+from alite_jax import data, train
 from alite_jax.config import base_config
 from alite_jax.models import abstract_variables
 
@@ -81,30 +82,13 @@ def epoch_rows(workdir):
     return rows
 
 
-def test_resume_after_sigkill_equals_uninterrupted(student_run, tmp_path):
+def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tmp_path):
+    """SIGTERM inside epoch 1 checkpoints mid-epoch and exits cleanly; the run started again resumes there
+    and is SIGKILLed once epoch 1's checkpoint exists; started a third time it finishes with exactly
+    the uninterrupted run's parameters and metrics (epoch 1's averages span all three launches' steps,
+    since the running sums are in the checkpoint)."""
     config_path, reference = student_run
-    workdir = str(tmp_path / "killed")
-    proc = run_main(config_path, workdir, wait=False)
-    first_checkpoint = os.path.join(workdir, "checkpoints", "4")  # end of epoch 0 (4 steps)
-    deadline = time.time() + 300
-    while not os.path.isdir(first_checkpoint) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert os.path.isdir(first_checkpoint), "the run ended before its first checkpoint"
-    assert not os.path.exists(os.path.join(workdir, "summary.json")), "killed after it finished"
-    out = run_main(config_path, workdir)
-    assert "resuming" in out
-    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
-        np.testing.assert_array_equal(a, b)
-    assert (json.load(open(os.path.join(workdir, "summary.json")))["test_accuracy"]
-            == json.load(open(os.path.join(reference, "summary.json")))["test_accuracy"])
-    assert epoch_rows(workdir) == epoch_rows(reference)
-
-
-def test_sigterm_checkpoints_mid_epoch_and_resumes(student_run, tmp_path):
-    config_path, reference = student_run
-    workdir = str(tmp_path / "preempted")
+    workdir = str(tmp_path / "interrupted")
     proc = run_main(config_path, workdir, wait=False)
     lines = []
     for line in proc.stdout:  # wait for a step inside epoch 1
@@ -114,12 +98,24 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes(student_run, tmp_path):
             break
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "preempted: checkpoint at step" in rest, "".join(lines) + rest
+
+    proc = run_main(config_path, workdir, wait=False)
+    epoch_end = os.path.join(workdir, "checkpoints", "8")  # end of epoch 1 (4 steps per epoch)
+    deadline = time.time() + 300
+    while not os.path.isdir(epoch_end) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert "resuming" in out and "(epoch 1, step" in out, out[-3000:]
+    assert os.path.isdir(epoch_end), "the run ended before the end of epoch 1"
+    assert not os.path.exists(os.path.join(workdir, "summary.json")), "killed after it finished"
+
     out = run_main(config_path, workdir)
-    assert "resuming" in out and "(epoch 1, step" in out
+    assert "resuming" in out
     for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir))):
         np.testing.assert_array_equal(a, b)
-    # Epoch 1's training averages cover all its steps, before and after the stop (running sums in the
-    # checkpoint), so the metrics equal the uninterrupted run's.
+    assert (json.load(open(os.path.join(workdir, "summary.json")))["test_accuracy"]
+            == json.load(open(os.path.join(reference, "summary.json")))["test_accuracy"])
     assert epoch_rows(workdir) == epoch_rows(reference)
 
 
@@ -217,11 +213,20 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
         train.check_config(tiny_config("distill", teacher=str(fake)), 1)
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    config = tiny_config("baseline", epochs=2)
-    config.optimizer.lr = 1e30
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
-        train.train_and_evaluate(config, str(tmp_path / "nan"))
+def test_nan_loss_stops_with_a_clear_message(teacher_dir, tmp_path, monkeypatch):
+    """Corrupt data (NaN pixels from step 2 of epoch 1) makes the loss NaN: the run stops at once and
+    names the last good checkpoint (the teacher's config, so its compiled step is reused)."""
+    epoch = data.InputPipeline.train_epoch
+
+    def corrupt(self, e, start_step=0):
+        for i, batch in enumerate(epoch(self, e, start_step), start_step):
+            if (e, i) >= (1, 2):
+                batch = dict(batch, image=batch["image"] * jnp.nan)
+            yield batch
+
+    monkeypatch.setattr(data.InputPipeline, "train_epoch", corrupt)
+    with pytest.raises(FloatingPointError, match=r"at step 7 \(epoch 1\).*last good checkpoint is step 4"):
+        train.train_and_evaluate(tiny_config("teacher"), str(tmp_path / "nan"))
 
 
 def test_config_files_load():
