@@ -31,13 +31,17 @@ def _step(dtype: str):
                  label=jnp.asarray(rng.integers(0, 10, 16)))
     student = train.model_from_config(cfg.model, 10, dtype)
     teacher = train.model_from_config(teacher_cfg.model, 10, dtype)
-    teacher_variables = init_model(teacher, jax.random.key(1), 16)
+    # Both steps start from the same float32 state, built by the float32 models (the compute dtype
+    # does not change the parameters; this also saves compiling the bfloat16 initialisers).
+    teacher_variables = init_model(train.model_from_config(teacher_cfg.model, 10), jax.random.key(1), 16)
     tx = train.make_optimizer(cfg, 10)
-    state = train.create_train_state(student, tx, cfg, jax.random.key(0))
+    state = train.create_train_state(train.model_from_config(cfg.model, 10), tx, cfg, jax.random.key(0))
     new_state, metrics = jax.jit(train.make_train_step(student, teacher, tx, cfg, steps_per_epoch=10))(
         state, batch, teacher_variables)
-    _, features = student.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                                batch["image"], train=False)
+    # The stage outputs' dtypes, from the traced forward (nothing to compile).
+    _, features = jax.eval_shape(lambda v, x: student.apply(v, x, train=False),
+                                 {"params": state["params"], "batch_stats": state["batch_stats"]},
+                                 batch["image"])
     return state, new_state, metrics, features
 
 

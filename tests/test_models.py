@@ -124,8 +124,9 @@ def test_bfloat16_compute_agrees_with_float32():
     bf16 = create_model("sa_resnet26", 10, width=0.25, dtype=jnp.bfloat16)
     variables = init_model(f32, jax.random.key(0), 32)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    ref, ref_feats = f32.apply(variables, x)
-    out, feats = bf16.apply(variables, x)
+    # Under jit: op by op, CPU bfloat16 arithmetic is emulated and the eager forward takes minutes.
+    ref, ref_feats = jax.jit(f32.apply)(variables, x)
+    out, feats = jax.jit(bf16.apply)(variables, x)
     assert out.dtype == jnp.float32 and feats[0].dtype == jnp.bfloat16
     assert jax.tree.leaves(abstract_variables(bf16))[0].dtype == jnp.float32  # params stay float32
     # bfloat16 keeps 8 bits of mantissa: through 26 layers we accept 5% of the logits' scale.
