@@ -84,10 +84,11 @@ def epoch_rows(workdir):
 
 
 def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tmp_path):
-    """SIGTERM inside an epoch checkpoints mid-epoch and exits cleanly; the run started again resumes there
-    and is SIGKILLed once the next epoch-end checkpoint exists; started a third time it finishes with
-    exactly the uninterrupted run's parameters and metrics (the interrupted epoch's averages span the
-    launches' steps, since the running sums are in the checkpoint)."""
+    """SIGTERM after the first step checkpoints where it lands (inside epoch 0 unless the notice is late)
+    and exits cleanly; the run started again resumes there and is SIGKILLed once the next epoch-end
+    checkpoint exists; started a third time it finishes with exactly the uninterrupted run's parameters
+    and metrics (the interrupted epoch's averages span the launches' steps, since the running sums are
+    in the checkpoint)."""
     config_path, reference = student_run
     workdir = str(tmp_path / "interrupted")
     proc = run_main(config_path, workdir, wait=False)
