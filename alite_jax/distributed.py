@@ -78,8 +78,8 @@ def explicit_arguments(environ: Mapping[str, str] | None = None) -> dict[str, ob
         raise ValueError(f"JAX_NUM_PROCESSES={num_processes} must be >= 1")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES={num_processes})")
-    managed = ("SLURM_JOB_ID" in environ or "OMPI_COMM_WORLD_SIZE" in environ
-               or "TPU_WORKER_HOSTNAMES" in environ)
+    managed = any(name in environ for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                               "TPU_PROCESS_ADDRESSES"))
     if address and not managed and (num_processes is None or process_id is None):
         raise ValueError(
             "JAX_COORDINATOR_ADDRESS is set, so this is one process of a multi-process run, but "
@@ -123,3 +123,9 @@ def initialize(mode: str = "auto", environ: Mapping[str, str] | None = None) -> 
 def is_leader() -> bool:
     """True on the process that writes metrics, reports and logs (process 0)."""
     return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    """Prints ``message`` on process 0 only: every process runs the same loop, one of them reports."""
+    if is_leader():
+        print(message, flush=True)

@@ -42,9 +42,7 @@ def run(config, workdir: str) -> None:
             holder = phase[section] if section else phase
             if holder[key] and not os.path.isabs(holder[key]):
                 holder[key] = os.path.join(workdir, holder[key])
-        if distributed.is_leader():
-            print(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}",
-                  flush=True)
+        distributed.say(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}")
         train.train_and_evaluate(phase, os.path.join(workdir, name))
 
 
@@ -58,8 +56,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
     run(_CONFIG.value, _WORKDIR.value)
-    if distributed.is_leader():
-        print(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}", flush=True)
+    distributed.say(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, distill, report, sparsity
-from alite_jax.distributed import is_leader
+from alite_jax.distributed import is_leader, say
 from alite_jax.models import (STUDENTS, abstract_variables, compute_dtype, count_params, create_model,
                               init_model)
 
@@ -326,12 +326,6 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def _say(message: str) -> None:
-    """Progress for the person watching: printed by process 0 only (every process runs the same loop)."""
-    if is_leader():
-        print(message, flush=True)
-
-
 def _read_json(path: str) -> dict | None:
     if os.path.exists(path):
         with open(path) as f:
@@ -386,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
     if step:
-        _say(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})")
+        say(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})")
 
     # Fixed output shardings: the state stays replicated, so the second step does not recompile.
     train_step = jax.jit(make_train_step(model, teacher, tx, config, steps_per_epoch), donate_argnums=0,
@@ -402,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
     name = f"{config.model.name} ({config.mode})"
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    _say(f"{name}: {num_epochs} epochs x {steps_per_epoch} steps, batch {config.data.batch_size} on "
+    say(f"{name}: {num_epochs} epochs x {steps_per_epoch} steps, batch {config.data.batch_size} on "
          f"{mesh.devices.size} device(s){processes}, {count_params(state['params']):,} params")
 
     with Preemption() as preemption:
@@ -427,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         rate = (step - timer_step) / (time.perf_counter() - timer)
                         speed = (f"{rate:.2f} steps/s {rate * config.data.batch_size:.1f} images/s "
                                  f"ETA {_format_eta((total_steps - step) / rate)}")
-                    _say(f"epoch {epoch} step {step}/{total_steps} loss {loss:.4f} {speed}")
+                    say(f"epoch {epoch} step {step}/{total_steps} loss {loss:.4f} {speed}")
                 if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
                     return _checkpoint_and_stop(manager, step, state)
             train = {f"train_{k}": float(v) / steps_per_epoch
@@ -456,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if isinstance(v, float):
                         writer.scalar(k, v, epoch)
                 writer.flush()
-            _say(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+            say(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                if isinstance(v, float) and k != "lr"))
             manager.save(step, args=ocp.args.StandardSave(state))
             epoch, start_step = epoch + 1, 0

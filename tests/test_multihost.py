@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tiny_runs import ROOT, final_params, run_main, tiny_config, write_config
+from tiny_runs import ROOT, assert_same_model, epoch_rows, run_main, tiny_config, write_config
 
 from alite_jax import distributed, train
 from alite_jax.models import abstract_variables
@@ -51,13 +51,6 @@ def finish(procs, timeout=600):
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
     return outs
-
-
-def metrics(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    for r in rows:
-        r.pop("epoch_time_s")
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +104,8 @@ def test_two_processes_preempted_and_resumed_equal_one_process(teacher_dir, tmp_
     outs = finish(launch(config_path, workdir, free_port()))
     assert f"resuming {workdir} at step {step} " in outs[0], outs[0][-3000:]
 
-    for a, b in zip(jax.tree.leaves(final_params(reference)), jax.tree.leaves(final_params(workdir)),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert metrics(workdir) == metrics(reference)
+    assert_same_model(reference, workdir)
+    assert epoch_rows(workdir) == epoch_rows(reference)
     summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in (reference, workdir)]
     assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]
     assert summaries[1]["density"] == pytest.approx(0.2, abs=1e-5)

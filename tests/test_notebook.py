@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,9 +100,6 @@ def test_the_settings_cell_switches_to_the_papers_configs():
 ])
 def test_install_cell_asks_pip_for_the_right_build(monkeypatch, source, accelerator, expected):
     """Where alite_jax is missing, the install cell installs it with the runtime's JAX build (pip mocked)."""
-    import importlib.util
-    import shutil
-
     cells = code_cells(nbformat.read(NOTEBOOK, as_version=4))
     find_spec = importlib.util.find_spec
     missing = {"alite_jax"} | ({"libtpu"} if accelerator != "tpu" else set())

@@ -1,10 +1,12 @@
 """Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading results."""
 
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +68,19 @@ def final_params(workdir):
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               checkpointer.metadata(path).item_metadata.tree)
         return checkpointer.restore(path, target)
+
+
+def assert_same_model(workdir_a, workdir_b):
+    """The two runs exported bit-identical variables (same tree, same values)."""
+    a, b = final_params(workdir_a), final_params(workdir_b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def epoch_rows(workdir):
+    """metrics.jsonl without the wall-clock field (the only one a resumed run may change)."""
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    for r in rows:
+        r.pop("epoch_time_s")
+    return rows
