@@ -126,6 +126,10 @@ def test_bad_arguments_fail_clearly():
         sparsity.sparse_learning(sgd(), density=0.5, structure="filter")
     with pytest.raises(ValueError, match="distribution"):
         sparsity.sparse_learning(sgd(), density=0.5, distribution="normal")
+    with pytest.raises(ValueError, match="redistribution"):
+        sparsity.sparse_learning(sgd(), density=0.5, redistribution="magnitude")
+    with pytest.raises(ValueError, match="min_layer_fraction"):
+        sparsity.sparse_learning(sgd(), density=0.5, min_layer_fraction=1.5)
     with pytest.raises(ValueError, match="momentum"):
         sparsity.sparse_learning(optax.sgd(0.1), density=0.5).init(small_params())
     with pytest.raises(ValueError, match="no parameter is prunable"):
@@ -336,6 +340,125 @@ def test_layer_with_more_momentum_gets_more_regrowth():
     assert after["conv/kernel"] < before["conv/kernel"] and after["head/kernel"] < before["head/kernel"]
 
 
+def test_floor_holds_a_starved_layer_and_regrows_it_to_its_floor():
+    # a: 16 weights, 8 active, no momentum; b: 16 weights, 8 active, all the momentum. min_layer_fraction
+    # 0.5 gives a floor of ceil(0.5 * 8) = 4 units. Rate 0.75 prunes 6 of a's 8 (2 kept) and 6 of b's 8:
+    # a is owed 2 back to its floor, b gets the other 10 by momentum. Without a floor, a keeps 2 and
+    # its owed weights go to b too.
+    weights = {"a": {"kernel": jnp.arange(1, 17, dtype=jnp.float32).reshape(4, 4) * (jnp.arange(16) % 2)
+                     .reshape(4, 4)},
+               "b": {"kernel": jnp.arange(1, 17, dtype=jnp.float32).reshape(4, 4) * (jnp.arange(16) % 2)
+                     .reshape(4, 4)}}
+    masks = jax.tree.map(lambda w: w != 0, weights)
+    momentum = {"a": {"kernel": jnp.zeros((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
+    for fraction, expected_a in ((0.5, 4), (0.0, 2)):
+        tx = sparsity.sparse_learning(sgd(), density=0.5, min_layer_fraction=fraction)
+        state = _set_momentum(dataclasses.replace(tx.init(weights), masks=masks), momentum)
+        assert state.min_units == ((4, 4) if fraction else (1, 1))
+        params, new = sparsity.prune_and_regrow(weights, state, 0.75)
+        m = sparsity.get_masks(new)
+        assert int(m["a"]["kernel"].sum()) == expected_a and nnz(m) == 16
+        # a kept its 2 largest (14, 16) and regrew the rest at zero.
+        np.testing.assert_array_equal(np.sort(np.asarray(params["a"]["kernel"]).ravel())[-3:], [0, 14, 16])
+
+
+@pytest.mark.parametrize("structure", sparsity.STRUCTURES)
+def test_budget_exact_and_floors_hold_over_hundreds_of_rounds_with_skewed_momentum(structure):
+    """300 rounds; one layer's momentum is 100x smaller than the others', so momentum redistribution
+    starves it round after round: the floor, not luck, must hold it, and the budget never moves."""
+    r = np.random.default_rng(0)
+    params = {name: {"kernel": jnp.asarray(r.standard_normal(shape), jnp.float32)}
+              for name, shape in (("stem", (3, 3, 3, 16)), ("big", (3, 3, 16, 64)), ("proj", (64, 64)),
+                                  ("starved", (64, 64)), ("head", (64, 10)))}
+    tx = sparsity.sparse_learning(sgd(), density=0.1, structure=structure, min_layer_fraction=0.25)
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    names = sorted(params)  # tree order, as min_units
+    floors = dict(zip(names, state.min_units))
+    unit = {n: (params[n]["kernel"].shape[-1] if structure == "column" else 1) for n in names}
+    scale = {n: (0.01 if n == "starved" else 1.0) for n in names}
+
+    @jax.jit
+    def perturb(params, masks, key):
+        keys = dict(zip(names, jax.random.split(key, 2 * len(names)).reshape(len(names), 2)))
+        momentum = {n: {"kernel": scale[n] * jax.random.normal(keys[n][0], params[n]["kernel"].shape)}
+                    for n in names}
+        params = {n: {"kernel": params[n]["kernel"] + 0.1 * jax.random.normal(keys[n][1], params[n]
+                                                                              ["kernel"].shape)}
+                  for n in names}
+        return sparsity.apply_masks(params, masks), momentum
+
+    budget, lowest = state.budget, {n: np.inf for n in names}
+    for round_ in range(300):
+        params, momentum = perturb(params, sparsity.get_masks(state), jax.random.key(round_))
+        params, state = sparsity.prune_and_regrow(params, _set_momentum(state, momentum),
+                                                  0.5 * (1 - round_ / 300))
+        masks = sparsity.get_masks(state)
+        count = nnz(masks)
+        if structure == "irregular":
+            assert count == budget, round_
+        else:
+            assert 0 <= budget - count < min_unit(masks, structure), round_
+        for n in names:
+            units = int(np.asarray(masks[n]["kernel"]).sum()) // unit[n]
+            assert units >= floors[n] >= 1, (round_, n, units, floors[n])
+            lowest[n] = min(lowest[n], units)
+    assert lowest["starved"] == floors["starved"]  # it was driven to its floor and held there
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+@pytest.mark.parametrize("reset", [True, False])
+def test_regrown_weights_restart_with_zero_momentum(inner, reset):
+    params = small_params()
+    opt = sgd() if inner == "sgd" else optax.adamw(1e-2, weight_decay=1e-2)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     sparsity.sparse_learning(opt, density=0.3, reset_regrown_momentum=reset))
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    for i in range(3):  # dense gradients: every weight's momentum is non-zero
+        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    find = lambda s: sparsity.transform.find_momentum(sparsity.transform.find_state(s).inner_state, params)
+    before, old_masks = find(state), sparsity.get_masks(state)
+    new_params, new_state = sparsity.prune_and_regrow(params, state, 0.5)
+    after, new_masks = find(new_state), sparsity.get_masks(new_state)
+    grown_any = False
+    for name in ("conv", "dense", "head"):
+        m0, m1 = np.asarray(old_masks[name]["kernel"]), np.asarray(new_masks[name]["kernel"])
+        b, a = np.asarray(before[name]["kernel"]), np.asarray(after[name]["kernel"])
+        # Regrown: active now at value zero (new, or pruned and chosen again in the same round).
+        grown = m1 & (np.asarray(new_params[name]["kernel"]) == 0)
+        assert np.all(np.asarray(params[name]["kernel"])[m0] != 0) and (grown & ~m0).any()
+        grown_any |= grown.any()
+        assert np.all(b != 0)
+        np.testing.assert_array_equal(a[~grown], b[~grown])  # kept and inactive weights keep theirs
+        np.testing.assert_array_equal(a[grown], 0.0 if reset else b[grown])
+    assert grown_any
+    # Nothing else in the optimizer state changed (adam's second moment, counts, the clip's state).
+    rest = lambda s: [x for x in jax.tree.leaves(sparsity.transform.find_state(s).inner_state)
+                      if not any(x is y for y in jax.tree.leaves(find(s)))]
+    for x, y in zip(rest(state), rest(new_state), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_no_redistribution_keeps_every_layers_count():
+    params = small_params()
+    tx = sparsity.sparse_learning(sgd(), density=0.3, redistribution="none")
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, sparsity.get_masks(state))
+    counts = {k: int(v.sum()) for k, v in jax.tree_util.tree_leaves_with_path(sparsity.get_masks(state))
+              for k in [sparsity.masks.path_name(k)]}
+    momentum = jax.tree.map(jnp.zeros_like, params)
+    momentum["dense"]["kernel"] = jnp.ones_like(params["dense"]["kernel"])  # would pull every weight
+    new_params, new_state = sparsity.prune_and_regrow(params, _set_momentum(state, momentum), 0.5)
+    masks = sparsity.get_masks(new_state)
+    assert {k: int(v.sum()) for k, v in jax.tree_util.tree_leaves_with_path(masks)
+            for k in [sparsity.masks.path_name(k)]} == counts
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(sparsity.get_masks(state)),
+                                                         jax.tree.leaves(masks)))  # masks did move
+
+
 def test_eager_equals_jit():
     params = small_params()
     tx = sparsity.sparse_learning(sgd(), density=0.3, structure="irregular", distribution="erk")
@@ -374,6 +497,16 @@ def test_prune_rate_schedule():
     np.testing.assert_allclose(expected[1], 0.4267767, rtol=1e-6)
     with pytest.raises(ValueError, match="kind"):
         sparsity.prune_rate_schedule(0.5, 5, kind="step")
+    # Rounds fewer than full_rate_steps apart prune proportionally less; long epochs keep the rate.
+    short = sparsity.prune_rate_schedule(0.5, 5, steps_per_epoch=5, full_rate_steps=20)
+    np.testing.assert_allclose([short(e) for e in range(5)], [0.125, 0.09375, 0.0625, 0.03125, 0.0])
+    for steps in (20, 500):
+        long = sparsity.prune_rate_schedule(0.5, 5, steps_per_epoch=steps, full_rate_steps=20)
+        assert [long(e) for e in range(5)] == [linear(e) for e in range(5)]
+    off = sparsity.prune_rate_schedule(0.5, 5, steps_per_epoch=5, full_rate_steps=0)
+    assert [off(e) for e in range(5)] == [linear(e) for e in range(5)]
+    with pytest.raises(ValueError, match="full_rate_steps"):
+        sparsity.prune_rate_schedule(0.5, 5, steps_per_epoch=5, full_rate_steps=-1)
 
 
 # ---------------------------------------------------------------------------------------------

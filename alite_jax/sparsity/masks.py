@@ -20,6 +20,7 @@ import numpy as np
 
 STRUCTURES = ("irregular", "column")
 DISTRIBUTIONS = ("uniform", "erk")
+MASK_STREAM = 0x6D61736B  # "mask": the initial masks' random stream, apart from any key(seed) a model uses
 
 Params = Any
 Masks = Any
@@ -170,32 +171,51 @@ def distribution_shares(shapes: list[tuple[int, ...]], distribution: str) -> np.
     raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
 
 
+def layer_units(params: Params, density: float, structure: str = "irregular",
+                distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None
+                ) -> tuple[tuple[int, ...], int]:
+    """The initial active units of every prunable leaf (in tree order), and the global budget.
+
+    The budget is round(density x prunable weights); per-layer counts follow ``distribution``. Computed
+    from the shapes alone, so the counts are Python ints even when called under ``jax.jit``.
+    """
+    flags = prunable_tree(params, is_prunable)
+    shapes = [tuple(x.shape) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(flags)) if f]
+    if not shapes:
+        raise ValueError("no parameter is prunable: check is_prunable (the default prunes leaves named "
+                         "'kernel' with at least 2 dimensions)")
+    total = int(sum(np.prod(s) for s in shapes))
+    budget = int(round(density * total))
+    units = np.array([np.prod(s) // unit_size(s, structure) for s in shapes], np.int32)
+    sizes = np.array([unit_size(s, structure) for s in shapes], np.int32)
+    with jax.ensure_compile_time_eval():  # shapes only: concrete even under an outer jit
+        counts = allocate(jnp.asarray(distribution_shares(shapes, distribution), jnp.float32),
+                          jnp.asarray(units), jnp.asarray(sizes), jnp.int32(budget))
+    return tuple(int(c) for c in np.asarray(counts)), budget
+
+
 def init_masks(params: Params, density: float, structure: str = "irregular",
                distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
                seed: int = 0) -> tuple[Masks, int]:
     """Random masks meeting the global budget, and the budget: round(density x prunable weights).
 
-    Per-layer counts follow ``distribution``; inside a layer the active units are drawn uniformly at
-    random. Irregular masks meet the budget exactly; column masks come as close as whole columns allow
-    (short by less than the smallest column among layers with room).
+    Per-layer counts follow ``distribution`` (:func:`layer_units`); inside a layer the active units are
+    drawn uniformly at random. Irregular masks meet the budget exactly; column masks come as close as
+    whole columns allow (short by less than the smallest column among layers with room).
     """
-    flags = prunable_tree(params, is_prunable)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    flag_leaves = jax.tree.leaves(flags)
-    idx = [i for i, f in enumerate(flag_leaves) if f]
-    if not idx:
-        raise ValueError("no parameter is prunable: check is_prunable (the default prunes leaves named "
-                         "'kernel' with at least 2 dimensions)")
-    shapes = [tuple(flat[i][1].shape) for i in idx]
-    total = int(sum(np.prod(s) for s in shapes))
-    budget = int(round(density * total))
-    units = np.array([np.prod(s) // unit_size(s, structure) for s in shapes], np.int32)
-    sizes = np.array([unit_size(s, structure) for s in shapes], np.int32)
-    counts = jax.jit(allocate)(jnp.asarray(distribution_shares(shapes, distribution), jnp.float32),
-                               jnp.asarray(units), jnp.asarray(sizes), jnp.int32(budget))
-    keys = jax.random.split(jax.random.key(seed), len(idx))
-    masks = [None] * len(flat)
+    counts, budget = layer_units(params, density, structure, distribution, is_prunable)
+    flags = jax.tree.leaves(prunable_tree(params, is_prunable))
+    leaves, treedef = jax.tree.flatten(params)
+    idx = [i for i, f in enumerate(flags) if f]
+    # Folded with a constant: a model initialised from jax.random.key(seed) split the same way would
+    # otherwise draw its weights from the masks' bits (normal draws are monotone in the uniform ones),
+    # and every layer would keep only its most negative weights.
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), MASK_STREAM), len(idx))
+    masks = [None] * len(leaves)
     for j, i in enumerate(idx):
-        active = rank_of(jax.random.uniform(keys[j], (int(units[j]),))) < counts[j]
-        masks[i] = jnp.broadcast_to(active[:, None], (int(units[j]), int(sizes[j]))).reshape(shapes[j])
-    return jax.tree_util.tree_unflatten(treedef, masks), budget
+        shape = tuple(leaves[i].shape)
+        size = unit_size(shape, structure)
+        units = int(np.prod(shape)) // size
+        active = rank_of(jax.random.uniform(keys[j], (units,))) < counts[j]
+        masks[i] = jnp.broadcast_to(active[:, None], (units, size)).reshape(shape)
+    return jax.tree.unflatten(treedef, masks), budget

@@ -1,18 +1,21 @@
-"""The end-of-epoch step of sparse learning (paper Algorithm 1; reference.md §5), and its schedule.
+"""A round of sparse learning (paper Algorithm 1, after Dettmers & Zettlemoyer's sparse momentum), and
+the prune rate's schedule.
 
 ``prune_and_regrow`` works on units (single weights, or columns of C_out weights):
 
 1. importance of layer l: mu_l = mean |momentum| over its active weights, normalised to sum 1;
 2. prune: every layer drops ceil(prune_rate * active units) of its active units with the smallest
    magnitude (|w|, or a column's Frobenius norm);
-3. regrow the weights removed (in fact: up to the fixed global budget) across layers in proportion to
-   mu_l, each layer capped by its free units, the excess handed to layers with room (integer
-   bookkeeping, no drift);
+3. regrow up to the fixed global budget: first every layer back to its floor (``min_units``), then the
+   rest across layers in proportion to mu_l (``redistribution="momentum"``), each layer capped by its
+   free units, the excess handed to layers with room (integer bookkeeping, no drift); with
+   ``redistribution="none"`` every layer regrows exactly what it pruned;
 4. inside a layer the inactive units with the largest momentum (|m|, or the column's momentum norm)
-   come back, at value zero.
+   come back, at value zero, and (``reset_regrown_momentum``) with their momentum set to zero.
 
-Ranks come from a full stable argsort compared with traced counts, so one compilation serves every
-prune rate and every mask.
+docs/sparse_learning.md explains the floor and the momentum reset, which the paper leaves out, and
+shows what happens without them. Ranks come from a full stable argsort compared with traced counts, so
+one compilation serves every prune rate and every mask.
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ import jax.numpy as jnp
 import optax
 
 from alite_jax.sparsity.masks import Masks, Params, _is_none, allocate, rank_of, unit_view
-from alite_jax.sparsity.transform import find_momentum, find_state, replace_state
+from alite_jax.sparsity.transform import find_momentum, find_state, replace_momentum, replace_state
+
+SCHEDULES = ("linear", "cosine")
+FULL_RATE_STEPS = 20  # steps between rounds below which a round prunes proportionally less
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "budget"))
+@functools.partial(jax.jit, static_argnames=("structure", "budget", "min_units", "redistribution",
+                                             "reset_regrown_momentum"))
 def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: jax.Array, *,
-                  structure: str, budget: int) -> tuple[Params, Masks]:
+                  structure: str, budget: int, min_units: tuple[int, ...], redistribution: str,
+                  reset_regrown_momentum: bool) -> tuple[Params, Masks, Params]:
     flat_masks, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
     flat_params = treedef.flatten_up_to(params)
     flat_mom = treedef.flatten_up_to(momentum)
     idx = [i for i, m in enumerate(flat_masks) if m is not None]
     if not idx:
-        return params, masks
+        return params, masks, momentum
 
     # Unit views: (units, weights per unit); a unit's mask is its first weight's (columns are constant).
     w_units = [unit_view(flat_params[i], structure) for i in idx]
@@ -61,13 +69,17 @@ def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: ja
         strength = jnp.linalg.norm(w.astype(jnp.float32), axis=1)
         kept.append(m & ~(rank_of(jnp.where(m, strength, jnp.inf)) < k))
 
-    # 3. Regrow up to the budget, in proportion to importance, capped by free units.
+    # 3. Regrow up to the budget: each layer back to its floor (or, without redistribution, to what it
+    # held), then the rest in proportion to importance, capped by free units. Every layer held at least
+    # its floor before the round, so the floors never need more than the budget.
     kept_count = jnp.stack([jnp.sum(k, dtype=jnp.int32) for k in kept])
-    deficit = budget - jnp.sum(kept_count * unit)
-    n_regrow = allocate(importance, n_units - kept_count, unit, deficit)
+    target = active if redistribution == "none" else jnp.asarray(min_units, jnp.int32)
+    owed = jnp.maximum(target - kept_count, 0)
+    deficit = budget - jnp.sum((kept_count + owed) * unit)
+    n_regrow = owed + allocate(importance, n_units - kept_count - owed, unit, deficit)
 
     # 4. Inside a layer, the free units with the largest momentum come back, at zero.
-    new_params, new_masks = list(flat_params), list(flat_masks)
+    new_params, new_masks, new_mom = list(flat_params), list(flat_masks), list(flat_mom)
     for j, i in enumerate(idx):
         pull = jnp.linalg.norm(mom_units[j].astype(jnp.float32), axis=1)
         grow = ~kept[j] & (rank_of(jnp.where(kept[j], jnp.inf, -pull)) < n_regrow[j])
@@ -77,7 +89,10 @@ def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: ja
         keep = jnp.broadcast_to(kept[j][:, None], w_units[j].shape).reshape(shape)
         new_masks[i] = mask
         new_params[i] = jnp.where(keep, flat_params[i], jnp.zeros_like(flat_params[i]))
-    return treedef.unflatten(new_params), treedef.unflatten(new_masks)
+        if reset_regrown_momentum:
+            grown = jnp.broadcast_to(grow[:, None], w_units[j].shape).reshape(shape)
+            new_mom[i] = jnp.where(grown, jnp.zeros_like(flat_mom[i]), flat_mom[i])
+    return treedef.unflatten(new_params), treedef.unflatten(new_masks), treedef.unflatten(new_mom)
 
 
 def prune_and_regrow(params: Params, state: optax.OptState,
@@ -89,34 +104,59 @@ def prune_and_regrow(params: Params, state: optax.OptState,
       state: a :func:`sparse_learning` state, or any optimizer state that contains one (a chain's).
       prune_rate: fraction of each layer's active units to prune, in [0, 1]; 0 changes nothing.
     Returns:
-      (params, state) with the new masks in the state. The global count of active weights stays at the
-      budget: exactly for irregular masks, to within a column for column masks.
+      (params, state) with the new masks in the state (and, with ``reset_regrown_momentum``, the
+      regrown weights' momentum zeroed in the inner state). The global count of active weights stays
+      at the budget: exactly for irregular masks, to within a column for column masks; no layer falls
+      below its floor (``min_layer_fraction`` of :func:`sparse_learning`).
     """
     sparse = find_state(state)
     momentum = find_momentum(sparse.inner_state, params)
-    new_params, new_masks = _prune_regrow(params, sparse.masks, momentum,
-                                          jnp.asarray(prune_rate, jnp.float32),
-                                          structure=sparse.structure, budget=sparse.budget)
-    return new_params, replace_state(state, dataclasses.replace(sparse, masks=new_masks))
+    prunable = [m for m in jax.tree.leaves(sparse.masks, is_leaf=_is_none) if m is not None]
+    if len(sparse.min_units) != len(prunable):
+        raise ValueError("this SparseLearningState has no per-layer floors (min_units) for its masks: "
+                         "build it with alite_jax.sparsity.sparse_learning(...).init(params)")
+    new_params, new_masks, new_momentum = _prune_regrow(
+        params, sparse.masks, momentum, jnp.asarray(prune_rate, jnp.float32),
+        structure=sparse.structure, budget=sparse.budget, min_units=sparse.min_units,
+        redistribution=sparse.redistribution, reset_regrown_momentum=sparse.reset_regrown_momentum)
+    inner = sparse.inner_state
+    if sparse.reset_regrown_momentum:
+        inner = replace_momentum(inner, params, new_momentum)
+    return new_params, replace_state(state, dataclasses.replace(sparse, masks=new_masks, inner_state=inner))
 
 
-def prune_rate_schedule(p0: float, num_epochs: int, kind: str = "linear") -> Callable[[int], float]:
-    """Prune rate after epoch e (0-based): p0 at e = 0, decaying to 0 at the last epoch.
+def prune_rate_schedule(p0: float, num_epochs: int, kind: str = "linear", *,
+                        steps_per_epoch: int | None = None,
+                        full_rate_steps: int = FULL_RATE_STEPS) -> Callable[[int], float]:
+    """Prune rate of the round after epoch e (0-based): p0 at e = 0, decaying to 0 at the last epoch.
 
     "linear" is the paper's (Algorithm 1); "cosine" is the public sparse-momentum code's alternative.
     Prune/regrow runs after every epoch but the last, so the rates used are those of e < num_epochs - 1.
+
+    With ``steps_per_epoch`` given, rounds fewer than ``full_rate_steps`` steps apart prune
+    proportionally less: rate x steps_per_epoch / full_rate_steps. A round replaces up to p0 of every
+    layer with zeros, and the regrown weights need steps to grow before the next round judges them by
+    magnitude; at large batches (few steps per epoch) full-rate rounds every epoch replace the network
+    faster than it recovers (docs/sparse_learning.md has the measurements). Epochs of at least
+    ``full_rate_steps`` steps, as in the paper's settings, keep the paper's rate; 0 turns this off.
     """
     if not 0.0 <= p0 <= 1.0:
         raise ValueError(f"p0 must be in [0, 1], got {p0}")
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    if kind not in ("linear", "cosine"):
-        raise ValueError(f"unknown kind {kind!r}; choose 'linear' or 'cosine'")
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {SCHEDULES}")
+    if full_rate_steps < 0 or (steps_per_epoch is not None and steps_per_epoch < 1):
+        raise ValueError(f"need steps_per_epoch >= 1 and full_rate_steps >= 0, got {steps_per_epoch} "
+                         f"and {full_rate_steps}")
     span = max(num_epochs - 1, 1)
+    scale = 1.0
+    if steps_per_epoch is not None and full_rate_steps:
+        scale = min(1.0, steps_per_epoch / full_rate_steps)
 
     def rate(epoch: int) -> float:
         t = min(max(epoch, 0), span) / span
-        return p0 * (1.0 - t) if kind == "linear" else p0 * 0.5 * (1.0 + math.cos(math.pi * t))
+        base = p0 * (1.0 - t) if kind == "linear" else p0 * 0.5 * (1.0 + math.cos(math.pi * t))
+        return base * scale
 
     return rate
-

@@ -9,6 +9,7 @@ are checkpointed and sharded with it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterator
 
 import jax
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, _is_none,
-                                      init_masks)
+                                      init_masks, layer_units)
+
+REDISTRIBUTIONS = ("momentum", "none")
 
 MOMENTUM_FIELDS = ("trace", "mu")  # optax.TraceState.trace; ScaleByAdamState.mu, ScaleByLionState.mu, ...
 
@@ -25,30 +28,63 @@ MOMENTUM_FIELDS = ("trace", "mu")  # optax.TraceState.trace; ScaleByAdamState.mu
 class SparseLearningState:
     """State of :func:`sparse_learning`.
 
+    The arrays (masks, inner state) are the pytree's leaves; the rest is static configuration that
+    :func:`alite_jax.sparsity.prune_and_regrow` reads, fixed by :func:`sparse_learning`.
+
     Attributes:
       masks: booleans parallel to params (None for leaves that are not pruned).
       inner_state: the inner optimizer's state.
       structure: "irregular" or "column" (static).
       budget: the global number of active prunable weights, round(density x prunable weights) (static).
+      min_units: per prunable leaf (tree order), the fewest active units prune/regrow leaves it (static).
+      redistribution: "momentum" or "none" (static; see :func:`sparse_learning`).
+      reset_regrown_momentum: whether regrown weights restart with zero momentum (static).
     """
 
     masks: Masks
     inner_state: optax.OptState
     structure: str
     budget: int
+    min_units: tuple[int, ...] = ()
+    redistribution: str = "momentum"
+    reset_regrown_momentum: bool = True
 
 
-jax.tree_util.register_dataclass(SparseLearningState, data_fields=["masks", "inner_state"],
-                                 meta_fields=["structure", "budget"])
+jax.tree_util.register_dataclass(
+    SparseLearningState, data_fields=["masks", "inner_state"],
+    meta_fields=["structure", "budget", "min_units", "redistribution", "reset_regrown_momentum"])
 
 
-def _children(node: Any) -> Iterator[Any]:
+def _children(node: Any) -> Iterator[tuple[Any, Any]]:
+    """(key, child) pairs of an optimizer-state node: tuple/list index, dict key, or the inner state."""
     if isinstance(node, SparseLearningState):
-        yield node.inner_state
+        yield "inner_state", node.inner_state
     elif isinstance(node, (tuple, list)):
-        yield from node
+        yield from enumerate(node)
     elif isinstance(node, dict):
-        yield from node.values()
+        yield from node.items()
+
+
+def _momentum_path(inner_state: optax.OptState, params: Params) -> tuple[tuple[Any, ...], str]:
+    """Where the momentum / first-moment trace lives: (keys from the root to its node, field name).
+
+    The first node (breadth first) with a field named as in MOMENTUM_FIELDS whose value is a tree
+    parallel to ``params``.
+    """
+    target = jax.tree.structure(params)
+    queue = [((), inner_state)]
+    while queue:
+        path, node = queue.pop(0)
+        for field in MOMENTUM_FIELDS:
+            value = getattr(node, field, None) if hasattr(node, "_fields") else None
+            if value is not None and jax.tree.structure(value) == target:
+                return path, field
+        queue.extend((path + (k,), c) for k, c in _children(node))
+    raise ValueError(
+        "sparse_learning regrows weights by their momentum, but the inner optimizer keeps no momentum / "
+        f"first-moment trace parallel to the parameters (no field named {MOMENTUM_FIELDS} in its "
+        "state). Use one that does, e.g. optax.sgd(lr, momentum=0.9), optax.sgd(lr, momentum=0.9, "
+        "nesterov=True), optax.adam(lr) or optax.adamw(lr).")
 
 
 def find_momentum(inner_state: optax.OptState, params: Params) -> Params:
@@ -57,20 +93,29 @@ def find_momentum(inner_state: optax.OptState, params: Params) -> Params:
     Raises:
       ValueError: the inner optimizer keeps no such trace (e.g. plain optax.sgd without momentum).
     """
-    target = jax.tree.structure(params)
-    stack = [inner_state]
-    while stack:
-        node = stack.pop(0)
-        for field in MOMENTUM_FIELDS:
-            value = getattr(node, field, None) if hasattr(node, "_fields") else None
-            if value is not None and jax.tree.structure(value) == target:
-                return value
-        stack.extend(_children(node))
-    raise ValueError(
-        "sparse_learning regrows weights by their momentum, but the inner optimizer keeps no momentum / "
-        f"first-moment trace parallel to the parameters (no field named {MOMENTUM_FIELDS} in its "
-        "state). Use one that does, e.g. optax.sgd(lr, momentum=0.9), optax.sgd(lr, momentum=0.9, "
-        "nesterov=True), optax.adam(lr) or optax.adamw(lr).")
+    path, field = _momentum_path(inner_state, params)
+    node = inner_state
+    for key in path:
+        node = node.inner_state if isinstance(node, SparseLearningState) else node[key]
+    return getattr(node, field)
+
+
+def replace_momentum(inner_state: optax.OptState, params: Params, momentum: Params) -> optax.OptState:
+    """``inner_state`` with the trace :func:`find_momentum` finds replaced by ``momentum``."""
+    path, field = _momentum_path(inner_state, params)
+
+    def rebuild(node, keys):
+        if not keys:
+            return node._replace(**{field: momentum})
+        key, rest = keys[0], keys[1:]
+        if isinstance(node, SparseLearningState):
+            return dataclasses.replace(node, inner_state=rebuild(node.inner_state, rest))
+        if isinstance(node, dict):
+            return type(node)({k: rebuild(v, rest) if k == key else v for k, v in node.items()})
+        items = [rebuild(c, rest) if i == key else c for i, c in enumerate(node)]
+        return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
+
+    return rebuild(inner_state, path)
 
 
 def find_state(state: optax.OptState) -> SparseLearningState:
@@ -80,7 +125,7 @@ def find_state(state: optax.OptState) -> SparseLearningState:
         node = stack.pop(0)
         if isinstance(node, SparseLearningState):
             return node
-        stack.extend(_children(node))
+        stack.extend(c for _, c in _children(node))
     raise ValueError("no SparseLearningState in this optimizer state: was it built with "
                      "alite_jax.sparsity.sparse_learning?")
 
@@ -105,9 +150,13 @@ def get_masks(state: optax.OptState) -> Masks:
 
 def sparse_learning(inner: optax.GradientTransformation, *, density: float,
                     structure: str = "irregular", distribution: str = "uniform",
-                    is_prunable: IsPrunable | Params | None = None,
-                    seed: int = 0) -> optax.GradientTransformation:
+                    is_prunable: IsPrunable | Params | None = None, seed: int = 0,
+                    redistribution: str = "momentum", min_layer_fraction: float = 0.25,
+                    reset_regrown_momentum: bool = True) -> optax.GradientTransformation:
     """Wraps ``inner`` so that training keeps a global fraction ``density`` of the prunable weights.
+
+    The options after ``seed`` choose how :func:`alite_jax.sparsity.prune_and_regrow` moves the budget
+    (docs/sparse_learning.md says why the defaults are what they are, with the measurements).
 
     Args:
       inner: the optimizer; it must keep a momentum / first-moment trace (sgd with momentum, nesterov,
@@ -121,6 +170,15 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         :func:`alite_jax.sparsity.masks.default_is_prunable`), a callable (key_path, leaf) -> bool, or a
         tree of bools.
       seed: seed of the random initial masks.
+      redistribution: "momentum" (paper, sparse momentum): the weights freed by a round are regrown
+        across layers in proportion to each layer's mean |momentum| over its active weights; "none":
+        every layer regrows what it pruned, so per-layer budgets stay as initialised (SET, RigL).
+      min_layer_fraction: in [0, 1]; no layer ever holds fewer active units than this fraction of
+        its initial allocation (and never fewer than one unit, whatever the value). 0 is the paper's
+        rule, under which momentum redistribution can starve a layer to a single unit.
+      reset_regrown_momentum: regrown weights restart with zero momentum (RigL), instead of keeping
+        the momentum they accumulated while inactive (the paper's public reference code), which
+        kicks every regrown weight by up to lr / (1 - momentum) times its gradient at once.
     Returns:
       A GradientTransformation. ``init(params)`` draws the masks (apply them to the parameters with
       :func:`apply_masks`); ``update(grads, state, params)`` needs ``params``.
@@ -131,12 +189,19 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+    if redistribution not in REDISTRIBUTIONS:
+        raise ValueError(f"unknown redistribution {redistribution!r}; choose one of {REDISTRIBUTIONS}")
+    if not 0.0 <= min_layer_fraction <= 1.0:
+        raise ValueError(f"min_layer_fraction must be in [0, 1], got {min_layer_fraction}")
 
     def init_fn(params: Params) -> SparseLearningState:
         inner_state = inner.init(params)
         find_momentum(inner_state, params)  # fail now, not at the end of the first epoch
         masks, budget = init_masks(params, density, structure, distribution, is_prunable, seed)
-        return SparseLearningState(masks, inner_state, structure, budget)
+        units, _ = layer_units(params, density, structure, distribution, is_prunable)
+        min_units = tuple(min(u, max(1, math.ceil(min_layer_fraction * u))) for u in units)
+        return SparseLearningState(masks, inner_state, structure, budget, min_units, redistribution,
+                                   bool(reset_regrown_momentum))
 
     def update_fn(updates: Params, state: SparseLearningState,
                   params: Params | None = None) -> tuple[Params, SparseLearningState]:
