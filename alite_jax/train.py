@@ -75,8 +75,10 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
                                   nesterov=opt.get("nesterov", False)))
     if is_sparse(config):
         s = config.sparsity
-        return sparsity.sparse_learning(inner, density=s.density, structure=s.structure,
-                                        distribution=s.distribution, seed=config.seed)
+        return sparsity.sparse_learning(
+            inner, density=s.density, structure=s.structure, distribution=s.distribution,
+            seed=config.seed, redistribution=s.redistribution, min_layer_fraction=s.min_layer_fraction,
+            reset_regrown_momentum=s.reset_regrown_momentum)
     return inner
 
 
@@ -86,6 +88,11 @@ def is_sparse(config: ml_collections.ConfigDict) -> bool:
 
 def loss_mode(config: ml_collections.ConfigDict) -> str:
     return config.distill.loss if config.mode == "distill" else "ce"
+
+
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+    """A distillation with a teacher term; ``distill.loss="ce"`` trains the (sparse) student alone."""
+    return config.mode == "distill" and config.distill.loss != "ce"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,8 +120,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
     if config.mode == "distill":
         if not 0.0 < config.sparsity.density <= 1.0:
             raise ValueError(f"config.sparsity.density must be in (0, 1], got {config.sparsity.density}")
-        if config.distill.loss not in ("kd", "kd+at"):
-            raise ValueError(f"config.distill.loss must be 'kd' or 'kd+at', got {config.distill.loss!r}")
+        if config.distill.loss not in distill.MODES:
+            raise ValueError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse training "
+                             f"without a teacher), got {config.distill.loss!r}")
+        make_optimizer(config, steps_per_epoch=1)  # bad sparsity options raise here
+        s = config.sparsity
+        sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
+                                     full_rate_steps=s.full_rate_steps)
+    if needs_teacher(config):
         config_path, model_path = teacher_paths(config.teacher.workdir)
         if not config.teacher.workdir or not os.path.exists(config_path) or not os.path.exists(model_path):
             raise FileNotFoundError(
@@ -348,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = model_from_config(config.model, num_classes)
     tx = make_optimizer(config, pipe.steps_per_epoch)
     teacher, teacher_variables = None, None
-    if config.mode == "distill":
+    if needs_teacher(config):
         teacher, teacher_variables = load_teacher(config.teacher.workdir, mesh,
                                                   config.teacher.get("dtype", ""))
 
@@ -387,8 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          out_shardings=(replicated, replicated))
     eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
     lr_schedule = learning_rate_schedule(config, steps_per_epoch)  # for the metrics
-    prune_schedule = sparsity.prune_rate_schedule(config.sparsity.prune_rate, num_epochs,
-                                                  config.sparsity.schedule)
+    prune_schedule = sparsity.prune_rate_schedule(
+        config.sparsity.prune_rate, num_epochs, config.sparsity.schedule,
+        steps_per_epoch=steps_per_epoch, full_rate_steps=config.sparsity.full_rate_steps)
     writer = None
     if is_leader():
         from flax.metrics import tensorboard
@@ -431,12 +445,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
                     f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
             row = dict(epoch=epoch, step=step, lr=float(lr_schedule(step - 1)), **train)
+            # The model this epoch trained, before the round changes its masks (the BatchNorm
+            # statistics were gathered with these masks).
+            row.update(evaluate(eval_step, state, pipe))
             if is_sparse(config) and epoch < num_epochs - 1:
                 rate = prune_schedule(epoch)
                 params, opt_state = sparsity.prune_and_regrow(state["params"], state["opt_state"], rate)
                 state = dict(state, params=params, opt_state=opt_state)
                 row["prune_rate"] = rate
-            row.update(evaluate(eval_step, state, pipe))
             if is_sparse(config):
                 masks = sparsity.get_masks(state["opt_state"])
                 row.update(density=sparsity.global_density(masks),

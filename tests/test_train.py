@@ -59,7 +59,8 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
                 "density", "per_layer_density"):
         assert key in rows[0], key
     assert "prune_rate" in rows[0] and "prune_rate" not in rows[-1]  # none after the last epoch
-    assert rows[0]["prune_rate"] == 0.5 and rows[1]["prune_rate"] == 0.25  # linear decay to 0
+    # Linear decay to 0 from 0.5, scaled by 4 steps per epoch / full_rate_steps 20.
+    assert rows[0]["prune_rate"] == pytest.approx(0.1) and rows[1]["prune_rate"] == pytest.approx(0.05)
     for name in ("table1.md", "accuracy.png", "layer_density.png", "config.json"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -127,11 +128,33 @@ def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(teacher_dir,
     monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 8)
     assert train.train_and_evaluate(config, workdir) == {"preempted_at_step": 8}
     rows = epoch_rows(workdir)
-    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["prune_rate"] == 0.25
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["prune_rate"] == pytest.approx(0.05)
     monkeypatch.undo()
     train.train_and_evaluate(config, workdir)
     assert_same_model(reference, workdir)
     assert epoch_rows(workdir) == epoch_rows(reference)
+
+
+def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir, student_run, tmp_path,
+                                                                    monkeypatch):
+    """A round that wipes every parameter leaves the epoch's metrics row untouched: the row evaluates the
+    model the epoch trained (with the BatchNorm statistics its masks produced), not the round's result.
+    The next epoch, trained from the wiped weights, shows that the round did run."""
+    _, reference = student_run
+    calls = []
+
+    def wipe(params, state, rate):
+        calls.append(rate)
+        return jax.tree.map(jnp.zeros_like, params), state
+
+    monkeypatch.setattr(train.sparsity, "prune_and_regrow", wipe)
+    workdir = str(tmp_path / "wiped")
+    train.train_and_evaluate(tiny_config("distill", epochs=2, teacher=teacher_dir), workdir)
+    rows, expected = epoch_rows(workdir), epoch_rows(reference)
+    assert calls == [pytest.approx(0.1)]
+    for key in ("test_accuracy", "test_loss", "train_total", "prune_rate"):
+        assert rows[0][key] == expected[0][key], key
+    assert rows[1]["test_loss"] != expected[1]["test_loss"]
 
 
 def test_corrupt_latest_checkpoint_falls_back(student_run, tmp_path):
@@ -196,6 +219,16 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
     c = tiny_config("distill", teacher=str(tmp_path / "none")); cases.append((c, FileNotFoundError, "Train the teacher first"))
     c = tiny_config("baseline"); c.mode = "finetune"; cases.append((c, ValueError, "config.mode"))
     c = tiny_config("baseline"); c.data.image_size = 12; cases.append((c, ValueError, "multiples of 8"))
+    c = tiny_config("distill", teacher=teacher_dir); c.distill.loss = "at"
+    cases.append((c, ValueError, "distill.loss"))
+    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.redistribution = "magnitude"
+    cases.append((c, ValueError, "redistribution"))
+    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.min_layer_fraction = -0.1
+    cases.append((c, ValueError, "min_layer_fraction"))
+    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.schedule = "step"
+    cases.append((c, ValueError, "unknown kind"))
+    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.full_rate_steps = -1
+    cases.append((c, ValueError, "full_rate_steps"))
     for config, error, match in cases:
         with pytest.raises(error, match=match):
             train.check_config(config, 1)
@@ -207,6 +240,9 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
     json.dump(meta, open(fake / "config.json", "w"))
     with pytest.raises(ValueError, match="trained on cifar100"):
         train.check_config(tiny_config("distill", teacher=str(fake)), 1)
+    # Sparse training with CE alone needs no teacher.
+    c = tiny_config("distill", teacher=str(tmp_path / "none")); c.distill.loss = "ce"
+    assert train.check_config(c, 1) == 10 and not train.needs_teacher(c)
 
 
 def test_nan_loss_stops_with_a_clear_message(teacher_dir, tmp_path, monkeypatch):
