@@ -2,7 +2,7 @@
 
 Counted analytically: the model is traced abstractly (``jax.eval_shape``, no compile, any image size)
 and every ``nn.Conv``, ``nn.Dense`` and ``LocalSelfAttention`` call is recorded with its input and
-output shapes. Conventions (reference.md §3):
+output shapes. Conventions (also in the README's *Costs and reports*):
 
 * a convolution: H_out x W_out x kh x kw x C_in x C_out MACs; a dense layer: C_in x C_out per position;
   normalisation, activations, pooling and additions are not counted (as in the usual ResNet counts);

@@ -6,8 +6,8 @@ What it measures, in one run (ratios are printed; these machines are noisy):
    parameters) of a 3x3 ``nn.Conv`` of the same width (the reference, ratio 1.0) and of
    ``LocalSelfAttention`` with every implementation that runs natively on the backend ("pallas" only
    off the CPU, where it would run in interpret mode), at every attention shape of SA-ResNet26 at 32x32
-   and at 64x64 (stride left out: its 2x2 average pool is the same for all). At the shape of
-   reference.md §7 (32x32, C=64) also ``patches_autodiff`` (the patches math differentiated by JAX
+   and at 64x64 (stride left out: its 2x2 average pool is the same for all). At 32x32, C=64 also
+   ``patches_autodiff`` (the patches math differentiated by JAX
    itself, to show why the custom VJP exists; in chunks, see --autodiff-chunk) and, when PyTorch is
    installed (``pip install torch==2.13.0``), the peer: an unfold-based SASA layer as in the common
    public PyTorch code, same shapes, same machine. Every attention impl's output and gradients are

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", os.path.join(ROOT, "benchmarks", "ablation.py"))
+    path = os.path.join(ROOT, "benchmarks", "ablation.py")
+    spec = importlib.util.spec_from_file_location("ablation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,7 +35,8 @@ def test_every_setting_is_a_valid_config(ablation, tmp_path):
         assert c.seed == c.data.seed == 2 and c.num_epochs == 30
         assert train.needs_teacher(c) == (loss != "ce" and mode == "distill"), name
         assert train.is_sparse(c) == (density < 1.0), name
-        literal = (c.sparsity.min_layer_fraction, c.sparsity.reset_regrown_momentum, c.sparsity.full_rate_steps)
+        s = c.sparsity
+        literal = (s.min_layer_fraction, s.reset_regrown_momentum, s.full_rate_steps)
         assert literal == ((0.0, False, 0) if paper_rule else (0.25, True, 20)), name
 
 

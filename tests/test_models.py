@@ -8,7 +8,7 @@ import pytest
 from alite_jax.models import (ZOO, abstract_variables, count_params, create_model, init_model,
                               summary)
 
-# Trainable parameters (BN scale/bias in, running statistics out), reference.md §2.
+# Trainable parameters (BN scale/bias in, running statistics out), as PyTorch's parameters() counts them.
 EXPECTED_PARAMS = {
     ("resnet50", "hybrid"): {10: 23_520_842, 100: 23_705_252, 200: 23_910_152},
     ("sa_resnet26", "hybrid"): {10: 8_306_442, 100: 8_490_852, 200: 8_695_752},

@@ -177,7 +177,7 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         its initial allocation (and never fewer than one unit, whatever the value). 0 is the paper's
         rule, under which momentum redistribution can starve a layer to a single unit.
       reset_regrown_momentum: regrown weights restart with zero momentum (RigL), instead of keeping
-        the momentum they accumulated while inactive (the paper's public reference code), which
+        the momentum they accumulated while inactive (sparse momentum's public code), which
         kicks every regrown weight by up to lr / (1 - momentum) times its gradient at once.
     Returns:
       A GradientTransformation. ``init(params)`` draws the masks (apply them to the parameters with
