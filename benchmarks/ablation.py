@@ -13,7 +13,7 @@ directory under ``--workdir`` (a finished one is reused, an interrupted one resu
 final test accuracies (mean, spread and every seed) is printed and written to ``ablation.md`` and
 ``ablation.json`` there.
 
-Run: ``python benchmarks/ablation.py --workdir=runs/ablation`` (about an hour on 2 CPU cores with
+Run: ``python benchmarks/ablation.py --workdir=runs/ablation`` (about 40 minutes on 2 CPU cores with
 ``--jobs=2``); ``--batch_size=256`` repeats it at a large batch (the teacher too), ``--lr_scale`` and
 ``--alpha`` change every phase's lr and the students' CE weight; ``--seeds``, ``--settings`` and
 ``--epochs`` narrow it.

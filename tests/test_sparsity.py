@@ -130,6 +130,8 @@ def test_bad_arguments_fail_clearly():
         sparsity.sparse_learning(sgd(), density=0.5, redistribution="magnitude")
     with pytest.raises(ValueError, match="min_layer_fraction"):
         sparsity.sparse_learning(sgd(), density=0.5, min_layer_fraction=1.5)
+    with pytest.raises(ValueError, match="1 counts for 3 prunable leaves"):
+        sparsity.draw_masks(small_params(), (1,))
     with pytest.raises(ValueError, match="momentum"):
         sparsity.sparse_learning(optax.sgd(0.1), density=0.5).init(small_params())
     with pytest.raises(ValueError, match="no parameter is prunable"):

@@ -7,12 +7,13 @@
 """
 
 from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, apply_masks, default_is_prunable,
-                                      global_density, init_masks, layer_densities, layer_units)
+                                      draw_masks, global_density, init_masks, layer_densities,
+                                      layer_units)
 from alite_jax.sparsity.prune_regrow import SCHEDULES, prune_and_regrow, prune_rate_schedule
 from alite_jax.sparsity.transform import REDISTRIBUTIONS, SparseLearningState, get_masks, sparse_learning
 
 __all__ = [
     "DISTRIBUTIONS", "REDISTRIBUTIONS", "SCHEDULES", "STRUCTURES", "SparseLearningState", "apply_masks",
-    "default_is_prunable", "get_masks", "global_density", "init_masks", "layer_densities", "layer_units",
+    "default_is_prunable", "draw_masks", "get_masks", "global_density", "init_masks", "layer_densities", "layer_units",
     "prune_and_regrow", "prune_rate_schedule", "sparse_learning",
 ]

@@ -194,19 +194,15 @@ def layer_units(params: Params, density: float, structure: str = "irregular",
     return tuple(int(c) for c in np.asarray(counts)), budget
 
 
-def init_masks(params: Params, density: float, structure: str = "irregular",
-               distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
-               seed: int = 0) -> tuple[Masks, int]:
-    """Random masks meeting the global budget, and the budget: round(density x prunable weights).
-
-    Per-layer counts follow ``distribution`` (:func:`layer_units`); inside a layer the active units are
-    drawn uniformly at random. Irregular masks meet the budget exactly; column masks come as close as
-    whole columns allow (short by less than the smallest column among layers with room).
-    """
-    counts, budget = layer_units(params, density, structure, distribution, is_prunable)
+def draw_masks(params: Params, counts: tuple[int, ...], structure: str = "irregular",
+               is_prunable: IsPrunable | Params | None = None, seed: int = 0) -> Masks:
+    """Random masks with ``counts[j]`` active units in the j-th prunable leaf (tree order), drawn
+    uniformly at random inside each leaf (``counts`` from :func:`layer_units`)."""
     flags = jax.tree.leaves(prunable_tree(params, is_prunable))
     leaves, treedef = jax.tree.flatten(params)
     idx = [i for i, f in enumerate(flags) if f]
+    if len(idx) != len(counts):
+        raise ValueError(f"{len(counts)} counts for {len(idx)} prunable leaves")
     # Folded with a constant: a model initialised from jax.random.key(seed) split the same way would
     # otherwise draw its weights from the masks' bits (normal draws are monotone in the uniform ones),
     # and every layer would keep only its most negative weights.
@@ -218,4 +214,18 @@ def init_masks(params: Params, density: float, structure: str = "irregular",
         units = int(np.prod(shape)) // size
         active = rank_of(jax.random.uniform(keys[j], (units,))) < counts[j]
         masks[i] = jnp.broadcast_to(active[:, None], (units, size)).reshape(shape)
-    return jax.tree.unflatten(treedef, masks), budget
+    return jax.tree.unflatten(treedef, masks)
+
+
+def init_masks(params: Params, density: float, structure: str = "irregular",
+               distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
+               seed: int = 0) -> tuple[Masks, int]:
+    """Random masks meeting the global budget, and the budget: round(density x prunable weights).
+
+    Per-layer counts follow ``distribution`` (:func:`layer_units`); inside a layer the active units are
+    drawn uniformly at random (:func:`draw_masks`). Irregular masks meet the budget exactly; column
+    masks come as close as whole columns allow (short by less than the smallest column among layers
+    with room).
+    """
+    counts, budget = layer_units(params, density, structure, distribution, is_prunable)
+    return draw_masks(params, counts, structure, is_prunable, seed), budget

@@ -111,10 +111,6 @@ def prune_and_regrow(params: Params, state: optax.OptState,
     """
     sparse = find_state(state)
     momentum = find_momentum(sparse.inner_state, params)
-    prunable = [m for m in jax.tree.leaves(sparse.masks, is_leaf=_is_none) if m is not None]
-    if len(sparse.min_units) != len(prunable):
-        raise ValueError("this SparseLearningState has no per-layer floors (min_units) for its masks: "
-                         "build it with alite_jax.sparsity.sparse_learning(...).init(params)")
     new_params, new_masks, new_momentum = _prune_regrow(
         params, sparse.masks, momentum, jnp.asarray(prune_rate, jnp.float32),
         structure=sparse.structure, budget=sparse.budget, min_units=sparse.min_units,

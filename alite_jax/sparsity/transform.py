@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, _is_none,
-                                      init_masks, layer_units)
+                                      draw_masks, layer_units)
 
 REDISTRIBUTIONS = ("momentum", "none")
 
@@ -45,9 +45,9 @@ class SparseLearningState:
     inner_state: optax.OptState
     structure: str
     budget: int
-    min_units: tuple[int, ...] = ()
-    redistribution: str = "momentum"
-    reset_regrown_momentum: bool = True
+    min_units: tuple[int, ...]
+    redistribution: str
+    reset_regrown_momentum: bool
 
 
 jax.tree_util.register_dataclass(
@@ -197,8 +197,8 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
     def init_fn(params: Params) -> SparseLearningState:
         inner_state = inner.init(params)
         find_momentum(inner_state, params)  # fail now, not at the end of the first epoch
-        masks, budget = init_masks(params, density, structure, distribution, is_prunable, seed)
-        units, _ = layer_units(params, density, structure, distribution, is_prunable)
+        units, budget = layer_units(params, density, structure, distribution, is_prunable)
+        masks = draw_masks(params, units, structure, is_prunable, seed)
         min_units = tuple(min(u, max(1, math.ceil(min_layer_fraction * u))) for u in units)
         return SparseLearningState(masks, inner_state, structure, budget, min_units, redistribution,
                                    bool(reset_regrown_momentum))
