@@ -1,6 +1,7 @@
 """A TFDS builder for Tiny-ImageNet (tiny-imagenet-200), which TFDS itself does not have.
 
-Registered as ``tiny_imagenet`` when :mod:`alite_jax.data` is imported. It reads the official
+Registered as ``tiny_imagenet`` when this module is imported (the data sources import it before they
+build a TFDS data set). It reads the official
 ``tiny-imagenet-200.zip`` from TFDS's manual_dir (``<data_dir>/downloads/manual/`` by default) or
 downloads it from the CS231n site. Splits: ``train`` (100,000 images, labels from the class folders) and
 ``validation`` (10,000 images, labels from ``val/val_annotations.txt``). The test split has no labels and
