@@ -1,21 +1,33 @@
 """``impl="pallas"``: the halo local attention forward as one fused Pallas kernel per query block.
 
 The kernel computes, for one (image, head, query block), logits against the block's key window, the
-softmax and the weighted sum of values, without writing the logits to memory. To keep the kernel a
-plain pair of matmuls (what GPU tensor cores and the TPU MXU want), the relative-position term and the
-neighbourhood mask are folded into the first matmul by augmenting the features:
+softmax and the weighted sum of values, without writing the logits to memory. The logits are two
+matmuls (what GPU tensor cores and the TPU MXU want): the content term q.k, and the relative-position
+term with the neighbourhood mask as a matmul of per-row and per-column terms with a 0/1 matrix that
+says which window row and column each key is in (the halo impl's factorisation):
 
-    q' = [q * qk_scale, R(q), C(q), -inf-like]     k' = [k, onehot(row of key), onehot(col of key), pad]
+    logits = [q * qk_scale] @ keys.T  +  [R(q), C(q), -inf-like] @ pos.T
 
 where R(q)[u] = qr_scale * q.r_row[offset(u)] (or -inf-like outside the neighbourhood) for each window
-row u, C likewise for columns, and ``pad`` is 1 only on the keys added to round the window up to a
-power of two. So q'.k' = the full masked logit. Feature, key and query counts are rounded up to powers
-of two (at least 16) as Triton-style backends need.
+row u, C likewise for columns, and ``pos`` (shared by every block, loaded once) has a 1 in the last
+column only on the keys added to round the window up to a power of two. Query, key, feature and
+relative-term counts are rounded up to powers of two, at least 16: Triton needs power-of-two blocks and
+its dot needs every matmul dimension >= 16. On GPU the kernel is compiled by Triton (set explicitly:
+JAX's default Pallas GPU backend is now Mosaic GPU); float32 operands follow JAX's matmul precision
+setting like XLA's own dots (TF32 by default on GPUs that have it, IEEE float32 under
+``jax.default_matmul_precision("highest")``).
 
 The backward pass is the pure-JAX halo backward (:func:`alite_jax.models.attention._halo_backward`),
-which recomputes the logits from the kernel's saved log-sum-exp. On a backend without a Pallas
-compiler (the CPU) the kernel runs in Pallas' interpret mode: correct, but slow; it is there so the
-kernel is tested everywhere. Not timed on an accelerator yet, so ``impl="auto"`` does not pick it.
+which recomputes the logits and renormalises them itself rather than reuse the kernel's normaliser:
+on a GPU the kernel's logits (Triton, TF32 by default) and XLA's recomputed ones round differently, and
+a normaliser from one applied to the other scales every softmax weight by exp(the logit difference),
+an error that grows with the logits. That coupling is the suspected cause of the NaN a whole-model
+training step with the kernel gave on an H200 while every single layer matched (benchmarks/RESULTS.md);
+the self-normalising backward removes it by construction, but has not been re-run on a GPU yet
+(``benchmarks/pallas_model_check.py`` is the check). On a backend without a Pallas compiler (the CPU) the
+kernel runs in Pallas' interpret mode: correct, but slow; it is there so the kernel is tested
+everywhere. ``impl="auto"`` does not pick it: on the H200 its forward+backward was no faster than
+``halo``'s (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -36,65 +48,77 @@ def _pow2(n: int) -> int:
     return max(_MIN_DIM, 1 << (int(n) - 1).bit_length())
 
 
-def _kernel(qa_ref, ka_ref, v_ref, o_ref, lse_ref):
-    qa, ka, v = qa_ref[...], ka_ref[...], v_ref[...]
-    s = jax.lax.dot_general(qa, ka, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _kernel(q_ref, rel_ref, k_ref, pos_ref, v_ref, o_ref):
+    """One (image, head, query block): masked logits, softmax and weighted values, in on-chip memory."""
+    q, rel, k, pos, v = q_ref[...], rel_ref[...], k_ref[...], pos_ref[...], v_ref[...]
+    nt = (((1,), (1,)), ((), ()))  # a @ b.T
+    s = (jax.lax.dot_general(q, k, nt, preferred_element_type=jnp.float32)
+         + jax.lax.dot_general(rel, pos, nt, preferred_element_type=jnp.float32))
     m = jnp.max(s, axis=1)
     e = jnp.exp(s - m[:, None])
     denom = jnp.sum(e, axis=1)
     o = jnp.dot(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     o_ref[...] = (o / denom[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(denom)
 
 
-def _augmented(qb, k, rel_rows, rel_cols, rows: A.HaloPlan, cols: A.HaloPlan, qk_scale, qr_scale):
-    """(G, BQ, E) augmented queries and (G, P, E) augmented keys, G = c*N*I*J, padded to powers of 2.
+def _operands(qb, k, v, rel_rows, rel_cols, rows: A.HaloPlan, cols: A.HaloPlan, qk_scale, qr_scale):
+    """The kernel's five operands, every dimension padded to a power of two (at least 16).
 
-    The relative terms (with the mask) and the 0/1 window-position matrix are the halo impl's own
-    (:func:`~alite_jax.models.attention._halo_rel`, ``_window_positions``); the extra last feature
-    masks the keys added by padding.
+    G = c*N*I*J blocks. Returns (G, BQ, D) scaled queries, (G, BQ, R) relative terms, (G, P, D) window
+    keys, (P, R) window positions (shared by every block), (G, P, D) window values. The relative terms
+    (with the mask) and the 0/1 position matrix are the halo impl's own
+    (:func:`~alite_jax.models.attention._halo_rel`, ``_window_positions``); the relative operand's extra
+    column is -inf-like, and only the keys added by padding have a 1 in that column of ``pos``.
     """
     c, n, ni, nj, bq, d = qb.shape
-    f32 = jnp.float32
+    f32, dtype = jnp.float32, qb.dtype
     g, p = c * n * ni * nj, rows.window * cols.window
     rel = A._halo_rel(qb, rel_rows, rel_cols, rows, cols, qr_scale)  # (c, N, I, J, bq, wr + wc)
-    e0 = d + rel.shape[-1] + 1
-    big_q, big_p, big_e = _pow2(bq), _pow2(p), _pow2(e0)
-    qa = jnp.concatenate([qb.reshape(g, bq, d).astype(f32) * qk_scale, rel.reshape(g, bq, -1),
-                          jnp.full((g, bq, 1), A._MASKED, f32)], axis=-1)
-    qa = jnp.pad(qa, ((0, 0), (0, big_q - bq), (0, big_e - e0)))
-    pos = np.zeros((big_p, big_e - d), np.float32)
-    pos[:p, :rel.shape[-1]] = A._window_positions(rows.window, cols.window).T
-    pos[p:, rel.shape[-1]] = 1.0  # padding keys: their logit is the query's _MASKED feature
-    keys = jnp.pad(A._halo_windows(k, rows, cols).reshape(g, p, d).astype(f32),
-                   ((0, 0), (0, big_p - p), (0, 0)))
-    ka = jnp.concatenate([keys, jnp.broadcast_to(jnp.asarray(pos), (g,) + pos.shape)], axis=-1)
-    return qa.astype(qb.dtype), ka.astype(qb.dtype)
+    r0 = rel.shape[-1] + 1
+    big_q, big_p, big_d, big_r = _pow2(bq), _pow2(p), _pow2(d), _pow2(r0)
+    queries = jnp.pad((qb.reshape(g, bq, d).astype(f32) * qk_scale).astype(dtype),
+                      ((0, 0), (0, big_q - bq), (0, big_d - d)))
+    rel = jnp.concatenate([rel.reshape(g, bq, -1), jnp.full((g, bq, 1), A._MASKED, f32)], axis=-1)
+    rel = jnp.pad(rel.astype(dtype), ((0, 0), (0, big_q - bq), (0, big_r - r0)))
+    pos = np.zeros((big_p, big_r), np.float32)
+    pos[:p, :r0 - 1] = A._window_positions(rows.window, cols.window).T
+    pos[p:, r0 - 1] = 1.0  # padding keys: their logit is the query's -inf-like column
+    windows = lambda t: jnp.pad(A._halo_windows(t, rows, cols).reshape(g, p, d),  # noqa: E731
+                                ((0, 0), (0, big_p - p), (0, big_d - d)))
+    return queries, rel, windows(k), jnp.asarray(pos, dtype), windows(v)
+
+
+def compiler_params(backend: str) -> object | None:
+    """Triton settings on GPU (JAX's default Pallas GPU backend is Mosaic GPU, which this kernel is not
+    written for); None elsewhere (TPU: Mosaic TPU; CPU: interpret mode)."""
+    if backend != "gpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale, interpret):
-    """Heads-major (B, N, H, W, d) inputs -> output and log-sum-exp (B, N, I, J, bq)."""
+    """Heads-major (B, N, H, W, d) inputs -> output (B, N, H, W, d)."""
     b, n, h, w, d = q.shape
     qb = A._halo_blocks(q, rows, cols)
     bq = qb.shape[-2]
-    qa, ka = _augmented(qb, k, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale)
-    g, big_q, big_e = qa.shape
-    big_p = ka.shape[1]
-    p = rows.window * cols.window
-    big_d = _pow2(d)
-    values = A._halo_windows(v, rows, cols).reshape(g, p, d)
-    values = jnp.pad(values, ((0, 0), (0, big_p - p), (0, big_d - d)))
+    queries, rel, keys, pos, values = _operands(qb, k, v, rel_rows, rel_cols, rows, cols, qk_scale,
+                                                qr_scale)
+    g, big_q, big_d = queries.shape
+    big_p, big_r = pos.shape
     spec = lambda *shape: pl.BlockSpec((None,) + shape, lambda i: (i,) + (0,) * len(shape))  # noqa: E731
-    o, lse = pl.pallas_call(
+    o = pl.pallas_call(
         _kernel, grid=(g,),
-        in_specs=[spec(big_q, big_e), spec(big_p, big_e), spec(big_p, big_d)],
-        out_specs=[spec(big_q, big_d), spec(big_q)],
-        out_shape=[jax.ShapeDtypeStruct((g, big_q, big_d), v.dtype),
-                   jax.ShapeDtypeStruct((g, big_q), jnp.float32)],
-        interpret=interpret)(qa, ka, values)
+        in_specs=[spec(big_q, big_d), spec(big_q, big_r), spec(big_p, big_d),
+                  pl.BlockSpec((big_p, big_r), lambda i: (0, 0)), spec(big_p, big_d)],
+        out_specs=spec(big_q, big_d),
+        out_shape=jax.ShapeDtypeStruct((g, big_q, big_d), v.dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(jax.default_backend()),
+    )(queries, rel, keys, pos, values)
     o = o[:, :bq, :d].reshape(b, n, rows.num_blocks, cols.num_blocks, bq, d)
-    lse = lse[:, :bq].reshape(b, n, rows.num_blocks, cols.num_blocks, bq)
-    return A._halo_unblocks(o, rows, cols), lse
+    return A._halo_unblocks(o, rows, cols)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -104,14 +128,16 @@ def _pallas_attention(q, k, v, rel_rows, rel_cols, static):
 
 def _pallas_attention_fwd(q, k, v, rel_rows, rel_cols, static):
     rows, cols, qk_scale, qr_scale, interpret = static
-    o, lse = _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale, interpret)
-    return o, (q, k, v, rel_rows, rel_cols, o, lse)
+    o = _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale, interpret)
+    return o, (q, k, v, rel_rows, rel_cols)
 
 
 def _pallas_attention_bwd(static, residuals, do):
+    # The kernel's output and normaliser are not reused: the backward renormalises its own recomputed
+    # logits (see _halo_backward), so the kernel's different rounding cannot skew the gradient.
     rows, cols, qk_scale, qr_scale, _ = static
-    q, k, v, rel_rows, rel_cols, o, lse = residuals
-    dq, dk, dv, drows, dcols = A._halo_backward(q, k, v, rel_rows, rel_cols, o, lse, do, rows, cols,
+    q, k, v, rel_rows, rel_cols = residuals
+    dq, dk, dv, drows, dcols = A._halo_backward(q, k, v, rel_rows, rel_cols, None, None, do, rows, cols,
                                                 qk_scale, qr_scale)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), drows.astype(rel_rows.dtype),
             dcols.astype(rel_cols.dtype))
