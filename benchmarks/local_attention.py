@@ -66,9 +66,9 @@ import optax  # noqa: E402
 
 from alite_jax import config as config_lib  # noqa: E402
 from alite_jax import train  # noqa: E402
-from alite_jax.models import attention as attention_module  # noqa: E402
+from alite_jax.models import local_attention as attention_module  # noqa: E402
 from alite_jax.models import count_params, create_model, init_model  # noqa: E402
-from alite_jax.models.attention import IMPLS, LocalSelfAttention, register_impl  # noqa: E402
+from alite_jax.models.local_attention import IMPLS, LocalSelfAttention, register_impl  # noqa: E402
 
 AUTODIFF_IMPL = "patches_autodiff"
 CHECK_IMPL = "patches"  # the impl every other attention entry is compared against

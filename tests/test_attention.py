@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from alite_jax.models import LocalSelfAttention
-from alite_jax.models import attention as attention_module
+from alite_jax.models import local_attention as attention_module
 
 # Every implementation that runs natively on the default backend. "auto" only dispatches to one of them
 # (tested in tests/test_attention_impls.py); on the CPU "pallas" runs in Pallas' interpret mode (~10 s a

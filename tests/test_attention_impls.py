@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from alite_jax.models import LocalSelfAttention
-from alite_jax.models import attention as A
-from alite_jax.models import attention_pallas  # noqa: F401  (registers "pallas")
+from alite_jax.models import local_attention as A
+from alite_jax.models.local_attention import halo
 
 
 def _inputs(b, h, w, n, d, k, seed=0, dtype=jnp.float32):
@@ -136,12 +136,12 @@ def test_self_normalising_backward_matches_halo():
     rows, cols = A.halo_plan(9, 4, 5), A.halo_plan(7, 4, 5)
     heads_major = lambda t: t.transpose(0, 3, 1, 2, 4)  # noqa: E731
     q, k, v = heads_major(q), heads_major(k), heads_major(v)
-    o, lse = A._halo_forward(q, k, v, rows_t, cols_t, rows, cols, 0.4, 0.6)
+    o, lse = halo.halo_forward(q, k, v, rows_t, cols_t, rows, cols, 0.4, 0.6)
     do = jnp.asarray(np.random.default_rng(6).normal(size=o.shape), o.dtype)
-    with_forward = A._halo_backward(q, k, v, rows_t, cols_t, o, lse, do, rows, cols, 0.4, 0.6)
-    own = A._halo_backward(q, k, v, rows_t, cols_t, None, None, do, rows, cols, 0.4, 0.6)
+    with_forward = halo.halo_backward(q, k, v, rows_t, cols_t, o, lse, do, rows, cols, 0.4, 0.6)
+    own = halo.halo_backward(q, k, v, rows_t, cols_t, None, None, do, rows, cols, 0.4, 0.6)
     for name, a, b in zip(("q", "k", "v", "rel_rows", "rel_cols"), own, with_forward):
         np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.max(jnp.abs(b))), err_msg=f"d{name}")
     # A normaliser from a forward that rounded its logits differently skews the old form, not the new.
-    skewed = A._halo_backward(q, k, v, rows_t, cols_t, o, lse - 0.5, do, rows, cols, 0.4, 0.6)
+    skewed = halo.halo_backward(q, k, v, rows_t, cols_t, o, lse - 0.5, do, rows, cols, 0.4, 0.6)
     assert float(jnp.max(jnp.abs(skewed[2] - with_forward[2]))) > 0.1 * float(jnp.max(jnp.abs(with_forward[2])))

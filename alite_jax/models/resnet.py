@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alite_jax.models.attention import LocalSelfAttention
+from alite_jax.models.local_attention import LocalSelfAttention
 
 Dtype = Any
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alite_jax.models.attention import check_attention_options
+from alite_jax.models.local_attention import check_attention_options
 from alite_jax.models.resnet import STAGE_WIDTHS, ResNet, check_image_size, scaled
 
 STAGE_SIZES = {

@@ -17,21 +17,21 @@ JAX's default Pallas GPU backend is now Mosaic GPU); float32 operands follow JAX
 setting like XLA's own dots (TF32 by default on GPUs that have it, IEEE float32 under
 ``jax.default_matmul_precision("highest")``).
 
-The backward pass is the pure-JAX halo backward (:func:`alite_jax.models.attention._halo_backward`),
-which recomputes the logits and renormalises them itself rather than reuse the kernel's normaliser:
-on a GPU the kernel's logits (Triton, TF32 by default) and XLA's recomputed ones round differently, and
-a normaliser from one applied to the other scales every softmax weight by exp(the logit difference),
-an error that grows with the logits. That coupling is the suspected cause of the NaN a whole-model
-training step with the kernel gave on an H200 while every single layer matched (benchmarks/RESULTS.md);
-the self-normalising backward removes it by construction, but has not been re-run on a GPU yet
-(``benchmarks/pallas_model_check.py`` is the check). On a backend without a Pallas compiler (the CPU) the
-kernel runs in Pallas' interpret mode: correct, but slow; it is there so the kernel is tested
-everywhere. ``impl="auto"`` does not pick it: on the H200 its forward+backward was no faster than
-``halo``'s (benchmarks/RESULTS.md).
+The backward pass is the pure-JAX halo backward (:func:`.halo.halo_backward`), which recomputes the
+logits and renormalises them itself rather than reuse the kernel's normaliser: on a GPU the kernel's
+logits (Triton, TF32 by default) and XLA's recomputed ones round differently, and a normaliser from one
+applied to the other scales every softmax weight by exp(the logit difference), an error that grows with
+the logits. That coupling is the suspected cause of the NaN a whole-model training step with the kernel
+gave on an H200 while every single layer matched (benchmarks/RESULTS.md); the self-normalising backward
+removes it by construction, but has not been re-run on a GPU yet (``benchmarks/pallas_model_check.py``
+is the check). On a backend without a Pallas compiler (the CPU) the kernel runs in Pallas' interpret
+mode: correct, but slow; it is there so the kernel is tested everywhere. ``impl="auto"`` does not pick
+it: on the H200 its forward+backward was no faster than ``halo``'s (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from alite_jax.models import attention as A
+from alite_jax.models.local_attention import halo
+from alite_jax.models.local_attention.registry import register_impl
 
 _MIN_DIM = 16
 
@@ -61,29 +62,30 @@ def _kernel(q_ref, rel_ref, k_ref, pos_ref, v_ref, o_ref):
     o_ref[...] = (o / denom[:, None]).astype(o_ref.dtype)
 
 
-def _operands(qb, k, v, rel_rows, rel_cols, rows: A.HaloPlan, cols: A.HaloPlan, qk_scale, qr_scale):
+def _operands(qb, k, v, rel_rows, rel_cols, rows: halo.HaloPlan, cols: halo.HaloPlan, qk_scale,
+              qr_scale):
     """The kernel's five operands, every dimension padded to a power of two (at least 16).
 
     G = c*N*I*J blocks. Returns (G, BQ, D) scaled queries, (G, BQ, R) relative terms, (G, P, D) window
     keys, (P, R) window positions (shared by every block), (G, P, D) window values. The relative terms
     (with the mask) and the 0/1 position matrix are the halo impl's own
-    (:func:`~alite_jax.models.attention._halo_rel`, ``_window_positions``); the relative operand's extra
+    (:func:`.halo.halo_rel`, :func:`.halo.window_positions`); the relative operand's extra
     column is -inf-like, and only the keys added by padding have a 1 in that column of ``pos``.
     """
     c, n, ni, nj, bq, d = qb.shape
     f32, dtype = jnp.float32, qb.dtype
     g, p = c * n * ni * nj, rows.window * cols.window
-    rel = A._halo_rel(qb, rel_rows, rel_cols, rows, cols, qr_scale)  # (c, N, I, J, bq, wr + wc)
+    rel = halo.halo_rel(qb, rel_rows, rel_cols, rows, cols, qr_scale)  # (c, N, I, J, bq, wr + wc)
     r0 = rel.shape[-1] + 1
     big_q, big_p, big_d, big_r = _pow2(bq), _pow2(p), _pow2(d), _pow2(r0)
     queries = jnp.pad((qb.reshape(g, bq, d).astype(f32) * qk_scale).astype(dtype),
                       ((0, 0), (0, big_q - bq), (0, big_d - d)))
-    rel = jnp.concatenate([rel.reshape(g, bq, -1), jnp.full((g, bq, 1), A._MASKED, f32)], axis=-1)
+    rel = jnp.concatenate([rel.reshape(g, bq, -1), jnp.full((g, bq, 1), halo.MASKED, f32)], axis=-1)
     rel = jnp.pad(rel.astype(dtype), ((0, 0), (0, big_q - bq), (0, big_r - r0)))
     pos = np.zeros((big_p, big_r), np.float32)
-    pos[:p, :r0 - 1] = A._window_positions(rows.window, cols.window).T
+    pos[:p, :r0 - 1] = halo.window_positions(rows.window, cols.window).T
     pos[p:, r0 - 1] = 1.0  # padding keys: their logit is the query's -inf-like column
-    windows = lambda t: jnp.pad(A._halo_windows(t, rows, cols).reshape(g, p, d),  # noqa: E731
+    windows = lambda t: jnp.pad(halo.halo_windows(t, rows, cols).reshape(g, p, d),  # noqa: E731
                                 ((0, 0), (0, big_p - p), (0, big_d - d)))
     return queries, rel, windows(k), jnp.asarray(pos, dtype), windows(v)
 
@@ -101,7 +103,7 @@ def compiler_params(backend: str) -> object | None:
 def _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale, interpret):
     """Heads-major (B, N, H, W, d) inputs -> output (B, N, H, W, d)."""
     b, n, h, w, d = q.shape
-    qb = A._halo_blocks(q, rows, cols)
+    qb = halo.halo_blocks(q, rows, cols)
     bq = qb.shape[-2]
     queries, rel, keys, pos, values = _operands(qb, k, v, rel_rows, rel_cols, rows, cols, qk_scale,
                                                 qr_scale)
@@ -118,27 +120,38 @@ def _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale,
         compiler_params=None if interpret else compiler_params(jax.default_backend()),
     )(queries, rel, keys, pos, values)
     o = o[:, :bq, :d].reshape(b, n, rows.num_blocks, cols.num_blocks, bq, d)
-    return A._halo_unblocks(o, rows, cols)
+    return halo.halo_unblocks(o, rows, cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasStatic:
+    """The static (non-differentiated) arguments of the Pallas custom VJP."""
+
+    rows: halo.HaloPlan
+    cols: halo.HaloPlan
+    qk_scale: float
+    qr_scale: float
+    interpret: bool
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pallas_attention(q, k, v, rel_rows, rel_cols, static):
+def _pallas_attention(q, k, v, rel_rows, rel_cols, static: PallasStatic):
     return _pallas_attention_fwd(q, k, v, rel_rows, rel_cols, static)[0]
 
 
-def _pallas_attention_fwd(q, k, v, rel_rows, rel_cols, static):
-    rows, cols, qk_scale, qr_scale, interpret = static
-    o = _pallas_forward(q, k, v, rel_rows, rel_cols, rows, cols, qk_scale, qr_scale, interpret)
+def _pallas_attention_fwd(q, k, v, rel_rows, rel_cols, static: PallasStatic):
+    o = _pallas_forward(q, k, v, rel_rows, rel_cols, static.rows, static.cols, static.qk_scale,
+                        static.qr_scale, static.interpret)
     return o, (q, k, v, rel_rows, rel_cols)
 
 
-def _pallas_attention_bwd(static, residuals, do):
+def _pallas_attention_bwd(static: PallasStatic, residuals, do):
     # The kernel's output and normaliser are not reused: the backward renormalises its own recomputed
     # logits (see _halo_backward), so the kernel's different rounding cannot skew the gradient.
-    rows, cols, qk_scale, qr_scale, _ = static
     q, k, v, rel_rows, rel_cols = residuals
-    dq, dk, dv, drows, dcols = A._halo_backward(q, k, v, rel_rows, rel_cols, None, None, do, rows, cols,
-                                                qk_scale, qr_scale)
+    dq, dk, dv, drows, dcols = halo.halo_backward(q, k, v, rel_rows, rel_cols, None, None, do,
+                                                  static.rows, static.cols, static.qk_scale,
+                                                  static.qr_scale)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), drows.astype(rel_rows.dtype),
             dcols.astype(rel_cols.dtype))
 
@@ -146,7 +159,7 @@ def _pallas_attention_bwd(static, residuals, do):
 _pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
 
 
-@A.register_impl("pallas")
+@register_impl("pallas")
 def pallas_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax.Array,
                            rel_cols: jax.Array, *, kernel_size: int, qk_scale: float,
                            qr_scale: float, block: tuple[int, int] | None = None,
@@ -156,11 +169,11 @@ def pallas_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: j
     ``interpret`` defaults to True on the CPU (no Pallas compiler there) and False elsewhere.
     """
     b, h, w, n, d = q.shape
-    bh, bw = block or (A.default_halo_block(h, kernel_size), A.default_halo_block(w, kernel_size))
-    rows, cols = A.halo_plan(h, bh, kernel_size), A.halo_plan(w, bw, kernel_size)
+    bh, bw = block or (halo.default_halo_block(h, kernel_size), halo.default_halo_block(w, kernel_size))
+    rows, cols = halo.halo_plan(h, bh, kernel_size), halo.halo_plan(w, bw, kernel_size)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     heads_major = lambda t: t.transpose(0, 3, 1, 2, 4)  # noqa: E731
     y = _pallas_attention(heads_major(q), heads_major(k), heads_major(v), rel_rows, rel_cols,
-                          (rows, cols, float(qk_scale), float(qr_scale), bool(interpret)))
+                          PallasStatic(rows, cols, float(qk_scale), float(qr_scale), bool(interpret)))
     return y.transpose(0, 2, 3, 1, 4)
