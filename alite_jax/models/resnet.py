@@ -6,8 +6,9 @@ shortcut (1x1 conv + BN, strided) where the shape changes, global average poolin
 
 * Teacher: the spatial layer is a 3x3 convolution (PyTorch-style symmetric padding of 1).
 * Student: every k x k (k > 1) convolution becomes :class:`LocalSelfAttention`; a downsampling block
-  average-pools 2x2 after its attention layer (SASA). ``stem="conv"`` is the hybrid variant,
-  ``stem="attention"`` the homogeneous one (the same simple relative embedding as every other layer).
+  average-pools 2x2 after its attention layer (SASA). The conv stem is the hybrid variant, the
+  attention stem the homogeneous one (the same simple relative embedding as every other layer). The
+  model takes both layers as module factories (``spatial``, ``stem``), which :mod:`.zoo` binds.
 
 ``__call__(x, train)`` returns ``(logits, features)``, where ``features`` are the four stage outputs that
 attention transfer compares (the student's have the teacher's shapes).
@@ -16,7 +17,7 @@ attention transfer compares (the student's have the teacher's shapes).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import flax.linen as nn
@@ -51,13 +52,43 @@ def check_image_size(height: int, width: int) -> None:
             f"Resize, crop or pad the images to such a size.")
 
 
+# Module factories for the two layers that differ between the teacher and the students (as Flax's own
+# ResNet takes ``conv``, ``norm`` and ``block_cls``). Each builds its module under the parameter name
+# that layer has always had, so parameter trees (and exported runs) are the same whichever factory built
+# them. A student's factories are these with the attention options bound (functools.partial).
+SpatialFactory = Callable[[int, int, Dtype], nn.Module]  # (features, stride, dtype) -> layer
+StemFactory = Callable[[int, Dtype], nn.Module]  # (features, dtype) -> layer
+
+
+def conv_spatial(features: int, stride: int, dtype: Dtype) -> nn.Module:
+    """The teacher's spatial layer: a 3x3 convolution (PyTorch-style symmetric padding), strided."""
+    return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=False,
+                   dtype=dtype, kernel_init=conv_init, name="conv2")
+
+
+def attention_spatial(features: int, stride: int, dtype: Dtype, **options: Any) -> nn.Module:
+    """The students' spatial layer: local self-attention (``options``: its attributes), then 2x2
+    average pooling where the block downsamples."""
+    return LocalSelfAttention(features, stride=stride, dtype=dtype, name="attention", **options)
+
+
+def conv_stem(features: int, dtype: Dtype) -> nn.Module:
+    """The teacher's and the hybrid students' stem: a 3x3 stride-1 convolution."""
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                   kernel_init=conv_init, name="stem_conv")
+
+
+def attention_stem(features: int, dtype: Dtype, **options: Any) -> nn.Module:
+    """The homogeneous students' stem: local self-attention (``options``: its attributes)."""
+    return LocalSelfAttention(features, dtype=dtype, name="stem_attention", **options)
+
+
 class Bottleneck(nn.Module):
-    """1x1 reduce -> spatial (3x3 conv or local attention, strided) -> 1x1 expand, plus shortcut."""
+    """1x1 reduce -> spatial (``spatial(width, stride, dtype)``) -> 1x1 expand, plus shortcut."""
 
     width: int
     stride: int
-    spatial: str  # "conv" or "attention"
-    attention: dict
+    spatial: SpatialFactory
     dtype: Dtype
 
     @nn.compact
@@ -67,11 +98,7 @@ class Bottleneck(nn.Module):
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                                  epsilon=1e-5, dtype=self.dtype)
         y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
-        if self.spatial == "conv":
-            y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv2")(y)
-        else:
-            y = LocalSelfAttention(self.width, stride=self.stride, dtype=self.dtype,
-                                   name="attention", **self.attention)(y)
+        y = self.spatial(self.width, self.stride, self.dtype)(y)
         y = nn.relu(norm(name="bn2")(y))
         y = norm(name="bn3")(conv(out_ch, (1, 1), name="conv3")(y))
         if self.stride != 1 or x.shape[-1] != out_ch:
@@ -87,32 +114,26 @@ class ResNet(nn.Module):
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
       num_classes: classifier outputs.
       width: multiplier on every layer's channels (1.0 is the paper's model).
-      stem: "conv" (3x3 conv) or "attention" (local self-attention).
-      spatial: the blocks' spatial layer, "conv" or "attention".
-      attention: LocalSelfAttention options (num_heads, kernel_size, scaling, rel_layout, impl).
+      stem: builds the stem layer, ``stem(features, dtype)``: :func:`conv_stem` (default) or
+        :func:`attention_stem` with the attention options bound.
+      spatial: builds each block's spatial layer, ``spatial(features, stride, dtype)``:
+        :func:`conv_spatial` (default) or :func:`attention_spatial` with the attention options bound.
       dtype: computation dtype; parameters and logits stay float32.
     """
 
     stage_sizes: Sequence[int]
     num_classes: int
     width: float = 1.0
-    stem: str = "conv"
-    spatial: str = "conv"
-    attention: dict | None = None
+    stem: StemFactory = conv_stem
+    spatial: SpatialFactory = conv_spatial
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         chex.assert_rank(x, 4)
         check_image_size(x.shape[1], x.shape[2])
-        attention = dict(self.attention or {})
         x = x.astype(self.dtype)
-        stem_ch = scaled(STAGE_WIDTHS[0], self.width)
-        if self.stem == "conv":
-            x = nn.Conv(stem_ch, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                        kernel_init=conv_init, name="stem_conv")(x)
-        else:
-            x = LocalSelfAttention(stem_ch, dtype=self.dtype, name="stem_attention", **attention)(x)
+        x = self.stem(scaled(STAGE_WIDTHS[0], self.width), self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                          name="stem_bn")(x)
         x = nn.relu(x)
@@ -120,7 +141,7 @@ class ResNet(nn.Module):
         for s, (blocks, base) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
             for i in range(blocks):
                 stride = 2 if s > 0 and i == 0 else 1
-                x = Bottleneck(scaled(base, self.width), stride, self.spatial, attention, self.dtype,
+                x = Bottleneck(scaled(base, self.width), stride, self.spatial, self.dtype,
                                name=f"stage{s + 1}_block{i + 1}")(x, train)
             features.append(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

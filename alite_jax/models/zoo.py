@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alite_jax.models.local_attention import check_attention_options
-from alite_jax.models.resnet import STAGE_WIDTHS, ResNet, check_image_size, scaled
+from alite_jax.models.resnet import (STAGE_WIDTHS, ResNet, attention_spatial, attention_stem,
+                                     check_image_size, conv_stem, scaled)
 
 STAGE_SIZES = {
     "resnet50": (3, 4, 6, 3),
@@ -86,9 +88,9 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
     # Every attention layer's width must suit the head layout: fail here, before any tracing.
     for base in STAGE_WIDTHS if variant == "hybrid" else (STAGE_WIDTHS[0],) + STAGE_WIDTHS:
         check_attention_options(scaled(base, width), stride=1, **attention)
-    return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype,
-                  stem="conv" if variant == "hybrid" else "attention", spatial="attention",
-                  attention=attention)
+    stem = conv_stem if variant == "hybrid" else functools.partial(attention_stem, **attention)
+    return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype, stem=stem,
+                  spatial=functools.partial(attention_spatial, **attention))
 
 
 def init_model(model: ResNet, rng: jax.Array, image_size: int | tuple[int, int] = 32,
