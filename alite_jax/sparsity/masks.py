@@ -27,7 +27,8 @@ Masks = Any
 IsPrunable = Callable[[tuple, Any], bool]
 
 
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+    """``is_leaf`` for mask trees: an unprunable leaf's mask is None, which jax.tree would drop."""
     return x is None
 
 
@@ -76,7 +77,7 @@ def unit_view(x: jax.Array, structure: str) -> jax.Array:
 def apply_masks(params: Params, masks: Masks) -> Params:
     """Zeroes the inactive weights of ``params`` (leaves with mask None are returned as they are)."""
     return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-                        masks, params, is_leaf=_is_none)
+                        masks, params, is_leaf=is_none)
 
 
 def count_nonzero_masked(masks: Masks) -> tuple[int, int]:
@@ -95,7 +96,7 @@ def global_density(masks: Masks) -> float:
 
 def layer_densities(masks: Masks) -> dict[str, float]:
     """{'stage1_block1/conv1/kernel': density, ...} for every prunable leaf, in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
     return {path_name(p): float(jnp.mean(m)) for p, m in flat if m is not None}
 
 

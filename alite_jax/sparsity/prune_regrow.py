@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alite_jax.sparsity.masks import Masks, Params, _is_none, allocate, rank_of, unit_view
+from alite_jax.sparsity.masks import Masks, Params, is_none, allocate, rank_of, unit_view
 from alite_jax.sparsity.transform import find_momentum, find_state, replace_momentum, replace_state
 
 SCHEDULES = ("linear", "cosine")
@@ -41,7 +41,7 @@ FULL_RATE_STEPS = 20  # steps between rounds below which a round prunes proporti
 def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: jax.Array, *,
                   structure: str, budget: int, min_units: tuple[int, ...], redistribution: str,
                   reset_regrown_momentum: bool) -> tuple[Params, Masks, Params]:
-    flat_masks, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+    flat_masks, treedef = jax.tree.flatten(masks, is_leaf=is_none)
     flat_params = treedef.flatten_up_to(params)
     flat_mom = treedef.flatten_up_to(momentum)
     idx = [i for i, m in enumerate(flat_masks) if m is not None]

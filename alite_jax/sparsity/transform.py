@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, _is_none,
+from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, is_none,
                                       draw_masks, layer_units)
 
 REDISTRIBUTIONS = ("momentum", "none")
@@ -211,7 +211,7 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         # Inactive weights get -w: zero after optax.apply_updates even if params were never masked
         # (and exactly 0 when they were, so later linear transforms such as weight decay keep them 0).
         updates = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-                               state.masks, updates, params, is_leaf=_is_none)
+                               state.masks, updates, params, is_leaf=is_none)
         return updates, dataclasses.replace(state, inner_state=inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
