@@ -154,7 +154,8 @@ def format_table(costs: dict[str, Any]) -> str:
     lines = [f"{'layer':<36} {'kind':<9} {'params':>10} {'density':>7} {'MMACs':>9} {'MMACs sparse':>12}"]
     for layer in costs["per_layer"]:
         lines.append(f"{layer['name']:<36} {layer['kind']:<9} {layer['params']:>10,} "
-                     f"{layer['density']:>7.3f} {layer['macs'] / 1e6:>9.2f} {layer['macs_sparse'] / 1e6:>12.2f}")
+                     f"{layer['density']:>7.3f} {layer['macs'] / 1e6:>9.2f} "
+                     f"{layer['macs_sparse'] / 1e6:>12.2f}")
     lines += ["", f"params {costs['params']:,} (prunable {costs['params_prunable']:,}, non-zero "
                   f"{costs['params_nonzero']:,.0f}, density of prunable {costs['density']:.3f})",
               f"MACs {costs['macs'] / 1e9:.3f} G dense, {costs['macs_sparse'] / 1e9:.3f} G sparse; "

@@ -706,7 +706,8 @@ def summary_lines(results: "Results", args: argparse.Namespace) -> list[str]:
                          for label, r in students.items())
         lines.append(f"{group.label}: student CE step / teacher CE step images/s: {each} (best "
                      f"{impl}: {student.images_per_s / teacher.images_per_s:.2f}, target >= 1.0)")
-        s_inf = {label.split("impl=")[-1]: r for label, r in ok.items() if label.startswith(STUDENT_INFERENCE)}
+        s_inf = {label.split("impl=")[-1]: r for label, r in ok.items()
+                 if label.startswith(STUDENT_INFERENCE)}
         if t_inf and s_inf:
             best_inf = max(s_inf.values(), key=lambda r: r.images_per_s)
             each = ", ".join(f"{i} {r.images_per_s / t_inf.images_per_s:.2f}" for i, r in s_inf.items())
@@ -727,10 +728,12 @@ def summary_lines(results: "Results", args: argparse.Namespace) -> list[str]:
             lines.append(f"{group.label}: FAILED: {', '.join(failed)}")
     m = results.meta
     lines.append(f"machine: {m['device_kind']} x{m['devices']} ({m['backend']}, {m['platform_version']}), "
-                 f"CPU {m['cpu']} x{m['cpu_count']}; jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
-                 f"optax {m['optax']}, python {m['python']}; matmul precision {m['default_matmul_precision']}")
+                 f"CPU {m['cpu']} x{m['cpu_count']}; jax {m['jax']}, jaxlib {m['jaxlib']}, "
+                 f"flax {m['flax']}, optax {m['optax']}, python {m['python']}; matmul precision "
+                 f"{m['default_matmul_precision']}")
     if results.skipped:
-        lines.append(f"skipped at the deadline (--deadline-s {args.deadline_s:.0f}): {'; '.join(results.skipped)}")
+        lines.append(f"skipped at the deadline (--deadline-s {args.deadline_s:.0f}): "
+                     f"{'; '.join(results.skipped)}")
     return lines
 
 
@@ -766,7 +769,8 @@ class Results:
         if self.layers:
             out += ["## Layers (k=7, 8 heads; ms = median per call; x conv = time / the same-width 3x3 "
                     "conv's)", "",
-                    "| setting | layer | C | entry | fwd ms | x conv | fwd+bwd ms | x conv | peak GiB | check |",
+                    "| setting | layer | C | entry | fwd ms | x conv | fwd+bwd ms | x conv | peak GiB "
+                    "| check |",
                     "|---|---|---|---|---|---|---|---|---|---|"]
             for (g, size, c, _), rows in self.layers.items():
                 for r in rows:
@@ -780,7 +784,8 @@ class Results:
             out.append("")
         if self.models:
             out += ["## Models (width 1.0, 10 classes)", "",
-                    "| setting | what | params | ms | images/s | peak GiB | compile s |", "|---|---|---|---|---|---|---|"]
+                    "| setting | what | params | ms | images/s | peak GiB | compile s |",
+                    "|---|---|---|---|---|---|---|"]
             for g, rows in self.models.items():
                 for label, r in rows.items():
                     if r.error:

@@ -76,7 +76,8 @@ def main() -> int:
           f"{float(jnp.max(jnp.abs(halo_inf))):.2e}), pallas finite {finite(pallas_inf)}")
     bad = not finite(pallas_inf) and finite(halo_inf)
     for i, ((lh, logh, gh), (lp, logp, gp)) in enumerate(zip(halo, pallas)):
-        grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(gh), jax.tree.leaves(gp)))
+        grad_diff = max(float(jnp.max(jnp.abs(a - b)))
+                        for a, b in zip(jax.tree.leaves(gh), jax.tree.leaves(gp)))
         grad_scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(gh))
         nonfinite = [jax.tree_util.keystr(k) for k, a in jax.tree_util.tree_leaves_with_path(gp)
                      if not bool(jnp.all(jnp.isfinite(a)))]

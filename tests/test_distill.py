@@ -133,7 +133,8 @@ def as_jax(sl, tl, labels, sf, tf, dtype=jnp.float32):
 # The tiny attention-transfer case used by several hand-computed tests:
 # student f = (2, -2, 2, 1) on a 1x2x2x1 grid -> |f|^2 = (4, 4, 4, 1), ||.|| = sqrt(16+16+16+1) = 7,
 #   map_S = (4, 4, 4, 1) / 7;
-# teacher f = 1 everywhere (1x2x2x3) -> channel mean of f^2 = (1, 1, 1, 1), ||.|| = 2, map_T = (1, 1, 1, 1) / 2.
+# teacher f = 1 everywhere (1x2x2x3) -> channel mean of f^2 = (1, 1, 1, 1), ||.|| = 2,
+#   map_T = (1, 1, 1, 1) / 2.
 # map_S - map_T = (1/14, 1/14, 1/14, -5/14); squares sum to (1 + 1 + 1 + 25) / 196 = 1/7;
 # mean over the 4 positions (batch 1) = 1/28.
 F_S = np.array([2.0, -2.0, 2.0, 1.0], np.float32).reshape(1, 2, 2, 1)
@@ -164,7 +165,8 @@ def test_kd_by_hand_t1():
     # Mean over the batch, not the sum: a second row with equal distributions (KL 0) halves it.
     s2, t2 = jnp.array([[0.0, 0.0], [5.0, 5.0]]), jnp.array([[0.0, LN3], [1.0, 1.0]])
     assert float(kd_loss(s2, t2, temperature=1.0)) == pytest.approx(expected / 2, rel=1e-6)
-    # Direction of the KL: KL(q || p) = 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = ln(4/3)/2 ~= 0.1438 differs.
+    # Direction of the KL: KL(q || p) = 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = ln(4/3)/2 ~= 0.1438
+    # differs.
     assert float(kd_loss(t, s, temperature=1.0)) == pytest.approx(math.log(4 / 3) / 2, rel=1e-6)
 
 
@@ -175,8 +177,8 @@ def test_kd_identical_logits_is_zero():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_kd_scales_as_t_squared(temperature):
-    # Teacher [0, T ln 3] at temperature T is softmax([0, ln 3]) = (1/4, 3/4); student [0, 0] stays (1/2, 1/2),
-    # so the KL is the T = 1 value (3/4 ln3 - ln2) and the loss is T^2 times it.
+    # Teacher [0, T ln 3] at temperature T is softmax([0, ln 3]) = (1/4, 3/4); student [0, 0] stays
+    # (1/2, 1/2), so the KL is the T = 1 value (3/4 ln3 - ln2) and the loss is T^2 times it.
     s, t = jnp.array([[0.0, 0.0]]), jnp.array([[0.0, temperature * LN3]])
     expected = temperature**2 * (0.75 * LN3 - LN2)
     assert float(kd_loss(s, t, temperature=temperature)) == pytest.approx(expected, rel=1e-6)
@@ -353,8 +355,8 @@ def test_jit_with_traced_hyperparameters():
     np.testing.assert_allclose(float(jax.jit(kd_loss)(sl, tl, 2.0)), float(kd_loss(sl, tl, 2.0)), rtol=1e-6)
     np.testing.assert_allclose(float(jax.jit(attention_transfer_loss)(sf, tf, 2.0)),
                                float(attention_transfer_loss(sf, tf, 2.0)), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(jax.jit(attention_map)(sf[0], 2.0)), np.asarray(attention_map(sf[0])),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(attention_map)(sf[0], 2.0)),
+                               np.asarray(attention_map(sf[0])), rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["kd", "kd+at"])
@@ -413,7 +415,8 @@ def test_at_gradient_matches_finite_differences():
     shapes = (((2, 4, 4, 3), (2, 2, 2, 5)), ((2, 2, 2, 3), (2, 2, 2, 2)))  # the first pools the student
     sf = [(rng.standard_normal(s) + 1.0).astype(np.float32) for s, _ in shapes]
     tf = [rng.standard_normal(t).astype(np.float32) for _, t in shapes]
-    got = jax.jit(jax.grad(attention_transfer_loss))([jnp.asarray(f) for f in sf], [jnp.asarray(f) for f in tf])
+    got = jax.jit(jax.grad(attention_transfer_loss))([jnp.asarray(f) for f in sf],
+                                                     [jnp.asarray(f) for f in tf])
     for i in range(len(sf)):
         def fn(x, i=i):
             return np_at([x if j == i else f for j, f in enumerate(sf)], tf)

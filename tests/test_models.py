@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alite_jax.models import (ZOO, abstract_variables, count_params, create_model, init_model,
-                              summary)
+from alite_jax.models import ZOO, abstract_variables, count_params, create_model, init_model, summary
 
 # Trainable parameters (BN scale/bias in, running statistics out), as PyTorch's parameters() counts them.
 EXPECTED_PARAMS = {

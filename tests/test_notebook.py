@@ -50,7 +50,8 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
         out = printed(cells[tag])
         assert re.search(r"steps/s [\d.]+ images/s ETA \d+h\d\dm\d\ds", out), out[-2000:]
         assert "epoch 3:" in out
-    pngs = [base64.b64decode(o.data["image/png"]) for o in cells["plots"].outputs if "image/png" in o.get("data", {})]
+    pngs = [base64.b64decode(o.data["image/png"]) for o in cells["plots"].outputs
+            if "image/png" in o.get("data", {})]
     assert len(pngs) == 2 and all(p[:8] == b"\x89PNG\r\n\x1a\n" and len(p) > 5000 for p in pngs)
 
     table = printed(cells["table"]).splitlines()

@@ -1,4 +1,5 @@
-"""Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading results."""
+"""Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading
+results."""
 
 import json
 import os

@@ -1,8 +1,9 @@
 """Bottleneck ResNets in the CIFAR layout: the ResNet-50 teacher and the SA-ResNet students.
 
-One skeleton serves both (the README's *The models*): a 3x3 stride-1 stem (no max-pool), four stages of bottleneck
-blocks of widths 64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a projection
-shortcut (1x1 conv + BN, strided) where the shape changes, global average pooling and a dense head.
+One skeleton serves both (the README's *The models*): a 3x3 stride-1 stem (no max-pool), four stages of
+bottleneck blocks of widths 64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a
+projection shortcut (1x1 conv + BN, strided) where the shape changes, global average pooling and a dense
+head.
 
 * Teacher: the spatial layer is a 3x3 convolution (PyTorch-style symmetric padding of 1).
 * Student: every k x k (k > 1) convolution becomes :class:`LocalSelfAttention`; a downsampling block

@@ -14,6 +14,7 @@ from alite_jax.sparsity.transform import REDISTRIBUTIONS, SparseLearningState, g
 
 __all__ = [
     "DISTRIBUTIONS", "REDISTRIBUTIONS", "SCHEDULES", "STRUCTURES", "SparseLearningState", "apply_masks",
-    "default_is_prunable", "draw_masks", "get_masks", "global_density", "init_masks", "layer_densities", "layer_units",
+    "default_is_prunable", "draw_masks", "get_masks", "global_density", "init_masks", "layer_densities",
+    "layer_units",
     "prune_and_regrow", "prune_rate_schedule", "sparse_learning",
 ]
