@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "distill"                # "teacher" | "baseline" | "distill"
     c.seed = 0                        # parameter init and initial masks (data: data.seed)
     c.num_epochs = 200
+    # model: the zoo's options (alite_jax.models.create_model; docs/architectures.md).
     c.model = ml_collections.ConfigDict(dict(
         name="sa_resnet26", variant="hybrid", width=1.0, num_heads=8, kernel_size=7, scaling="paper",
         rel_layout="per_head", impl="auto", dtype="float32"))
@@ -31,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
         full_rate_steps=20, redistribution="momentum", min_layer_fraction=0.25,
         reset_regrown_momentum=True))
+    # distill: eq. 2's terms and weights (alite_jax.distill; docs/losses.md says where each comes from).
     c.distill = ml_collections.ConfigDict(dict(loss="kd+at", alpha=0.1, beta=1000.0, temperature=4.0))
     # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
     # distillation step ("": as it was trained; "bfloat16" halves its cost on bf16 hardware).

@@ -2,7 +2,7 @@
 
 Counted analytically: the model is traced abstractly (``jax.eval_shape``, no compile, any image size)
 and every ``nn.Conv``, ``nn.Dense`` and ``LocalSelfAttention`` call is recorded with its input and
-output shapes. Conventions (also in the README's *Costs and reports*):
+output shapes. Conventions (docs/costs.md gives their sources and the tests that pin the numbers):
 
 * a convolution: H_out x W_out x kh x kw x C_in x C_out MACs; a dense layer: C_in x C_out per position;
   normalisation, activations, pooling and additions are not counted (as in the usual ResNet counts);
@@ -141,7 +141,8 @@ def reductions(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, fl
     ``param_reduction_vs_teacher`` counts the student's true non-zero parameters (pruned kernels at
     their density, every unpruned parameter in full). ``param_reduction_paper`` is the paper's
     arithmetic, teacher params / (density x all student params), which ignores that normalisation
-    parameters and biases are not pruned (28.3x for SA-ResNet26 at d = 0.1 instead of 27.1x).
+    parameters and biases are not pruned (28.3x for SA-ResNet26 at d = 0.1 instead of 27.1x;
+    docs/costs.md).
     """
     return dict(param_reduction_vs_teacher=teacher["params"] / student["params_nonzero"],
                 param_reduction_paper=teacher["params"] / (student["density"] * student["params"]),

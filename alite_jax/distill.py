@@ -1,5 +1,7 @@
 """The distillation loss of AttentionLite (paper eq. 2), in one module.
 
+docs/losses.md gives each convention below with its public source and the test that pins it.
+
 Eq. 2 trains the student on three terms::
 
     L = alpha * CE(z_S, y) + (1 - alpha) * rho^2 * KL(softmax(z_T / rho) || softmax(z_S / rho))
@@ -17,10 +19,10 @@ Eq. 2 trains the student on three terms::
   pair's loss is the mean over batch and positions of the squared difference of the student's and the
   teacher's maps (the mean-squared form of their reference code and of CRD's ``Attention``), summed
   over the pairs (the four stage outputs). Eq. 2 writes beta/2 in front of that sum (and each pair's
-  term as a plain norm of the difference of the normalised maps); with the mean-squared form used here
-  it is exactly the AT reference code's ``beta/2 * sum(at_losses)``, and only with this form does the
-  paper's beta = 1000 give the term a sensible weight. CRD's code multiplies the same sum by beta
-  without the /2, so CRD's setting corresponds to ``beta=2000`` here.
+  term as a plain norm of the difference of the normalised maps); this module keeps eq. 2's beta/2 with
+  the reference codes' mean-squared form, the form with which the paper's beta = 1000 gives the term a
+  sensible weight. Both reference codes (AT's and CRD's) multiply the sum by beta without the /2, so
+  their setting corresponds to ``beta=2000`` here (docs/losses.md).
 * When a pair's spatial sizes differ, the larger feature map is average-pooled down to the smaller
   size before taking maps (CRD: ``F.adaptive_avg_pool2d``); only integer ratios are supported, where
   that adaptive pooling is plain block-mean pooling. Student and teacher may differ in channels, since
@@ -65,7 +67,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 4.0) -> jax.Array:
     """Hinton's KD: T**2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch.
 
-    Same as CRD's ``DistillKL``. The teacher logits are stop-gradient'ed: only the student learns.
+    Same as CRD's ``DistillKL`` (docs/losses.md). The teacher logits are stop-gradient'ed: only the
+    student learns.
     """
     _check_logits(student_logits)
     chex.assert_equal_shape([student_logits, teacher_logits])
@@ -83,7 +86,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
 def attention_map(features: jax.Array, p: float = 2.0) -> jax.Array:
     """Zagoruyko's spatial attention map: (B, H, W, C) -> (B, H*W), channel mean of |f|**p, L2-normalised.
 
-    Normalised as ``x / max(||x||_2, 1e-12)`` (torch ``F.normalize``), in float32.
+    Normalised as ``x / max(||x||_2, 1e-12)`` (torch ``F.normalize``), in float32; docs/losses.md.
     """
     chex.assert_rank(features, 4)
     b, h, w, _ = features.shape
@@ -165,8 +168,8 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Non
     * ``"kd"``:    alpha * CE + (1 - alpha) * KD;
     * ``"kd+at"``: alpha * CE + (1 - alpha) * KD + (beta / 2) * AT.
 
-    The beta/2 is eq. 2's, and with the mean-squared AT it is the AT reference code's
-    ``beta/2 * sum(at_losses)``; CRD's code uses beta without the /2, i.e. ``beta=2000`` here.
+    The beta/2 is eq. 2's; the AT and CRD reference codes multiply the same mean-squared sum by beta
+    without the /2, i.e. ``beta=2000`` here (docs/losses.md).
     The dict holds only the terms of the mode, all float32 scalars. Inputs not used by the mode
     (teacher logits for "ce", features for "ce" and "kd") may be None.
     """

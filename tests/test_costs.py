@@ -1,5 +1,6 @@
 """Cost accounting: the paper's reference numbers, hand-computed masked counts, XLA cross-check."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 from alite_jax import sparsity
 from alite_jax.costs import count_costs, layer_costs, reductions
 from alite_jax.models import abstract_variables, create_model
+from alite_jax.models.resnet import ResNet, attention_spatial
+from alite_jax.models.zoo import ATTENTION_DEFAULTS
 
 
 def test_reference_macs_and_reductions():
@@ -32,6 +35,34 @@ def test_reference_macs_and_reductions():
     # 4x the compute at 64x64 (Tiny-ImageNet keeps the stride-1 stem), up to the head.
     assert count_costs(create_model("resnet50", 200), 64)["macs"] == pytest.approx(
         4 * 1_297_829_888, rel=1e-3)
+
+
+def test_counts_of_published_models():
+    """The published numbers docs/costs.md and docs/architectures.md compare with."""
+    # SASA's ImageNet layout (its Table 1, conv stem): a 7x7 stride-2 stem conv 3 -> 64 at 112x112 and a
+    # 3x3 stride-2 max-pool, so the stages run at 56x56 as they do here with a 56x56 input.
+    def imagenet(model):
+        costs = count_costs(model, 56)
+        stem = next(layer for layer in costs["per_layer"] if layer["name"] == "stem_conv")
+        stem_7x7 = 7 * 7 * 3 * 64
+        return (costs["params"] - stem["params"] + stem_7x7,
+                2 * (costs["macs"] - stem["macs"] + 112 * 112 * stem_7x7))
+
+    sa50 = ResNet((3, 4, 6, 3), 1000, spatial=functools.partial(attention_spatial, **ATTENTION_DEFAULTS))
+    published = [(create_model("sa_resnet26", 1000), 10.3e6, 4.5e9),
+                 (create_model("sa_resnet38", 1000), 14.1e6, 5.7e9), (sa50, 18.0e6, 7.0e9)]
+    for model, params, flops in published:
+        ours = imagenet(model)
+        assert ours[0] == pytest.approx(params, rel=0.01) and ours[1] == pytest.approx(flops, rel=0.01)
+    # The paper's Table 1 reductions by its arithmetic (teacher / (d x student params)).
+    teacher = count_costs(create_model("resnet50", 10), 32)
+    column = reductions(count_costs(create_model("sa_resnet26", 10), 32, density=0.5), teacher)
+    assert column["param_reduction_paper"] == pytest.approx(5.66, abs=0.005)
+    sparse = reductions(count_costs(create_model("sa_resnet26", 10), 32, density=0.1), teacher)
+    assert sparse["flops_reduction_vs_teacher"] == pytest.approx(10.9, abs=0.05)
+    tiny = reductions(count_costs(create_model("sa_resnet26", 200), 64, density=0.25),
+                      count_costs(create_model("resnet50", 200), 64))
+    assert tiny["param_reduction_paper"] == pytest.approx(11.0, abs=0.05)
 
 
 def test_attention_layer_counted_by_the_convention():

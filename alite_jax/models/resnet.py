@@ -1,9 +1,9 @@
 """Bottleneck ResNets in the CIFAR layout: the ResNet-50 teacher and the SA-ResNet students.
 
-One skeleton serves both (the README's *The models*): a 3x3 stride-1 stem (no max-pool), four stages of
-bottleneck blocks of widths 64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a
-projection shortcut (1x1 conv + BN, strided) where the shape changes, global average pooling and a dense
-head.
+One skeleton serves both: a 3x3 stride-1 stem (no max-pool), four stages of bottleneck blocks of widths
+64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a projection shortcut (1x1
+conv + BN, strided) where the shape changes, global average pooling and a dense head.
+docs/architectures.md gives the public source of each rule here and the parameter counts the tests pin.
 
 * Teacher: the spatial layer is a 3x3 convolution (PyTorch-style symmetric padding of 1).
 * Student: every k x k (k > 1) convolution becomes :class:`LocalSelfAttention`; a downsampling block
@@ -31,7 +31,8 @@ Dtype = Any
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
-# He normal over fan-out, as torchvision and the public SASA code initialise convolutions.
+# He normal over fan-out, as torchvision's ResNet initialises its convolutions and the public SASA code
+# its attention projections (docs/architectures.md).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 

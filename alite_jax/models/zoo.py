@@ -5,6 +5,9 @@
 | resnet50     | 3, 4, 6, 3       | 3x3 conv (the teacher)        | 23,520,842                   |
 | sa_resnet26  | 1, 2, 4, 1       | 7x7 local self-attention      | 8,306,442 (hybrid)           |
 | sa_resnet38  | 2, 3, 5, 2       | 7x7 local self-attention      | 12,154,442 (hybrid)          |
+
+The counts are trainable parameters (BatchNorm scale and bias, not its running statistics), pinned by
+tests/test_models.py; docs/architectures.md says where each published count comes from.
 """
 
 from __future__ import annotations

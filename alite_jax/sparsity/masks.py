@@ -36,7 +36,8 @@ def default_is_prunable(path: tuple, leaf: Any) -> bool:
     """Every conv and dense kernel: leaves named ``kernel`` with at least 2 dimensions.
 
     That covers the convolutions, the attention projections (query/key/value) and the classifier, and
-    leaves out biases, BatchNorm scales and biases and the relative position embeddings.
+    leaves out biases, BatchNorm scales and biases and the relative position embeddings (sparse
+    momentum's code leaves out only biases and BatchNorm; docs/sparse_learning.md).
     """
     last = path[-1] if path else None
     name = getattr(last, "key", getattr(last, "name", None))
@@ -159,7 +160,8 @@ def rank_of(score: jax.Array) -> jax.Array:
 
 
 def distribution_shares(shapes: list[tuple[int, ...]], distribution: str) -> np.ndarray:
-    """Per-layer proportions of the budget: uniform (by size) or Erdos-Renyi-Kernel (RigL).
+    """Per-layer proportions of the budget: uniform (by size) or Erdos-Renyi-Kernel (RigL; see the sources
+    in docs/sparse_learning.md).
 
     Uniform gives every layer the same density. ERK makes a layer's density proportional to
     sum(shape) / prod(shape), so its share of weights is proportional to sum(shape); layers that would

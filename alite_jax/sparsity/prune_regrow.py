@@ -126,7 +126,8 @@ def prune_rate_schedule(p0: float, num_epochs: int, kind: str = "linear", *,
                         full_rate_steps: int = FULL_RATE_STEPS) -> Callable[[int], float]:
     """Prune rate of the round after epoch e (0-based): p0 at e = 0, decaying to 0 at the last epoch.
 
-    "linear" is the paper's (Algorithm 1); "cosine" is the public sparse-momentum code's alternative.
+    "linear" is the paper's (Algorithm 1); "cosine" is the public sparse-momentum code's alternative
+    (``CosineDecay``; docs/sparse_learning.md).
     Prune/regrow runs after every epoch but the last, so the rates used are those of e < num_epochs - 1.
 
     With ``steps_per_epoch`` given, rounds fewer than ``full_rate_steps`` steps apart prune

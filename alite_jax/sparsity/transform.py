@@ -3,7 +3,7 @@
 The wrapper (jaxpruner style) feeds the DENSE gradient to the inner optimizer, so its momentum keeps
 accumulating for inactive weights (the regrowth signal of sparse momentum, Dettmers & Zettlemoyer 2019),
 and returns updates that keep inactive weights exactly zero. Masks live in the optimizer state, so they
-are checkpointed and sharded with it.
+are checkpointed and sharded with it. docs/sparse_learning.md gives the sources and the defaults' reasons.
 """
 
 from __future__ import annotations

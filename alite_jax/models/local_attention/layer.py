@@ -8,7 +8,8 @@ with q = x W_Q, k = x W_K, v = x W_V (1x1 projections, no bias), N heads of d = 
 heads concatenated. Parameters per layer: 3 C_in C_out (projections) + k C_out (relative embeddings);
 they do not grow with k.
 
-Choices the paper leaves open, and what this module does:
+Choices the paper leaves open, and what this module does (docs/architectures.md gives the public sources,
+among them the PyTorch SASA code meant by "the public SASA code" below):
 
 * Relative embedding. r_{da,db} is a row-offset embedding (k x C_out/2) concatenated with a column-offset
   embedding (k x C_out/2). ``rel_layout="per_head"`` (default) splits WITHIN each head: the first d/2
@@ -21,7 +22,8 @@ Choices the paper leaves open, and what this module does:
 * Borders. Neighbours outside the image are excluded from the softmax (masked), instead of the public
   code's zero-padded keys that still take part in it. Every pixel attends at least to itself.
 * Stride. A stride s > 1 is the stride-1 attention followed by s x s average pooling with stride s
-  (SASA §4: "spatial downsampling ... 2x2 average pooling with stride 2 after the attention layer").
+  (SASA, "Replacing Spatial Convolutions": a 2x2 average pooling with stride 2 follows the attention
+  layer where spatial downsampling is required).
 * Initialisation. Projections: He normal over fan-out (the public SASA code's kaiming_normal_,
   mode='fan_out'); relative embeddings: N(0, 1), as in that code.
 * Precision. With ``dtype=jnp.bfloat16`` the projections and the neighbourhood products run in bfloat16;
