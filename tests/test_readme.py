@@ -23,5 +23,5 @@ def test_setup_commands_and_ci_agree():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
     assert commands[:2] == ["pip install -e . && python -m alite_jax.main --config=configs/demo.py "
                             "--workdir=demo_run",
-                            "pip install -e '.[test]' && python -m pytest -n 2 -q"]
+                            "pip install -e '.[test]' && ruff check . && python -m pytest -n 2 -q"]
     assert commands[1].replace("pip", "python -m pip", 1) in (ROOT / ".ci/run").read_text()
