@@ -5,6 +5,10 @@ A config is an ml_collections file (``configs/``); ``--config.<field>=value`` ov
 phase in ``<workdir>/<phase>``, in ``phase_order``; relative teacher and baseline paths of a phase are
 taken inside the workdir. Running again in the same workdir resumes where it stopped.
 
+Exit status: 0 when the run finished. 2 for a user error (a bad setting, a missing or mismatched file,
+a diverged run): one line ``error: <what and how to fix it>`` on stderr. Any other error is a bug: its
+traceback is printed and the status is 1.
+
 Multi-host (several TPU hosts, GPU hosts or one process per GPU): start the same command in every
 process; ``--distributed`` (``auto``, ``on``, ``off``; see :mod:`alite_jax.distributed`) starts JAX's
 multi-controller runtime first, when the environment asks for it.
@@ -13,12 +17,17 @@ multi-controller runtime first, when the environment asks for it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alite_jax import distributed, train
+from alite_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=False)
@@ -46,6 +55,44 @@ def run(config, workdir: str) -> None:
         train.train_and_evaluate(phase, os.path.join(workdir, name))
 
 
+def _exit_with_user_error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _innermost_user_error(error: BaseException | None) -> UserError | None:
+    """The innermost :class:`UserError` in an exception's chain: config_flags re-raises an exception of a
+    config file's ``get_config`` (e.g. an unknown ``:switch``) with its traceback as the message."""
+    found = None
+    while error is not None:
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the user errors in ``--config`` on one line and exit status 2: a config
+    file that cannot be loaded, a :class:`UserError` raised while building the config. Other flag errors
+    get absl's own report (status 1), with the traceback of an error inside a config file."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        user_error = _innermost_user_error(e)
+        if user_error is None:  # as absl reports it
+            sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                             f"Pass --helpshort or --helpfull to see help on flags.\n")
+            sys.exit(1)
+        _exit_with_user_error(f"--config: {user_error}")
+    config = _CONFIG.value
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+        try:  # config_flags keeps a file it could not load as an object that raises when used
+            config.to_dict()
+        except OSError as e:
+            _exit_with_user_error(f"--config: {e.__cause__ or e}")
+    return rest
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -55,9 +102,12 @@ def main(argv: list[str]) -> None:
                              "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:  # the user's to fix: one line, no traceback
+        _exit_with_user_error(str(e))
     distributed.say(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

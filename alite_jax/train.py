@@ -37,7 +37,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, distill, report, sparsity
+from alite_jax.config import check_ranges
 from alite_jax.distributed import is_leader, say
+from alite_jax.errors import ConfigError, DivergedError, MissingFileError, user_input
 from alite_jax.models import (STUDENTS, abstract_variables, compute_dtype, count_params, create_model,
                               init_model)
 
@@ -104,45 +106,52 @@ def teacher_paths(workdir: str) -> tuple[str, str]:
     return os.path.join(workdir, "config.json"), os.path.join(workdir, "model")
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
-    """Raises ValueError/FileNotFoundError for a config that cannot run; returns the number of classes."""
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
-    if config.num_epochs < 1:
-        raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
-    num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
-    model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
-    if config.mode == "distill" and config.teacher.get("dtype", ""):
-        compute_dtype(config.teacher.dtype)
-    data.check_data_config(config.data, num_devices, jax.process_count())
+def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Raises :class:`ConfigError` for settings that cannot run, reading no file but the data set's
+    metadata; returns the number of classes. :func:`check_config` adds the teacher run's checks."""
+    with user_input():
+        if config.mode not in MODES:
+            raise ConfigError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+        check_ranges(config)
+        num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
+        model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
+        if config.mode == "distill" and config.teacher.get("dtype", ""):
+            compute_dtype(config.teacher.dtype)
+        data.check_data_config(config.data, num_devices, jax.process_count())
+        if config.mode == "distill":
+            if config.distill.loss not in distill.MODES:
+                raise ConfigError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse "
+                                  f"training without a teacher), got {config.distill.loss!r}")
+            make_optimizer(config, steps_per_epoch=1)  # bad sparsity options raise here
+            s = config.sparsity
+            sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
+                                         full_rate_steps=s.full_rate_steps)
     if config.mode == "teacher" and config.model.name in STUDENTS:
         logging.warning("training a self-attention model as a teacher (mode='teacher')")
-    if config.mode == "distill":
-        if not 0.0 < config.sparsity.density <= 1.0:
-            raise ValueError(f"config.sparsity.density must be in (0, 1], got {config.sparsity.density}")
-        if config.distill.loss not in distill.MODES:
-            raise ValueError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse training "
-                             f"without a teacher), got {config.distill.loss!r}")
-        make_optimizer(config, steps_per_epoch=1)  # bad sparsity options raise here
-        s = config.sparsity
-        sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
-                                     full_rate_steps=s.full_rate_steps)
+    return num_classes
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Raises a :class:`alite_jax.errors.UserError` (a ValueError or FileNotFoundError too) for a config
+    that cannot run: a field outside its range, unknown names, a missing teacher run or one trained on
+    other data. Returns the number of classes."""
+    num_classes = check_fields(config, num_devices)
     if needs_teacher(config):
         config_path, model_path = teacher_paths(config.teacher.workdir)
         if not config.teacher.workdir or not os.path.exists(config_path) or not os.path.exists(model_path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no finished teacher run at config.teacher.workdir={config.teacher.workdir!r} (it needs "
                 f"config.json and model/). Train the teacher first, e.g. python -m alite_jax.main "
                 f"--config=configs/teacher_cifar10.py --workdir=<dir>, and point teacher.workdir at it.")
         with open(config_path) as f:
             teacher = ml_collections.ConfigDict(json.load(f))
         if teacher.data.dataset != config.data.dataset or teacher.num_classes != num_classes:
-            raise ValueError(f"the teacher at {config.teacher.workdir} was trained on "
-                             f"{teacher.data.dataset} ({teacher.num_classes} classes), not on "
-                             f"{config.data.dataset} ({num_classes} classes)")
+            raise ConfigError(f"the teacher at {config.teacher.workdir} was trained on "
+                              f"{teacher.data.dataset} ({teacher.num_classes} classes), not on "
+                              f"{config.data.dataset} ({num_classes} classes)")
         if teacher.data.image_size != config.data.image_size:
-            raise ValueError(f"the teacher at {config.teacher.workdir} takes {teacher.data.image_size}px "
-                             f"images, the student {config.data.image_size}px")
+            raise ConfigError(f"the teacher at {config.teacher.workdir} takes {teacher.data.image_size}px "
+                              f"images, the student {config.data.image_size}px")
     return num_classes
 
 
@@ -346,6 +355,15 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
+def _diverged(what: str, manager: ocp.CheckpointManager) -> DivergedError:
+    """The error for a NaN or infinite loss: where it happened, the last good checkpoint, what to do."""
+    step = manager.latest_step()
+    last = (f"The last good checkpoint is step {step} in {manager.directory}." if step is not None
+            else "No checkpoint has been saved yet.")
+    return DivergedError(f"the loss became {what}; stopped. {last} Lower config.optimizer.lr and start "
+                         f"over in another --workdir, or check the data.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates per ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -354,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = data.make_mesh()
     num_classes = check_config(config, mesh.devices.size)
     os.makedirs(workdir, exist_ok=True)
-    pipe = data.create_input_pipeline(config.data, mesh)
+    with user_input():  # data sets that cannot be read, splits too small for the batch
+        pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.train_shards[0].images.shape[-1]
     write_run_config(workdir, config, num_classes, channels)
 
@@ -426,10 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.log_every_steps == 0 or stop:
                     loss = float(metrics["total"])
                     if not np.isfinite(loss):
-                        raise FloatingPointError(
-                            f"the loss became {loss} at step {step} (epoch {epoch}); stopped. The last "
-                            f"good checkpoint is step {manager.latest_step()} in {manager.directory}. "
-                            f"Lower config.optimizer.lr or check the data.")
+                        raise _diverged(f"{loss} at step {step} (epoch {epoch})", manager)
                     speed = "(compiling)"
                     if step > timer_step:
                         rate = (step - timer_step) / (time.perf_counter() - timer)
@@ -441,9 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train = {f"train_{k}": float(v) / steps_per_epoch
                      for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
-                raise FloatingPointError(
-                    f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
-                    f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
+                raise _diverged(f"{train['train_total']} in epoch {epoch}", manager)
             row = dict(epoch=epoch, step=step, lr=float(lr_schedule(step - 1)), **train)
             # The model this epoch trained, before the round changes its masks (the BatchNorm
             # statistics were gathered with these masks).

@@ -245,19 +245,24 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
     assert train.check_config(c, 1) == 10 and not train.needs_teacher(c)
 
 
-def test_nan_loss_stops_with_a_clear_message(teacher_dir, tmp_path, monkeypatch):
-    """Corrupt data (NaN pixels from step 2 of epoch 1) makes the loss NaN: the run stops at once and
-    names the last good checkpoint (the teacher's config, so its compiled step is reused)."""
+@pytest.mark.parametrize("first_bad,match", [
+    ((1, 2), r"at step 7 \(epoch 1\).*last good checkpoint is step 4 in "),
+    ((0, 1), r"at step 2 \(epoch 0\); stopped\. No checkpoint has been saved yet\. Lower"),
+])
+def test_nan_loss_stops_with_a_clear_message(first_bad, match, tmp_path, monkeypatch):
+    """Corrupt data (NaN pixels from a given epoch and step on) makes the loss NaN: the run stops at once and
+    names the last good checkpoint, or says there is none yet (before: "step None"). The teacher's config,
+    so its compiled step is reused."""
     epoch = data.InputPipeline.train_epoch
 
     def corrupt(self, e, start_step=0):
         for i, batch in enumerate(epoch(self, e, start_step), start_step):
-            if (e, i) >= (1, 2):
+            if (e, i) >= first_bad:
                 batch = dict(batch, image=batch["image"] * jnp.nan)
             yield batch
 
     monkeypatch.setattr(data.InputPipeline, "train_epoch", corrupt)
-    with pytest.raises(FloatingPointError, match=r"at step 7 \(epoch 1\).*last good checkpoint is step 4"):
+    with pytest.raises(FloatingPointError, match=match):
         train.train_and_evaluate(tiny_config("teacher"), str(tmp_path / "nan"))
 
 
