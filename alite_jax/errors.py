@@ -1,8 +1,8 @@
 """Errors the user can fix: a bad setting, a missing or mismatched file, a run directory that cannot be
 used as it is, a run that diverged.
 
-Their message says what is wrong and what to do, on one line: ``python -m alite_jax.main`` prints it
-as ``error: <message>`` and exits with status 2. Every other
+Their message says what is wrong and what to do, on one line: ``python -m alite_jax.main`` (and
+``python -m alite_jax.report``) print it as ``error: <message>`` and exit with status 2. Every other
 exception is a bug and keeps its traceback. The classes also derive from the built-in exception a caller
 would expect (``ValueError`` for a bad setting, ``FileNotFoundError`` for a missing file,
 ``FloatingPointError`` for a NaN loss), so ``except ValueError`` still catches a bad setting.

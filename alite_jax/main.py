@@ -3,11 +3,12 @@
 A config is an ml_collections file (``configs/``); ``--config.<field>=value`` overrides a field and
 ``--config=configs/<file>.py:smoke`` shrinks the run. A config with ``phases`` (the demo) runs each
 phase in ``<workdir>/<phase>``, in ``phase_order``; relative teacher and baseline paths of a phase are
-taken inside the workdir. Running again in the same workdir resumes where it stopped.
+taken inside the workdir. Running again in the same workdir resumes where it stopped; ``--fresh`` starts
+over instead, moving what the workdir held aside first.
 
 Exit status: 0 when the run finished. 2 for a user error (a bad setting, a missing or mismatched file,
-a diverged run): one line ``error: <what and how to fix it>`` on stderr. Any other error is a bug: its
-traceback is printed and the status is 1.
+a workdir holding another run, a diverged run): one line ``error: <what and how to fix it>`` on stderr.
+Any other error is a bug: its traceback is printed and the status is 1.
 
 Multi-host (several TPU hosts, GPU hosts or one process per GPU): start the same command in every
 process; ``--distributed`` (``auto``, ``on``, ``off``; see :mod:`alite_jax.distributed`) starts JAX's
@@ -37,12 +38,15 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Start jax.distributed: 'auto' when the environment names several processes (JAX_COORDINATOR_ADDRESS "
     "with JAX_NUM_PROCESSES and JAX_PROCESS_ID, Slurm, Open MPI, a GKE TPU slice), 'on' always (JAX's "
     "cluster detection, e.g. a multi-host Cloud TPU slice), 'off' never.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Start over even though the workdir holds a run (another config, or checkpoints that "
+    "cannot be read): its contents are first moved aside to <workdir>.previous-<n>, not deleted.")
 
 
-def run(config, workdir: str) -> None:
-    """Runs a config (or each phase of a phased config) in ``workdir``."""
+def run(config, workdir: str, fresh: bool = False) -> None:
+    """Runs a config (or each phase of a phased config) in ``workdir`` (``fresh``: see --fresh)."""
     if "phases" not in config:
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, fresh=fresh)
         return
     for name in config.phase_order:
         phase = config.phases[name]
@@ -52,7 +56,7 @@ def run(config, workdir: str) -> None:
             if holder[key] and not os.path.isabs(holder[key]):
                 holder[key] = os.path.join(workdir, holder[key])
         distributed.say(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}")
-        train.train_and_evaluate(phase, os.path.join(workdir, name))
+        train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh)
 
 
 def _exit_with_user_error(message: str) -> None:
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except UserError as e:  # the user's to fix: one line, no traceback
         _exit_with_user_error(str(e))
     distributed.say(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}")
