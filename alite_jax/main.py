@@ -2,13 +2,15 @@
 
 A config is an ml_collections file (``configs/``); ``--config.<field>=value`` overrides a field and
 ``--config=configs/<file>.py:smoke`` shrinks the run. A config with ``phases`` (the demo) runs each
-phase in ``<workdir>/<phase>``, in ``phase_order``; relative teacher and baseline paths of a phase are
-taken inside the workdir. Running again in the same workdir resumes where it stopped; ``--fresh`` starts
-over instead, moving what the workdir held aside first.
+phase in ``<workdir>/<phase>``, in ``phase_order``, after checking every phase's settings; relative
+teacher and baseline paths of a phase are taken inside the workdir. Running again in the same workdir
+resumes where it stopped; ``--fresh`` starts over instead, moving what the workdir held aside first.
 
-Exit status: 0 when the run finished. 2 for a user error (a bad setting, a missing or mismatched file,
-a workdir holding another run, a diverged run): one line ``error: <what and how to fix it>`` on stderr.
-Any other error is a bug: its traceback is printed and the status is 1.
+Exit status: 0 when the run finished, and also when a preemption notice (SIGTERM, SIGINT) stopped it
+after a checkpoint: the last line then says to run the same command again, which resumes it. 2 for a
+user error (a bad setting, a missing or mismatched file, a workdir holding another run, a diverged
+run): one line ``error: <what and how to fix it>`` on stderr. Any other error is a bug: its traceback
+is printed and the status is 1.
 
 Multi-host (several TPU hosts, GPU hosts or one process per GPU): start the same command in every
 process; ``--distributed`` (``auto``, ``on``, ``off``; see :mod:`alite_jax.distributed`) starts JAX's
@@ -20,13 +22,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alite_jax import distributed, train
-from alite_jax.errors import UserError
+from alite_jax import data, distributed, train
+from alite_jax.errors import UserError, user_input
 
 EXIT_USER_ERROR = 2
 
@@ -43,11 +46,17 @@ _FRESH = flags.DEFINE_bool(
     "cannot be read): its contents are first moved aside to <workdir>.previous-<n>, not deleted.")
 
 
-def run(config, workdir: str, fresh: bool = False) -> None:
-    """Runs a config (or each phase of a phased config) in ``workdir`` (``fresh``: see --fresh)."""
+def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> dict[str, Any]:
+    """Runs a config (or each phase of a phased config) in ``workdir``.
+
+    Returns the (last phase's) summary, or ``{"preempted_at_step": step}`` (with ``"phase": name`` for a
+    phased config) when a preemption notice stopped a run after its checkpoint: the phases after it do
+    not start, and running the same command again resumes the interrupted one. A phased config's
+    phases are all checked before the first one runs.
+    """
     if "phases" not in config:
-        train.train_and_evaluate(config, workdir, fresh=fresh)
-        return
+        return train.train_and_evaluate(config, workdir, fresh=fresh)
+    num_devices = data.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
         for field in ("teacher.workdir", "baseline_workdir"):
@@ -55,8 +64,19 @@ def run(config, workdir: str, fresh: bool = False) -> None:
             holder = phase[section] if section else phase
             if holder[key] and not os.path.isabs(holder[key]):
                 holder[key] = os.path.join(workdir, holder[key])
+        with user_input(f"phase {name}"):
+            train.check_fields(phase, num_devices)
+    result: dict[str, Any] = {}
+    for name in config.phase_order:
+        phase = config.phases[name]
         distributed.say(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}")
-        train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh)
+        try:
+            result = train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh)
+        except UserError as e:  # say which phase (other errors keep their own type and traceback)
+            raise type(e)(f"phase {name}: {e}") from e
+        if "preempted_at_step" in result:
+            return dict(result, phase=name)
+    return result
 
 
 def _exit_with_user_error(message: str) -> None:
@@ -107,10 +127,16 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
     try:
-        run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+        result = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except UserError as e:  # the user's to fix: one line, no traceback
         _exit_with_user_error(str(e))
-    distributed.say(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}")
+    seconds = time.perf_counter() - start
+    if "preempted_at_step" in result:
+        again = " without --fresh" if _FRESH.value else ""
+        distributed.say(f"stopped by a preemption notice: run the same command again{again} to resume "
+                        f"({seconds:.0f}s)")
+    else:
+        distributed.say(f"done in {seconds:.0f}s; results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

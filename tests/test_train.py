@@ -95,6 +95,7 @@ def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tm
     rest, _ = proc.communicate(timeout=300)
     stopped = re.findall(r"^preempted: checkpoint at step (\d+);", rest, re.M)
     assert proc.returncode == 0 and len(stopped) == 1, "".join(lines) + rest
+    assert "stopped by a preemption notice: run the same command again to resume" in rest, rest
     # The run goes on while this process reads the line and signals, so the notice lands a step or
     # more later on a loaded machine; whatever step it is, the rest must hold.
     step = int(stopped[0])
