@@ -1,16 +1,23 @@
-"""The trainer's configuration: every field with its default, and the ``smoke`` switch.
+"""The trainer's configuration: every field with its default and its allowed values, and the ``smoke``
+switch.
 
 Config files under ``configs/`` start from :func:`base_config` and change what their experiment needs;
 ``python -m alite_jax.main --config=configs/<file>.py:smoke`` shrinks any of them to a quick run, and
-``--config.<field>=value`` overrides single fields.
+``--config.<field>=value`` overrides single fields (every field, the text fields without a default
+included). :func:`check_ranges` refuses a numeric field outside its meaning (:data:`FIELD_RANGES`)
+before anything is read or compiled.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import ml_collections
 
 from alite_jax.data.pipeline import default_config as default_data_config
 from alite_jax.data.sources import default_splits
+from alite_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -84,7 +91,7 @@ def apply_switch(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
     if not arg:
         return c
     if arg != "smoke":
-        raise ValueError(f"unknown config switch {arg!r}: the only one is 'smoke'")
+        raise ConfigError(f"unknown config switch {arg!r}: the only one is 'smoke'")
     defaults = default_splits(c.data.dataset)
     c.num_epochs = 2
     c.model.width = 0.25
@@ -94,3 +101,98 @@ def apply_switch(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
     c.optimizer.decay_epochs = (1,)
     c.log_every_steps = 4
     return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: an interval (each bound open or closed), integers or any
+    number, and what the field means (for the error message)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    meaning: str = ""
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "an integer " if self.integer else ""
+        if self.high == math.inf:
+            return f"{kind}{'>' if self.low_open else '>='} {self.low:g}"
+        return (f"{kind}in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _at_least(low: float, meaning: str, integer: bool = True) -> Range:
+    return Range(low=low, integer=integer, meaning=meaning)
+
+
+def _above(low: float, meaning: str) -> Range:
+    return Range(low=low, low_open=True, meaning=meaning)
+
+
+def _fraction(meaning: str, low_open: bool = False, high_open: bool = False) -> Range:
+    return Range(0, 1, low_open=low_open, high_open=high_open, meaning=meaning)
+
+
+# Every numeric field of base_config() (a tuple field: each of its elements). A test checks that a
+# numeric field added to the config gets a range here.
+FIELD_RANGES: dict[str, Range] = {
+    "seed": _at_least(0, "the seed of the initial parameters and masks"),
+    "num_epochs": _at_least(1, "the number of training epochs"),
+    "log_every_steps": _at_least(1, "steps between progress lines"),
+    "checkpoint_max_to_keep": _at_least(1, "how many epoch checkpoints are kept"),
+    "model.width": _above(0, "the channel multiplier"),
+    "model.num_heads": _at_least(1, "attention heads per layer"),
+    "model.kernel_size": _at_least(1, "the attention neighbourhood's side"),
+    "data.image_size": _at_least(8, "the side images are resized to"),
+    "data.batch_size": _at_least(1, "the global training batch"),
+    "data.eval_batch_size": _at_least(1, "the global evaluation batch"),
+    "data.seed": _at_least(0, "the seed of the data order and augmentation"),
+    "data.data_shards": _at_least(0, "shards the data is cut into; 0: one per process"),
+    "optimizer.lr": _above(0, "the initial learning rate"),
+    "optimizer.momentum": _fraction("SGD momentum", high_open=True),
+    "optimizer.weight_decay": _at_least(0, "the L2 weight decay", integer=False),
+    "optimizer.decay_epochs": _at_least(0, "epochs at which the lr is multiplied by decay_factor"),
+    "optimizer.decay_factor": _fraction("what the lr is multiplied by at each decay epoch", low_open=True),
+    "sparsity.density": _fraction("the fraction of prunable weights kept", low_open=True),
+    "sparsity.prune_rate": _fraction("the first round's prune rate p0"),
+    "sparsity.full_rate_steps": _at_least(0, "steps an epoch needs to prune at the full rate; 0: off"),
+    "sparsity.min_layer_fraction": _fraction("the floor of each layer's share of its initial weights"),
+    "distill.alpha": _fraction("the weight of cross-entropy against the teacher's KL term"),
+    "distill.beta": _at_least(0, "the weight of attention transfer", integer=False),
+    "distill.temperature": _above(0, "the softmax temperature rho"),
+}
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigError` naming every numeric field of ``config`` outside its range.
+
+    Fields a config does not have (a teacher's model has no attention options) are skipped; the check
+    does not depend on the mode, so a distillation field is checked in a teacher run too.
+    """
+    problems = []
+    for name, allowed in FIELD_RANGES.items():
+        *sections, key = name.split(".")
+        holder = config
+        for section in sections:
+            holder = holder.get(section) if holder is not None else None
+        if holder is None or key not in holder:
+            continue
+        value = holder[key]
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(v in allowed for v in values):
+            what = f" ({allowed.meaning})" if allowed.meaning else ""
+            each = " in every element" if isinstance(value, (tuple, list)) else ""
+            problems.append(f"config.{name} must be {allowed}{what}{each}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))

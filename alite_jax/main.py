@@ -2,8 +2,15 @@
 
 A config is an ml_collections file (``configs/``); ``--config.<field>=value`` overrides a field and
 ``--config=configs/<file>.py:smoke`` shrinks the run. A config with ``phases`` (the demo) runs each
-phase in ``<workdir>/<phase>``, in ``phase_order``; relative teacher and baseline paths of a phase are
-taken inside the workdir. Running again in the same workdir resumes where it stopped.
+phase in ``<workdir>/<phase>``, in ``phase_order``, after checking every phase's settings; relative
+teacher and baseline paths of a phase are taken inside the workdir. Running again in the same workdir
+resumes where it stopped; ``--fresh`` starts over instead, moving what the workdir held aside first.
+
+Exit status: 0 when the run finished, and also when a preemption notice (SIGTERM, SIGINT) stopped it
+after a checkpoint: the last line then says to run the same command again, which resumes it. 2 for a
+user error (a bad setting, a missing or mismatched file, a workdir holding another run, a diverged
+run): one line ``error: <what and how to fix it>`` on stderr. Any other error is a bug: its traceback
+is printed and the status is 1.
 
 Multi-host (several TPU hosts, GPU hosts or one process per GPU): start the same command in every
 process; ``--distributed`` (``auto``, ``on``, ``off``; see :mod:`alite_jax.distributed`) starts JAX's
@@ -13,12 +20,18 @@ multi-controller runtime first, when the environment asks for it.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from typing import Any
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alite_jax import distributed, train
+from alite_jax import data, distributed, train
+from alite_jax.errors import UserError, user_input
+
+EXIT_USER_ERROR = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=False)
@@ -28,13 +41,22 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Start jax.distributed: 'auto' when the environment names several processes (JAX_COORDINATOR_ADDRESS "
     "with JAX_NUM_PROCESSES and JAX_PROCESS_ID, Slurm, Open MPI, a GKE TPU slice), 'on' always (JAX's "
     "cluster detection, e.g. a multi-host Cloud TPU slice), 'off' never.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Start over even though the workdir holds a run (another config, or checkpoints that "
+    "cannot be read): its contents are first moved aside to <workdir>.previous-<n>, not deleted.")
 
 
-def run(config, workdir: str) -> None:
-    """Runs a config (or each phase of a phased config) in ``workdir``."""
+def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> dict[str, Any]:
+    """Runs a config (or each phase of a phased config) in ``workdir``.
+
+    Returns the (last phase's) summary, or ``{"preempted_at_step": step}`` (with ``"phase": name`` for a
+    phased config) when a preemption notice stopped a run after its checkpoint: the phases after it do
+    not start, and running the same command again resumes the interrupted one. A phased config's
+    phases are all checked before the first one runs.
+    """
     if "phases" not in config:
-        train.train_and_evaluate(config, workdir)
-        return
+        return train.train_and_evaluate(config, workdir, fresh=fresh)
+    num_devices = data.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
         for field in ("teacher.workdir", "baseline_workdir"):
@@ -42,8 +64,57 @@ def run(config, workdir: str) -> None:
             holder = phase[section] if section else phase
             if holder[key] and not os.path.isabs(holder[key]):
                 holder[key] = os.path.join(workdir, holder[key])
+        with user_input(f"phase {name}"):
+            train.check_fields(phase, num_devices)
+    result: dict[str, Any] = {}
+    for name in config.phase_order:
+        phase = config.phases[name]
         distributed.say(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}")
-        train.train_and_evaluate(phase, os.path.join(workdir, name))
+        try:
+            result = train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh)
+        except UserError as e:  # say which phase (other errors keep their own type and traceback)
+            raise type(e)(f"phase {name}: {e}") from e
+        if "preempted_at_step" in result:
+            return dict(result, phase=name)
+    return result
+
+
+def _exit_with_user_error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _innermost_user_error(error: BaseException | None) -> UserError | None:
+    """The innermost :class:`UserError` in an exception's chain: config_flags re-raises an exception of a
+    config file's ``get_config`` (e.g. an unknown ``:switch``) with its traceback as the message."""
+    found = None
+    while error is not None:
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the user errors in ``--config`` on one line and exit status 2: a config
+    file that cannot be loaded, a :class:`UserError` raised while building the config. Other flag errors
+    get absl's own report (status 1), with the traceback of an error inside a config file."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        user_error = _innermost_user_error(e)
+        if user_error is None:  # as absl reports it
+            sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                             f"Pass --helpshort or --helpfull to see help on flags.\n")
+            sys.exit(1)
+        _exit_with_user_error(f"--config: {user_error}")
+    config = _CONFIG.value
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+        try:  # config_flags keeps a file it could not load as an object that raises when used
+            config.to_dict()
+        except OSError as e:
+            _exit_with_user_error(f"--config: {e.__cause__ or e}")
+    return rest
 
 
 def main(argv: list[str]) -> None:
@@ -55,9 +126,18 @@ def main(argv: list[str]) -> None:
                              "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
-    run(_CONFIG.value, _WORKDIR.value)
-    distributed.say(f"done in {time.perf_counter() - start:.0f}s; results in {_WORKDIR.value}")
+    try:
+        result = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+    except UserError as e:  # the user's to fix: one line, no traceback
+        _exit_with_user_error(str(e))
+    seconds = time.perf_counter() - start
+    if "preempted_at_step" in result:
+        again = " without --fresh" if _FRESH.value else ""
+        distributed.say(f"stopped by a preemption notice: run the same command again{again} to resume "
+                        f"({seconds:.0f}s)")
+    else:
+        distributed.say(f"done in {seconds:.0f}s; results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

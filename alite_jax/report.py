@@ -9,7 +9,8 @@ A run directory holds:
   ``teacher_test_accuracy``, ``dense_student_test_accuracy``, ``params_dense``, ``params_nonzero``,
   ``param_reduction_vs_teacher``, ``flops_dense``, ``flops_sparse``, ``flops_reduction_vs_teacher``;
 * ``metrics.jsonl``: one object per epoch with ``epoch``, ``test_accuracy`` and optionally
-  ``train_accuracy``, ``density`` and ``per_layer_density`` ({layer: density}).
+  ``train_accuracy``, ``density`` and ``per_layer_density`` ({layer: density}). A last line cut short
+  (a run killed while writing it) is reported and left out (:func:`alite_jax.run_dir.read_metrics`).
 
 It writes ``table1.md`` (the Table 1 row), ``accuracy.png`` (test and train accuracy against epoch,
 paper Figs. 2-3) and, when per-layer densities were logged, ``layer_density.png`` (each layer's density
@@ -18,27 +19,24 @@ over the epochs: where momentum moved the budget).
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from typing import Any
+
+from alite_jax import run_dir
+from alite_jax.errors import MissingFileError, UserError
 
 COLUMNS = ("student", "dataset", "distill", "pruning", "density", "accuracy (%)", "teacher acc. (%)",
            "dense student acc. (%)", "param. reduction", "FLOPs reduction")
 
 
 def read_run(workdir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summary, per-epoch metrics) of a run directory, with a clear error when a file is missing."""
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a finished run?")
-    with open(path) as f:
-        summary = json.load(f)
-    metrics = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
-    return summary, metrics
+    """(summary, per-epoch metrics) of a run directory, with a clear error naming a missing or bad file."""
+    summary = run_dir.read_summary(workdir)
+    if summary is None:
+        raise MissingFileError(f"{os.path.join(workdir, run_dir.SUMMARY)} not found: is {workdir} the "
+                               f"workdir of a finished run?")
+    return summary, run_dir.read_metrics(workdir)
 
 
 def _pct(x: float | None) -> str:
@@ -134,7 +132,11 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    print(render(flags.FLAGS.workdir))
+    try:
+        print(render(flags.FLAGS.workdir))
+    except UserError as e:  # a missing or bad file: one line, exit status 2 (as alite_jax.main)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"plots and table1.md written to {flags.FLAGS.workdir}")
 
 

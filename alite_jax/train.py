@@ -15,12 +15,14 @@ global over the batch. The teacher runs in inference mode inside the step and is
 A run directory holds ``config.json``, ``checkpoints/`` (orbax, every epoch and on SIGTERM/SIGINT),
 ``metrics.jsonl`` (one line per epoch), ``tensorboard/``, and at the end ``model/`` (the final params and
 batch statistics, what a later distillation loads as its teacher), ``summary.json`` and the report
-(``table1.md``, plots). Starting in an existing run directory resumes from its latest readable checkpoint.
+(``table1.md``, plots); :mod:`alite_jax.run_dir` reads and writes them and keeps their history safe.
+Starting in an existing run directory resumes from its newest readable checkpoint. Everything the user
+gave (config, data, teacher run, run directory) is checked before anything is written or compiled; what
+is refused raises an :class:`alite_jax.errors.UserError`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -36,10 +38,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alite_jax import costs, data, distill, report, sparsity
+from alite_jax import costs, data, distill, report, run_dir, sparsity
+from alite_jax.config import check_ranges
 from alite_jax.distributed import is_leader, say
+from alite_jax.errors import ConfigError, DivergedError, MissingFileError, user_input
 from alite_jax.models import (STUDENTS, abstract_variables, compute_dtype, count_params, create_model,
                               init_model)
+from alite_jax.run_dir import export_model, write_run_config
 
 MODES = ("teacher", "baseline", "distill")
 State = dict[str, Any]
@@ -104,45 +109,51 @@ def teacher_paths(workdir: str) -> tuple[str, str]:
     return os.path.join(workdir, "config.json"), os.path.join(workdir, "model")
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
-    """Raises ValueError/FileNotFoundError for a config that cannot run; returns the number of classes."""
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
-    if config.num_epochs < 1:
-        raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
-    num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
-    model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
-    if config.mode == "distill" and config.teacher.get("dtype", ""):
-        compute_dtype(config.teacher.dtype)
-    data.check_data_config(config.data, num_devices, jax.process_count())
+def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Raises :class:`ConfigError` for settings that cannot run, reading no file but the data set's
+    metadata; returns the number of classes. :func:`check_config` adds the teacher run's checks."""
+    with user_input():
+        if config.mode not in MODES:
+            raise ConfigError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+        check_ranges(config)
+        num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
+        model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
+        if config.mode == "distill" and config.teacher.get("dtype", ""):
+            compute_dtype(config.teacher.dtype)
+        data.check_data_config(config.data, num_devices, jax.process_count())
+        if config.mode == "distill":
+            if config.distill.loss not in distill.MODES:
+                raise ConfigError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse "
+                                  f"training without a teacher), got {config.distill.loss!r}")
+            make_optimizer(config, steps_per_epoch=1)  # bad sparsity options raise here
+            s = config.sparsity
+            sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
+                                         full_rate_steps=s.full_rate_steps)
     if config.mode == "teacher" and config.model.name in STUDENTS:
         logging.warning("training a self-attention model as a teacher (mode='teacher')")
-    if config.mode == "distill":
-        if not 0.0 < config.sparsity.density <= 1.0:
-            raise ValueError(f"config.sparsity.density must be in (0, 1], got {config.sparsity.density}")
-        if config.distill.loss not in distill.MODES:
-            raise ValueError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse training "
-                             f"without a teacher), got {config.distill.loss!r}")
-        make_optimizer(config, steps_per_epoch=1)  # bad sparsity options raise here
-        s = config.sparsity
-        sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
-                                     full_rate_steps=s.full_rate_steps)
+    return num_classes
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Raises a :class:`alite_jax.errors.UserError` (a ValueError or FileNotFoundError too) for a config
+    that cannot run: a field outside its range, unknown names, a missing teacher run or one trained on
+    other data. Returns the number of classes."""
+    num_classes = check_fields(config, num_devices)
     if needs_teacher(config):
         config_path, model_path = teacher_paths(config.teacher.workdir)
         if not config.teacher.workdir or not os.path.exists(config_path) or not os.path.exists(model_path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no finished teacher run at config.teacher.workdir={config.teacher.workdir!r} (it needs "
                 f"config.json and model/). Train the teacher first, e.g. python -m alite_jax.main "
                 f"--config=configs/teacher_cifar10.py --workdir=<dir>, and point teacher.workdir at it.")
-        with open(config_path) as f:
-            teacher = ml_collections.ConfigDict(json.load(f))
+        teacher = ml_collections.ConfigDict(run_dir.read_run_config(config.teacher.workdir))
         if teacher.data.dataset != config.data.dataset or teacher.num_classes != num_classes:
-            raise ValueError(f"the teacher at {config.teacher.workdir} was trained on "
-                             f"{teacher.data.dataset} ({teacher.num_classes} classes), not on "
-                             f"{config.data.dataset} ({num_classes} classes)")
+            raise ConfigError(f"the teacher at {config.teacher.workdir} was trained on "
+                              f"{teacher.data.dataset} ({teacher.num_classes} classes), not on "
+                              f"{config.data.dataset} ({num_classes} classes)")
         if teacher.data.image_size != config.data.image_size:
-            raise ValueError(f"the teacher at {config.teacher.workdir} takes {teacher.data.image_size}px "
-                             f"images, the student {config.data.image_size}px")
+            raise ConfigError(f"the teacher at {config.teacher.workdir} takes {teacher.data.image_size}px "
+                              f"images, the student {config.data.image_size}px")
     return num_classes
 
 
@@ -235,45 +246,13 @@ def evaluate(eval_step, state: State, pipe: data.InputPipeline) -> dict[str, flo
 # --------------------------------------------------------------------------------------------------
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: State) -> State | None:
-    """The newest readable checkpoint; an unreadable one is reported and the previous one is used."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-        except Exception as e:  # corrupt or partial files: say so, fall back
-            logging.error("checkpoint %d in %s is unreadable (%s: %s); falling back to the previous one",
-                          step, manager.directory, type(e).__name__, str(e)[:300])
-            print(f"WARNING: checkpoint at step {step} in {manager.directory} is unreadable "
-                  f"({type(e).__name__}); falling back to the previous checkpoint", flush=True)
-    return None
-
-
-def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classes: int, channels: int) -> None:
-    """``workdir/config.json``: the run's config with the data's class and channel counts (process 0)."""
-    if is_leader():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(dict(config.to_dict(), num_classes=num_classes, channels=channels), f, indent=2)
-
-
-def export_model(workdir: str, variables: dict[str, Any]) -> None:
-    """``workdir/model``: a model's variables ({'params', 'batch_stats'}), what a distillation loads.
-
-    With :func:`write_run_config` this makes a run directory a distillation can take as its teacher,
-    e.g. a ResNet-50 trained elsewhere and converted to this zoo's parameter tree. Every process takes
-    part (orbax saves collectively); an existing export is replaced.
-    """
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(os.path.join(workdir, "model")), variables, force=True)
-
-
 def load_teacher(workdir: str, mesh, dtype: str = "") -> tuple[Any, Any]:
     """(model, variables) of a finished teacher run, the variables replicated on the mesh.
 
     ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the teacher was trained with.
     """
-    config_path, model_path = teacher_paths(workdir)
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    _, model_path = teacher_paths(workdir)
+    config = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
     model = model_from_config(config.model, config.num_classes, dtype)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Target shardings for this mesh: the teacher may have been trained on another number of devices.
@@ -339,24 +318,34 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def _read_json(path: str) -> dict | None:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+def _diverged(what: str, manager: ocp.CheckpointManager) -> DivergedError:
+    """The error for a NaN or infinite loss: where it happened, the last good checkpoint, what to do."""
+    step = manager.latest_step()
+    last = (f"The last good checkpoint is step {step} in {manager.directory}." if step is not None
+            else "No checkpoint has been saved yet.")
+    return DivergedError(f"the loss became {what}; stopped. {last} Lower config.optimizer.lr and start "
+                         f"over (another --workdir, or --fresh), or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains and evaluates per ``config`` in ``workdir`` (resuming if it holds checkpoints).
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       fresh: bool = False) -> dict[str, Any]:
+    """Trains and evaluates per ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
-    Returns the summary (also written to ``workdir/summary.json``).
+    Everything is checked before anything is written or compiled: the config, the data, the teacher
+    run, and that ``workdir`` holds no other run (:func:`alite_jax.run_dir.check_same_run`). A workdir
+    with history (checkpoints, metrics, results) is never started over from scratch, unless ``fresh``:
+    then its contents are first moved aside to ``<workdir>.previous-<n>``.
+
+    Returns the summary (also written to ``workdir/summary.json``), or ``{"preempted_at_step": step}``
+    when a preemption notice stopped the run after checkpointing it.
     """
     mesh = data.make_mesh()
     num_classes = check_config(config, mesh.devices.size)
-    os.makedirs(workdir, exist_ok=True)
-    pipe = data.create_input_pipeline(config.data, mesh)
+    if not fresh:
+        run_dir.check_same_run(workdir, config)
+    with user_input():  # data sets that cannot be read, splits too small for the batch
+        pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.train_shards[0].images.shape[-1]
-    write_run_config(workdir, config, num_classes, channels)
 
     model = model_from_config(config.model, num_classes)
     tx = make_optimizer(config, pipe.steps_per_epoch)
@@ -368,30 +357,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def init_state(key):
         return create_train_state(model, tx, config, key, channels)
 
+    if fresh:
+        run_dir.set_aside_run(workdir)
+    os.makedirs(workdir, exist_ok=True)
     replicated = NamedSharding(mesh, PartitionSpec())
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True))
+    manager = run_dir.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
     abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = restore_latest(manager, abstract)
+    state = run_dir.restore_checkpoint(manager, abstract)
     if state is None:
+        run_dir.check_nothing_to_lose(workdir)
         state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
     step = int(state["step"])
     steps_per_epoch, num_epochs = pipe.steps_per_epoch, config.num_epochs
     total_steps = steps_per_epoch * num_epochs
     epoch, start_step = divmod(step, steps_per_epoch)
 
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    history = []
-    if os.path.exists(metrics_path):  # keep the epochs the restored state has finished
-        with open(metrics_path) as f:
-            history = [r for r in map(json.loads, filter(str.strip, f)) if r["epoch"] < epoch]
+    # Keep the epochs the restored state has finished; later rows (written before a checkpoint that is
+    # not there) are computed again, the same.
+    history = [r for r in run_dir.read_metrics(workdir, warn=say) if r["epoch"] < epoch]
+    missing = sorted(set(range(epoch)) - {r["epoch"] for r in history})
+    if missing:
+        say(f"WARNING: {os.path.join(workdir, run_dir.METRICS)} has no row for epochs {missing}, which the "
+            f"checkpoint at step {step} has finished: the summary and plots will lack them")
+    write_run_config(workdir, config, num_classes, channels)
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
         multihost_utils.sync_global_devices("alite_jax: metrics read")
-    if is_leader():
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
+    run_dir.write_metrics(workdir, history)
     if step:
         say(f"resuming {workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})")
 
@@ -426,10 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.log_every_steps == 0 or stop:
                     loss = float(metrics["total"])
                     if not np.isfinite(loss):
-                        raise FloatingPointError(
-                            f"the loss became {loss} at step {step} (epoch {epoch}); stopped. The last "
-                            f"good checkpoint is step {manager.latest_step()} in {manager.directory}. "
-                            f"Lower config.optimizer.lr or check the data.")
+                        raise _diverged(f"{loss} at step {step} (epoch {epoch})", manager)
                     speed = "(compiling)"
                     if step > timer_step:
                         rate = (step - timer_step) / (time.perf_counter() - timer)
@@ -441,9 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train = {f"train_{k}": float(v) / steps_per_epoch
                      for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
-                raise FloatingPointError(
-                    f"the loss became {train['train_total']} in epoch {epoch}; stopped. The last good "
-                    f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
+                raise _diverged(f"{train['train_total']} in epoch {epoch}", manager)
             row = dict(epoch=epoch, step=step, lr=float(lr_schedule(step - 1)), **train)
             # The model this epoch trained, before the round changes its masks (the BatchNorm
             # statistics were gathered with these masks).
@@ -459,9 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            per_layer_density=sparsity.layer_densities(masks))
             row.update(epoch_time_s=time.perf_counter() - epoch_start)
             history.append(row)
+            run_dir.append_metrics(workdir, row)
             if is_leader():
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 for k, v in row.items():
                     if isinstance(v, float):
                         writer.scalar(k, v, epoch)
@@ -496,14 +482,12 @@ def finish(config, workdir, model, state, history, teacher, channels) -> dict[st
         teacher_costs = costs.count_costs(teacher, size, channels)
         summary.update(costs.reductions(student_costs, teacher_costs),
                        teacher_params=teacher_costs["params"], teacher_flops=teacher_costs["flops"])
-        teacher_summary = _read_json(os.path.join(config.teacher.workdir, "summary.json"))
+        teacher_summary = run_dir.read_summary(config.teacher.workdir)
         summary["teacher_test_accuracy"] = (teacher_summary or {}).get("test_accuracy")
     baseline = config.get("baseline_workdir")
     if baseline:
-        summary["dense_student_test_accuracy"] = (_read_json(
-            os.path.join(baseline, "summary.json")) or {}).get("test_accuracy")
+        summary["dense_student_test_accuracy"] = (run_dir.read_summary(baseline) or {}).get("test_accuracy")
+    run_dir.write_summary(workdir, summary)
     if is_leader():
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
         print(report.render(workdir), flush=True)
     return summary

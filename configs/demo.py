@@ -9,11 +9,11 @@ setting, over seeds.
 
 import ml_collections
 
-from alite_jax.config import base_config, digits_demo, teacher_config
+from alite_jax.config import apply_switch, base_config, digits_demo, teacher_config
 
 
 def get_config(arg=None):
-    del arg
+    """``demo.py:smoke``: every phase shrunk to 2 epochs on 512 training digits, a quick check."""
     teacher = digits_demo(teacher_config("digits"))
     # A 50-layer net 0.25 wide learns these few steps better at a lower rate.
     teacher.optimizer.lr = 0.02
@@ -22,6 +22,7 @@ def get_config(arg=None):
     student = digits_demo(base_config())
     student.teacher.workdir = "teacher"       # relative paths are inside the demo's workdir
     student.baseline_workdir = "baseline"
+    teacher, baseline, student = (apply_switch(phase, arg) for phase in (teacher, baseline, student))
     c = ml_collections.ConfigDict()
     c.phases = ml_collections.ConfigDict(dict(teacher=teacher, baseline=baseline, student=student))
     c.phase_order = ("teacher", "baseline", "student")

@@ -1,9 +1,11 @@
 """Input pipelines: sources in their real on-disk formats, augmentation, exact evaluation, sharding."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import numpy as np
@@ -12,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alite_jax import data
-from alite_jax.data import tiny_imagenet
+from alite_jax.data import sources, tiny_imagenet
 from alite_jax.data.pipeline import InputPipeline, make_mesh
 from alite_jax.data.sources import Split
 
@@ -34,8 +36,15 @@ def test_digits_demo_data():
         data.load_split("digits", "validation")
 
 
+@pytest.fixture
+def reachable(monkeypatch):
+    """mock_data serves made-up examples without downloading: say the download hosts answer, so that
+    load_split's check for an unprepared data set sends nothing over the network."""
+    monkeypatch.setattr(sources, "unreachable_hosts", lambda builder: [])
+
+
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_through_tfds(name, classes, tmp_path):
+def test_cifar_through_tfds(name, classes, tmp_path, reachable):
     with tfds.testing.mock_data(num_examples=12):
         cfg = data.default_config(name, image_size=32, batch_size=4)
         cfg.data_dir = str(tmp_path)
@@ -46,10 +55,32 @@ def test_cifar_through_tfds(name, classes, tmp_path):
     assert 0 <= int(batch["label"].min()) and int(batch["label"].max()) < classes
 
 
-def test_grayscale_tfds_data_set_keeps_one_channel(tmp_path):
+def test_grayscale_tfds_data_set_keeps_one_channel(tmp_path, reachable):
     with tfds.testing.mock_data(num_examples=4):
         split = data.load_split("mnist", "test", data_dir=str(tmp_path), image_size=32)
     assert split.images.shape == (4, 32, 32, 1)
+
+
+def test_unprepared_data_set_without_network_fails_fast(tmp_path, monkeypatch):
+    """mnist is not prepared in an empty data_dir and its download host does not answer: the error says at
+    once what to do (before: TFDS retried every download for minutes and ended in a requests traceback)."""
+    def no_network(address, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def download(self, *args, **kwargs):
+        raise AssertionError("download_and_prepare was called: without network it retries for minutes")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=(
+            r"data set 'mnist' is not prepared in .*mnist.* and its download host storage\.googleapis\.com "
+            r"\(gaierror: .*\) cannot be reached: prepare it on a machine with network.*data\.data_dir"
+            r".*data\.download=False")):
+        data.load_split("mnist", "test", data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
 
 
 def _jpeg(color, channels=3) -> bytes:

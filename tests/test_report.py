@@ -1,12 +1,14 @@
 """Reports rendered from a small fake run directory."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from alite_jax import report
+from alite_jax.errors import RunDirError
 
 
 @pytest.fixture
@@ -62,3 +64,17 @@ def test_figures_leave_the_backend_alone(run_dir):
         matplotlib.use(previous)
     with pytest.raises(ValueError, match="per_layer_density"):
         report.layer_density_figure([dict(epoch=0, test_accuracy=0.5)], "dense run")
+
+
+def test_partial_last_metrics_line_is_skipped_and_a_bad_line_names_the_file(run_dir, capsys):
+    """A kill while a metrics line was written leaves half a line at the end: reported and skipped, the
+    report renders (before: a JSONDecodeError). A bad line elsewhere is an error that names the file."""
+    path = run_dir / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"epoch": 4, "test_accu')
+    summary, metrics = report.read_run(str(run_dir))
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    assert f"{path}: its last line is incomplete" in capsys.readouterr().out
+    report.render(str(run_dir))
+    path.write_text('{"epoch": 0, "test_accuracy": 0.5}\nnot json\n{"epoch": 2, "test_accuracy": 0.6}\n')
+    with pytest.raises(RunDirError, match=re.escape(f"{path}, line 2, is not a JSON object")):
+        report.read_run(str(run_dir))

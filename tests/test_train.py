@@ -18,6 +18,7 @@ from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_mai
 
 from alite_jax import data, train
 from alite_jax.config import base_config
+from alite_jax.errors import RunDirError
 from alite_jax.models import abstract_variables
 
 
@@ -94,6 +95,7 @@ def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tm
     rest, _ = proc.communicate(timeout=300)
     stopped = re.findall(r"^preempted: checkpoint at step (\d+);", rest, re.M)
     assert proc.returncode == 0 and len(stopped) == 1, "".join(lines) + rest
+    assert "stopped by a preemption notice: run the same command again to resume" in rest, rest
     # The run goes on while this process reads the line and signals, so the notice lands a step or
     # more later on a loaded machine; whatever step it is, the rest must hold.
     step = int(stopped[0])
@@ -157,22 +159,123 @@ def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir,
     assert rows[1]["test_loss"] != expected[1]["test_loss"]
 
 
-def test_corrupt_latest_checkpoint_falls_back(student_run, tmp_path):
-    config_path, reference = student_run
-    workdir = str(tmp_path / "corrupt")
+def unfinished_copy(reference, workdir):
+    """A copy of a finished run as it was before its end: the checkpoints and metrics, no model or summary."""
     shutil.copytree(reference, workdir)
-    for name in ("model", "summary.json"):
-        path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    shutil.rmtree(os.path.join(workdir, "model"))
+    os.remove(os.path.join(workdir, "summary.json"))
+
+
+def snapshot(workdir):
+    """Every file of a directory tree with its bytes, and every directory: what 'nothing changed' compares."""
+    files = {}
+    for root, dirs, names in os.walk(workdir):
+        for d in dirs:
+            files[os.path.relpath(os.path.join(root, d), workdir)] = None
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                files[os.path.relpath(os.path.join(root, n), workdir)] = f.read()
+    return files
+
+
+@pytest.mark.parametrize("damage", ["emptied", "garbage"])
+def test_unreadable_latest_checkpoint_is_set_aside_and_replaced(damage, teacher_dir, student_run, tmp_path,
+                                                                 capsys):
+    """A kill in the first moments of a save can leave the step's directory empty (before, that made every
+    checkpoint unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving); a
+    disk fault can leave garbage (before, it was skipped but never replaced, so every later run warned
+    and retrained the epoch). Now the step is reported, set aside as 12.corrupt-1 (kept, not deleted),
+    the previous one restores, the step is saved again, and the run ends as an uninterrupted one."""
+    _, reference = student_run
+    workdir = str(tmp_path / damage)
+    unfinished_copy(reference, workdir)
     latest = os.path.join(workdir, "checkpoints", "12")
-    for root, _, files in os.walk(latest):
-        for f in files:
-            with open(os.path.join(root, f), "wb") as fh:
-                fh.write(b"garbage")
-    out = run_main(config_path, workdir)
-    assert "checkpoint at step 12" in out and "unreadable" in out and "falling back" in out
-    assert "resuming" in out and "at step 8" in out
+    if damage == "emptied":
+        shutil.rmtree(latest)
+        os.mkdir(latest)
+    else:
+        for root, _, files in os.walk(latest):
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    damaged = snapshot(latest)
+    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
+    train.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert f"checkpoint at step 12 in {os.path.join(workdir, 'checkpoints')} is unreadable" in out, out
+    assert "set aside as 12.corrupt-1" in out and f"resuming {workdir} at step 8 " in out, out
     assert_same_model(reference, workdir)
+    assert epoch_rows(workdir) == epoch_rows(reference)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["12", "12.corrupt-1", "4", "8"]
+    assert snapshot(os.path.join(checkpoints, "12.corrupt-1")) == damaged
+    if damage == "garbage":  # a later run finds step 12 intact: nothing to report, nothing to retrain
+        train.train_and_evaluate(config, workdir)
+        out = capsys.readouterr().out
+        assert "is unreadable" not in out and f"resuming {workdir} at step 12 " in out, out
+
+
+def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(teacher_dir, student_run,
+                                                                              tmp_path):
+    """Before, a homogeneous student started in a finished hybrid run's workdir read as corruption: it
+    trained from scratch, overwrote config.json, emptied metrics.jsonl, and max_to_keep then discarded
+    its own new checkpoints."""
+    _, reference = student_run
+    workdir = str(tmp_path / "finished")
+    shutil.copytree(reference, workdir)
+    before = snapshot(workdir)
+    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
+    config.model.variant = "homogeneous"
+    with pytest.raises(RunDirError, match=r"holds another run: model\.variant is 'hybrid' in its "
+                                          r"config\.json, 'homogeneous' now\..*another --workdir.*--fresh"):
+        train.train_and_evaluate(config, workdir)
+    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
+    config.optimizer.momentum, config.num_epochs = 0.8, 5
+    with pytest.raises(RunDirError,
+                       match=r"num_epochs is 3 .*, 5 now; optimizer\.momentum is 0\.9 .*, 0\.8 now"):
+        train.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == before
+
+
+def test_history_is_not_started_over_unless_asked(teacher_dir, student_run, tmp_path):
+    """No checkpoint of the run can be read: the trainer says so and changes nothing (before, it started
+    from scratch and emptied metrics.jsonl). Asked to start fresh, it sets the old run aside, whole."""
+    _, reference = student_run
+    workdir = str(tmp_path / "run")
+    unfinished_copy(reference, workdir)
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    before = snapshot(workdir)
+    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
+    with pytest.raises(RunDirError, match=r"none of its checkpoints \(steps 12, 8, 4\) can be read.*--fresh"):
+        train.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == before
+    config = tiny_config("distill", epochs=1, teacher=teacher_dir)  # fresh: any config, here a shorter run
+    train.train_and_evaluate(config, workdir, fresh=True)
+    assert snapshot(str(tmp_path / "run.previous-1")) == before
+    assert [r["epoch"] for r in epoch_rows(workdir)] == [0]
+    assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 1
+
+
+def test_partial_last_metrics_line_does_not_block_resume(teacher_dir, student_run, tmp_path, capsys):
+    """Killed while writing epoch 2's metrics line (so before its checkpoint): the half line is reported and
+    dropped, and the run resumes at step 8 and ends as an uninterrupted one (before: a JSONDecodeError)."""
+    _, reference = student_run
+    workdir = str(tmp_path / "run")
+    unfinished_copy(reference, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    text = open(path).read()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    with open(path, "w") as f:
+        f.write(text[:len(text) - len(last) // 2 - 1])
+    train.train_and_evaluate(tiny_config("distill", epochs=3, teacher=teacher_dir), workdir)
+    out = capsys.readouterr().out
+    assert f"{path}: its last line is incomplete" in out and f"resuming {workdir} at step 8 " in out, out
+    assert_same_model(reference, workdir)
+    assert epoch_rows(workdir) == epoch_rows(reference)
 
 
 def test_one_and_eight_devices_agree(tmp_path):
@@ -245,19 +348,24 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
     assert train.check_config(c, 1) == 10 and not train.needs_teacher(c)
 
 
-def test_nan_loss_stops_with_a_clear_message(teacher_dir, tmp_path, monkeypatch):
-    """Corrupt data (NaN pixels from step 2 of epoch 1) makes the loss NaN: the run stops at once and
-    names the last good checkpoint (the teacher's config, so its compiled step is reused)."""
+@pytest.mark.parametrize("first_bad,match", [
+    ((1, 2), r"at step 7 \(epoch 1\).*last good checkpoint is step 4 in "),
+    ((0, 1), r"at step 2 \(epoch 0\); stopped\. No checkpoint has been saved yet\. Lower"),
+])
+def test_nan_loss_stops_with_a_clear_message(first_bad, match, tmp_path, monkeypatch):
+    """Corrupt data (NaN pixels from a given epoch and step on) makes the loss NaN: the run stops at once and
+    names the last good checkpoint, or says there is none yet (before: "step None"). The teacher's config,
+    so its compiled step is reused."""
     epoch = data.InputPipeline.train_epoch
 
     def corrupt(self, e, start_step=0):
         for i, batch in enumerate(epoch(self, e, start_step), start_step):
-            if (e, i) >= (1, 2):
+            if (e, i) >= first_bad:
                 batch = dict(batch, image=batch["image"] * jnp.nan)
             yield batch
 
     monkeypatch.setattr(data.InputPipeline, "train_epoch", corrupt)
-    with pytest.raises(FloatingPointError, match=r"at step 7 \(epoch 1\).*last good checkpoint is step 4"):
+    with pytest.raises(FloatingPointError, match=match):
         train.train_and_evaluate(tiny_config("teacher"), str(tmp_path / "nan"))
 
 

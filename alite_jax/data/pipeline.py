@@ -251,10 +251,15 @@ def create_input_pipeline(config: Any, mesh: Mesh | None = None) -> InputPipelin
 
 
 def default_config(dataset: str = DEMO, image_size: int = 32, batch_size: int = 100):
-    """An ml_collections ConfigDict with every field :func:`create_input_pipeline` reads."""
+    """An ml_collections ConfigDict with every field :func:`create_input_pipeline` reads.
+
+    The text fields without a default (data_dir, manual_dir, train_split, eval_split: None) are typed
+    placeholders, so ``--config.data.data_dir=...`` can set them from the command line.
+    """
     import ml_collections
+    from ml_collections.config_dict import placeholder
 
     return ml_collections.ConfigDict(dict(
-        dataset=dataset, data_dir=None, manual_dir=None, download=True, train_split=None,
-        eval_split=None, image_size=image_size, batch_size=batch_size, eval_batch_size=batch_size,
-        seed=0, data_shards=0))
+        dataset=dataset, data_dir=placeholder(str), manual_dir=placeholder(str), download=True,
+        train_split=placeholder(str), eval_split=placeholder(str), image_size=image_size,
+        batch_size=batch_size, eval_batch_size=batch_size, seed=0, data_shards=0))

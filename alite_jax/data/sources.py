@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
+import urllib.parse
+import urllib.request
 
 import numpy as np
 
@@ -112,6 +115,30 @@ def _tfds_builder(name: str, data_dir: str | None):
     return builder
 
 
+def unreachable_hosts(builder, timeout: float = 5.0) -> list[str]:
+    """The hosts a TFDS builder downloads from that do not answer, as "host (reason)".
+
+    Hosts are those of the data set's registered download URLs; a builder without them, or an
+    environment with an HTTP(S) proxy (which this direct probe would bypass), gives []: the download
+    then tells for itself. One TCP connection per host, ``timeout`` seconds at most: without network,
+    TFDS would retry every download for minutes before failing.
+    """
+    if any(urllib.request.getproxies().get(k) for k in ("http", "https", "all")):
+        return []
+    hosts = {}
+    for url in builder.url_infos or {}:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.hostname:
+            hosts[parsed.hostname] = parsed.port or (80 if parsed.scheme == "http" else 443)
+    unreachable = []
+    for host, port in sorted(hosts.items()):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            unreachable.append(f"{host} ({type(e).__name__}: {e})")
+    return unreachable
+
+
 def num_classes_of(name: str, data_dir: str | None = None) -> int:
     """Number of classes of a data set, from its metadata (no data is read)."""
     if name == DEMO:
@@ -143,6 +170,15 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, image_size
 
         builder = _tfds_builder(name, data_dir)
         if download:
+            unreachable = [] if builder.is_prepared() else unreachable_hosts(builder)
+            if unreachable:
+                raise FileNotFoundError(
+                    f"data set {name!r} is not prepared in {builder.data_dir} and its download "
+                    f"host{'s' if len(unreachable) > 1 else ''} {', '.join(unreachable)} cannot be reached: "
+                    f"prepare it on a machine with network (python -c \"import tensorflow_datasets as tfds; "
+                    f"tfds.builder('{name}', data_dir='<dir>').download_and_prepare()\"), copy <dir> here "
+                    f"and set data.data_dir to it (now {builder.data_dir_root}); or, for a data set whose "
+                    f"files you download by hand, set data.download=False to see where they go")
             config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(download_config=config)
         elif not builder.is_prepared():

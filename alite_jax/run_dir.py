@@ -1,0 +1,329 @@
+"""Everything on disk about a run, and the rules that keep its history safe.
+
+A run directory (``workdir``) holds:
+
+* ``config.json``: the run's config with the data's class and channel counts (:func:`write_run_config`).
+  It is written once the settings, the data, the teacher and the checkpoints have passed every check,
+  so a run that is refused leaves an existing run's file as it was.
+* ``checkpoints/<step>/``: orbax checkpoints of the whole training state, at every epoch's end and at a
+  preemption (:func:`checkpoint_manager`).
+* ``metrics.jsonl``: one JSON object per finished epoch (:func:`read_metrics`, :func:`append_metrics`).
+* ``tensorboard/``, and at the end ``model/`` (the variables a distillation loads as its teacher,
+  :func:`export_model`), ``summary.json`` (:func:`write_summary`), ``table1.md`` and the plots.
+
+Rules, so that days of training are never lost to a fault or a slip:
+
+* **One run per directory.** A run started in a directory that holds another run's history (its
+  ``config.json`` differs in any field but those of :data:`MAY_CHANGE`, and it has checkpoints, metrics,
+  a summary or a model: :func:`history`) is refused before anything is written, naming the fields
+  (:func:`check_same_run`).
+* **An unreadable checkpoint is set aside, not trusted and not deleted.** The newest readable
+  checkpoint is restored; each newer, unreadable one is reported and renamed ``<step>.corrupt-<n>``, so
+  the step is saved again when the run gets there (:func:`restore_checkpoint`).
+* **History is never started over unless asked.** Checkpoints none of which can be read, or history
+  without a checkpoint to resume from, stop the run with a :class:`RunDirError` that changes nothing. Asked to start fresh (``--fresh``), the trainer first moves the whole directory aside to
+  ``<workdir>.previous-<n>`` (:func:`set_aside_run`).
+* **A partial line is not a lost run.** A kill while a metrics line was written leaves half a line at
+  the end of ``metrics.jsonl``: it is reported and ignored. Files are rewritten atomically (a complete
+  new file replaces the old one), so a kill during a rewrite leaves the old file whole.
+
+With several processes, every process reads and restores; process 0 alone writes and renames, and the
+processes wait for each other around each rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from alite_jax.distributed import is_leader, say
+from alite_jax.errors import RunDirError
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+MODEL = "model"
+SUMMARY = "summary.json"
+
+# Fields that may differ between a run's config.json and the config that resumes it: where files are,
+# how often the run logs and how many checkpoints it keeps, and which implementation of the same
+# attention computes. Every other field makes it another run.
+MAY_CHANGE = ("log_every_steps", "checkpoint_max_to_keep", "baseline_workdir", "teacher.workdir",
+              "data.data_dir", "data.manual_dir", "data.download", "model.impl")
+FRESH_HINT = ("use another --workdir, or pass --fresh to start over here (the directory is first moved "
+              "aside to {aside}, not deleted)")
+
+
+def _sync(name: str) -> None:
+    """All processes reach this point before any goes on (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"alite_jax.run_dir: {name}")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file: a kill leaves the old file or the new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def aside_name(path: str, label: str) -> str:
+    """``<path>.<label>-<n>`` with the smallest n >= 1 that names nothing yet."""
+    n = 1
+    while os.path.exists(f"{path}.{label}-{n}"):
+        n += 1
+    return f"{path}.{label}-{n}"
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json: one run per directory.
+# --------------------------------------------------------------------------------------------------
+
+
+def read_run_config(workdir: str) -> dict[str, Any] | None:
+    """The run's ``config.json`` as a dict, or None when there is none."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}): restore it from a copy of the run, or "
+                          + FRESH_HINT.format(aside=aside_name(workdir, "previous"))) from e
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
+                     channels: int) -> None:
+    """``workdir/config.json``: the run's config with the data's class and channel counts (process 0)."""
+    if is_leader():
+        text = json.dumps(dict(config.to_dict(), num_classes=num_classes, channels=channels), indent=2)
+        _write_atomically(os.path.join(workdir, CONFIG), text)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(stored: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """The fields, outside :data:`MAY_CHANGE`, whose values differ between a run's stored config and
+    ``config``, as "<field> is <stored> in its config.json, <new> now". Fields only one of them has (a
+    run written by an older version) are not compared."""
+    old = _flatten(stored)
+    new = _flatten(json.loads(json.dumps(config.to_dict())))  # tuples as JSON lists, like the file
+    return [f"{name} is {old[name]!r} in its config.json, {new[name]!r} now"
+            for name in sorted(old.keys() & new.keys())
+            if name not in MAY_CHANGE and old[name] != new[name]]
+
+
+def history(workdir: str) -> list[str]:
+    """What ``workdir`` holds of a run's history, by name: checkpoints (readable or not, set aside or not),
+    metrics rows, summary, model. A directory with a config.json alone (a run that stopped before its
+    first epoch ended) has none."""
+    found = []
+    checkpoints = os.path.join(workdir, CHECKPOINTS)
+    if os.path.isdir(checkpoints) and any(re.fullmatch(r"\d+(\.corrupt-\d+)?", name)
+                                          for name in os.listdir(checkpoints)):
+        found.append(CHECKPOINTS)  # steps, or steps set aside (not orbax's temporary directories)
+    if read_metrics(workdir, warn=lambda message: None):
+        found.append(METRICS)
+    return found + [name for name in (SUMMARY, MODEL) if os.path.exists(os.path.join(workdir, name))]
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`RunDirError` when ``workdir`` holds the history of another run than ``config``
+    describes (a config.json without history is simply replaced)."""
+    if not history(workdir):
+        return
+    stored = read_run_config(workdir)
+    if stored is None:
+        return
+    differences = config_differences(stored, config)
+    if differences:
+        raise RunDirError(
+            f"{workdir} holds another run: {'; '.join(differences)}. To resume it, run it with its own "
+            f"config (its config.json); to run this config, "
+            + FRESH_HINT.format(aside=aside_name(workdir, "previous")) + ".")
+
+
+def set_aside_run(workdir: str) -> str | None:
+    """Moves a non-empty ``workdir`` to ``<workdir>.previous-<n>`` (for a fresh start); returns where,
+    or None when there was nothing to move."""
+    _sync("before setting a run aside")  # every process has read the directory
+    moved = None
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        moved = aside_name(workdir, "previous")
+        if is_leader():
+            os.rename(workdir, moved)
+            say(f"starting fresh: the previous contents of {workdir} are now in {moved}")
+    _sync("after setting a run aside")
+    return moved
+
+
+def check_nothing_to_lose(workdir: str) -> None:
+    """Raises :class:`RunDirError` when ``workdir`` has history (:func:`history`) that a start from
+    scratch would overwrite; called when it has no checkpoint to resume from."""
+    found = history(workdir)
+    if found:
+        raise RunDirError(
+            f"{workdir} holds a run's history ({', '.join(found)}) but no checkpoint to resume from; nothing "
+            f"was changed. To train it again from scratch, "
+            + FRESH_HINT.format(aside=aside_name(workdir, "previous")) + ".")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: restore the newest readable one, set the unreadable ones aside.
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+    """The orbax manager of ``workdir/checkpoints``: one unnamed item, the whole training state.
+
+    The item's handler is given, not inferred from the newest step directory on disk: an empty one (a
+    kill in the first moments of a save) would otherwise make every checkpoint unreadable.
+    """
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+    """The newest readable checkpoint of ``manager`` restored into ``abstract_state``'s structure,
+    shapes and shardings; None when there is no checkpoint.
+
+    Each newer checkpoint that cannot be read is reported and set aside (renamed ``<step>.corrupt-<n>``
+    in the same directory, kept for inspection), so that step is saved afresh when the run reaches it.
+    When no checkpoint can be read, raises :class:`RunDirError` and changes nothing: the likeliest cause
+    is then a config that does not match the checkpoints, not a fault of every one of them.
+    """
+    failures = []
+    state = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            break
+        except Exception as e:  # any fault of the files: try the previous step
+            failures.append((step, e))
+    if state is None:
+        if failures:
+            workdir = os.path.dirname(str(manager.directory))
+            steps = ", ".join(str(step) for step, _ in failures)
+            raise RunDirError(
+                f"{workdir} holds a run, but none of its checkpoints (steps {steps}) can be read with this "
+                f"config (step {failures[0][0]}: {_one_line(failures[0][1])}); nothing was changed. If "
+                f"they were written by another model or optimizer, run that config; otherwise "
+                + FRESH_HINT.format(aside=aside_name(workdir, "previous")) + ".")
+        return None
+    if failures:
+        _sync("before setting checkpoints aside")  # no process still reads them
+        for step, error in failures:
+            path = os.path.join(str(manager.directory), str(step))
+            aside = aside_name(path, "corrupt")
+            logging.error("checkpoint %d in %s is unreadable: %s", step, manager.directory, error)
+            if is_leader():
+                os.rename(path, aside)
+            say(f"WARNING: checkpoint at step {step} in {manager.directory} is unreadable "
+                f"({_one_line(error)}); set aside as {os.path.basename(aside)}, resuming from the "
+                f"previous checkpoint")
+        _sync("after setting checkpoints aside")
+        manager.reload()
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.jsonl, the exported model, summary.json.
+# --------------------------------------------------------------------------------------------------
+
+
+def read_metrics(workdir: str, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The rows of ``workdir/metrics.jsonl`` ([] when there is none).
+
+    A last line that is not a complete JSON object with an ``epoch`` (a kill while it was written) is
+    reported through
+    ``warn`` and left out; any other bad line raises :class:`RunDirError` naming the file and line.
+    """
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+        elif number == lines[-1][0]:
+            warn(f"WARNING: {path}: its last line is incomplete (a write was interrupted) and is ignored: "
+                 f"{line.strip()[:80]!r}")
+        else:
+            raise RunDirError(f"{path}, line {number}, is not a JSON object with an epoch: "
+                              f"{line.strip()[:80]!r}. Repair or delete that line (each line holds one "
+                              f"epoch's metrics).")
+    return rows
+
+
+def write_metrics(workdir: str, rows: list[dict[str, Any]]) -> None:
+    """Replaces ``metrics.jsonl`` with ``rows`` (process 0), atomically."""
+    if is_leader():
+        _write_atomically(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_metrics(workdir: str, row: dict[str, Any]) -> None:
+    """Appends one epoch's row to ``metrics.jsonl`` (process 0)."""
+    if is_leader():
+        with open(os.path.join(workdir, METRICS), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def export_model(workdir: str, variables: dict[str, Any]) -> None:
+    """``workdir/model``: a model's variables ({'params', 'batch_stats'}), what a distillation loads.
+
+    With :func:`write_run_config` this makes a run directory a distillation can take as its teacher,
+    e.g. a ResNet-50 trained elsewhere and converted to this zoo's parameter tree. Every process takes
+    part (orbax saves collectively); an existing export is replaced.
+    """
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(workdir, MODEL)), variables, force=True)
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+    """``workdir/summary.json`` (None when there is none), with an error naming the file if it is bad."""
+    path = os.path.join(workdir, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}): run the trainer again in {workdir} to rewrite "
+                          f"it") from e
+
+
+def write_summary(workdir: str, summary: dict[str, Any]) -> None:
+    """``workdir/summary.json`` (process 0), atomically."""
+    if is_leader():
+        _write_atomically(os.path.join(workdir, SUMMARY), json.dumps(summary, indent=2))

@@ -1,0 +1,54 @@
+"""``python -m alite_jax.main`` on a phased config (the demo): a preemption stops the whole command, a rerun
+resumes the interrupted phase, and every phase is checked before the first one runs."""
+
+import importlib.util
+import os
+
+import pytest
+from tiny_runs import ROOT
+
+from alite_jax import main, train
+from alite_jax.errors import ConfigError
+
+
+def demo_config(switch="smoke"):
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(switch)
+
+
+def test_demo_smoke_switch_shrinks_every_phase():
+    config = demo_config()
+    for name in config.phase_order:
+        phase = config.phases[name]
+        assert phase.num_epochs == 2 and phase.data.train_split == "train[:512]", name
+    assert demo_config(None).phases.teacher.num_epochs == 30
+
+
+def test_a_preempted_phase_stops_the_demo_and_a_rerun_resumes_it(tmp_path, monkeypatch, capsys):
+    """The notice comes in the teacher phase: the teacher checkpoints, and neither the baseline nor the
+    student starts (before, the baseline trained and the student failed for want of a finished teacher).
+    Run again, the teacher phase resumes where it stopped (and is stopped again, one step later, to keep
+    the test short)."""
+    workdir = str(tmp_path / "demo")
+    monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 1)
+    assert main.run(demo_config(), workdir) == {"phase": "teacher", "preempted_at_step": 1}
+    assert os.listdir(workdir) == ["teacher"]
+    assert os.listdir(os.path.join(workdir, "teacher", "checkpoints")) == ["1"]
+    capsys.readouterr()
+
+    monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 2)
+    assert main.run(demo_config(), workdir) == {"phase": "teacher", "preempted_at_step": 2}
+    out = capsys.readouterr().out
+    assert f"resuming {os.path.join(workdir, 'teacher')} at step 1 " in out, out[-3000:]
+    assert os.listdir(workdir) == ["teacher"]
+
+
+def test_every_phase_is_checked_before_the_first_one_runs(tmp_path):
+    config = demo_config()
+    config.phases.student.distill.alpha = 2.0
+    workdir = tmp_path / "demo"
+    with pytest.raises(ConfigError, match=r"phase student: config\.distill\.alpha must be in \[0, 1\]"):
+        main.run(config, str(workdir))
+    assert not workdir.exists()
