@@ -43,9 +43,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax.distributed import is_leader, say
 from alite_jax.errors import RunDirError
+from alite_jax.models import abstract_variables, model_from_config
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -286,6 +288,17 @@ def read_metrics(workdir: str, warn: Callable[[str], None] = print) -> list[dict
     return rows
 
 
+def resume_metrics(workdir: str, epoch: int, step: int) -> list[dict[str, Any]]:
+    """The metrics rows of the epochs a state restored at ``step`` (in ``epoch``) has finished; later
+    rows (written before a checkpoint that is not there) are dropped and computed again, the same."""
+    history = [r for r in read_metrics(workdir, warn=say) if r["epoch"] < epoch]
+    missing = sorted(set(range(epoch)) - {r["epoch"] for r in history})
+    if missing:
+        say(f"WARNING: {os.path.join(workdir, METRICS)} has no row for epochs {missing}, which the "
+            f"checkpoint at step {step} has finished: the summary and plots will lack them")
+    return history
+
+
 def write_metrics(workdir: str, rows: list[dict[str, Any]]) -> None:
     """Replaces ``metrics.jsonl`` with ``rows`` (process 0), atomically."""
     if is_leader():
@@ -308,6 +321,24 @@ def export_model(workdir: str, variables: dict[str, Any]) -> None:
     """
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(os.path.join(workdir, MODEL)), variables, force=True)
+
+
+def is_finished_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds a finished run's model: ``config.json`` and ``model/``."""
+    return all(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG, MODEL))
+
+
+def load_model(workdir: str, mesh: jax.sharding.Mesh, dtype: str = "") -> tuple[Any, Any]:
+    """(model, variables) of a finished run (e.g. a distillation's teacher), the variables replicated on
+    ``mesh``. ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the run was trained with."""
+    config = ml_collections.ConfigDict(read_run_config(workdir))
+    model = model_from_config(config.model, config.num_classes, dtype)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Target shardings for this mesh: the model may have been trained on another number of devices.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            abstract_variables(model, config.data.image_size, config.channels))
+    with ocp.StandardCheckpointer() as checkpointer:
+        return model, checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

@@ -67,7 +67,8 @@ import optax  # noqa: E402
 from alite_jax import config as config_lib  # noqa: E402
 from alite_jax import train  # noqa: E402
 from alite_jax.models import local_attention as attention_module  # noqa: E402
-from alite_jax.models import count_params, create_model, init_model  # noqa: E402
+from alite_jax.methods import AttentionLite  # noqa: E402
+from alite_jax.models import count_params, create_model, init_model, model_from_config  # noqa: E402
 from alite_jax.models.local_attention import IMPLS, LocalSelfAttention, register_impl  # noqa: E402
 
 AUTODIFF_IMPL = "patches_autodiff"
@@ -550,12 +551,13 @@ def prepare_distill_step(group: Group, args: argparse.Namespace, impl: str) -> P
     teacher_cfg = config_lib.teacher_config("cifar10")
     teacher_cfg.model.width = args.width
     teacher_cfg.model.dtype = group.dtype
-    student = train.model_from_config(cfg.model, 10)
-    teacher = train.model_from_config(teacher_cfg.model, 10)
+    student = model_from_config(cfg.model, 10)
+    teacher = model_from_config(teacher_cfg.model, 10)
     teacher_variables = init_model(teacher, jax.random.key(1), group.image_size)
-    tx = train.make_optimizer(cfg, 100)
-    state = train.create_train_state(student, tx, cfg, jax.random.key(0))
-    step = train.make_train_step(student, teacher, tx, cfg, steps_per_epoch=100)
+    method = AttentionLite(cfg, 10)
+    tx = method.optimizer(100)
+    state = train.create_train_state(method, student, tx, jax.random.key(0), group.image_size)
+    step = train.make_train_step(method, student, teacher, tx, steps_per_epoch=100)
     return _stepper("sparse distillation step", count_params(state["params"]), step, state,
                     (_batch(group), teacher_variables))
 

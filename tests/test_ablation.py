@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from alite_jax import train
+from alite_jax import methods, run_dir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,15 +26,15 @@ def test_every_setting_is_a_valid_config(ablation, tmp_path):
     assert phases.teacher.optimizer.lr == pytest.approx(0.04) and phases.student.distill.alpha == 0.5
     teacher = tmp_path / "teacher"
     os.makedirs(teacher / "model")
-    train.write_run_config(str(teacher), phases.teacher, num_classes=10, channels=1)
+    run_dir.write_run_config(str(teacher), phases.teacher, num_classes=10, channels=1)
     for name, (_, mode, loss, density, structure, paper_rule) in ablation.SETTINGS.items():
         c = ablation.setting_config(phases, name, seed=2, teacher_dir=str(teacher))
         assert train.check_config(c, 1) == 10, name
         assert (c.mode, c.distill.loss, c.sparsity.density, c.sparsity.structure) == (
             mode, loss, density, structure)
         assert c.seed == c.data.seed == 2 and c.num_epochs == 30
-        assert train.needs_teacher(c) == (loss != "ce" and mode == "distill"), name
-        assert train.is_sparse(c) == (density < 1.0), name
+        assert methods.needs_teacher(c) == (loss != "ce" and mode == "distill"), name
+        assert methods.is_sparse(c) == (density < 1.0), name
         s = c.sparsity
         literal = (s.min_layer_fraction, s.reset_regrown_momentum, s.full_rate_steps)
         assert literal == ((0.0, False, 0) if paper_rule else (0.25, True, 20)), name

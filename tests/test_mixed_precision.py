@@ -16,7 +16,8 @@ import pytest
 
 from alite_jax import config as config_lib
 from alite_jax import sparsity, train
-from alite_jax.models import compute_dtype, create_model, init_model
+from alite_jax.methods import AttentionLite
+from alite_jax.models import compute_dtype, create_model, init_model, model_from_config
 
 
 def _step(dtype: str):
@@ -29,14 +30,15 @@ def _step(dtype: str):
     rng = np.random.default_rng(0)
     batch = dict(image=jnp.asarray(rng.normal(size=(16, 16, 16, 3)), jnp.float32),
                  label=jnp.asarray(rng.integers(0, 10, 16)))
-    student = train.model_from_config(cfg.model, 10, dtype)
-    teacher = train.model_from_config(teacher_cfg.model, 10, dtype)
+    student = model_from_config(cfg.model, 10, dtype)
+    teacher = model_from_config(teacher_cfg.model, 10, dtype)
     # Both steps start from the same float32 state, built by the float32 models (the compute dtype
     # does not change the parameters; this also saves compiling the bfloat16 initialisers).
-    teacher_variables = init_model(train.model_from_config(teacher_cfg.model, 10), jax.random.key(1), 16)
-    tx = train.make_optimizer(cfg, 10)
-    state = train.create_train_state(train.model_from_config(cfg.model, 10), tx, cfg, jax.random.key(0))
-    new_state, metrics = jax.jit(train.make_train_step(student, teacher, tx, cfg, steps_per_epoch=10))(
+    teacher_variables = init_model(model_from_config(teacher_cfg.model, 10), jax.random.key(1), 16)
+    method = AttentionLite(cfg, 10)
+    tx = method.optimizer(10)
+    state = train.create_train_state(method, model_from_config(cfg.model, 10), tx, jax.random.key(0), 16)
+    new_state, metrics = jax.jit(train.make_train_step(method, student, teacher, tx, steps_per_epoch=10))(
         state, batch, teacher_variables)
     # The stage outputs' dtypes, from the traced forward (nothing to compile).
     _, features = jax.eval_shape(lambda v, x: student.apply(v, x, train=False),

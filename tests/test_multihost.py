@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, run_main, tiny_config, write_config
 
-from alite_jax import distributed, train
-from alite_jax.models import abstract_variables
+from alite_jax import distributed, run_dir
+from alite_jax.models import abstract_variables, model_from_config
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ def teacher_dir(tmp_path_factory):
     nothing compiles), exported as the trainer exports one: what is tested is how the student trains."""
     workdir = str(tmp_path_factory.mktemp("teacher"))
     config = tiny_config("teacher")
-    model = train.model_from_config(config.model, 10)
+    model = model_from_config(config.model, 10)
     rng = np.random.default_rng(0)
 
     def draw(path, x):
@@ -69,8 +69,8 @@ def teacher_dir(tmp_path_factory):
         return (np.ones if name.endswith(("['scale']", "['var']")) else np.zeros)(x.shape, x.dtype)
 
     variables = jax.tree_util.tree_map_with_path(draw, abstract_variables(model, 8, channels=1))
-    train.write_run_config(workdir, config, num_classes=10, channels=1)
-    train.export_model(workdir, variables)
+    run_dir.write_run_config(workdir, config, num_classes=10, channels=1)
+    run_dir.export_model(workdir, variables)
     return workdir
 
 

@@ -17,9 +17,10 @@ import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
 from alite_jax import data, train
+from alite_jax.methods import attentionlite, needs_teacher
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
-from alite_jax.models import abstract_variables
+from alite_jax.models import abstract_variables, model_from_config
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
     # The export holds exactly the student's variables (no teacher inside), pruned to 20%.
     exported = final_params(workdir)
     config = tiny_config("distill", teacher=teacher_dir)
-    student = train.model_from_config(config.model, 10)
+    student = model_from_config(config.model, 10)
     expected = abstract_variables(student, 8, channels=1)
     assert jax.tree.structure(exported) == jax.tree.structure(expected)
     assert jax.tree.map(np.shape, exported) == jax.tree.map(lambda x: x.shape, expected)
@@ -149,7 +150,7 @@ def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir,
         calls.append(rate)
         return jax.tree.map(jnp.zeros_like, params), state
 
-    monkeypatch.setattr(train.sparsity, "prune_and_regrow", wipe)
+    monkeypatch.setattr(attentionlite.sparsity, "prune_and_regrow", wipe)
     workdir = str(tmp_path / "wiped")
     train.train_and_evaluate(tiny_config("distill", epochs=2, teacher=teacher_dir), workdir)
     rows, expected = epoch_rows(workdir), epoch_rows(reference)
@@ -345,7 +346,7 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
         train.check_config(tiny_config("distill", teacher=str(fake)), 1)
     # Sparse training with CE alone needs no teacher.
     c = tiny_config("distill", teacher=str(tmp_path / "none")); c.distill.loss = "ce"
-    assert train.check_config(c, 1) == 10 and not train.needs_teacher(c)
+    assert train.check_config(c, 1) == 10 and not needs_teacher(c)
 
 
 @pytest.mark.parametrize("first_bad,match", [

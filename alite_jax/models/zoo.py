@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +94,17 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
     stem = conv_stem if variant == "hybrid" else functools.partial(attention_stem, **attention)
     return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype, stem=stem,
                   spatial=functools.partial(attention_spatial, **attention))
+
+
+def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: str = "") -> ResNet:
+    """The model a config's ``model`` section describes (name, width, dtype and, for the students, the
+    variant and attention options); ``dtype`` overrides its compute dtype."""
+    options = {}
+    if model_config["name"] in STUDENTS:  # the attention options apply to the students only
+        options = {k: model_config[k] for k in ("variant", "num_heads", "kernel_size", "scaling",
+                                                "rel_layout", "impl") if k in model_config}
+    return create_model(model_config["name"], num_classes, width=model_config.get("width", 1.0),
+                        dtype=dtype or model_config.get("dtype", "float32"), **options)
 
 
 def init_model(model: ResNet, rng: jax.Array, image_size: int | tuple[int, int] = 32,

@@ -1,0 +1,28 @@
+"""Methods the trainer runs (see :mod:`alite_jax.methods.base` for the seam): ``config.mode`` picks one.
+
+* ``"teacher"``: the CNN teacher with cross-entropy (:class:`~alite_jax.methods.base.Method`);
+* ``"baseline"``: a dense student with cross-entropy (the same);
+* ``"distill"``: AttentionLite's sparse distillation
+  (:class:`~alite_jax.methods.attentionlite.AttentionLite`).
+
+A new method subclasses :class:`Method` and registers its mode in :data:`METHODS`; the loop does not
+change.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alite_jax.methods.attentionlite import AttentionLite, is_sparse, needs_teacher
+from alite_jax.methods.base import Method, State, learning_rate_schedule, sgd
+
+METHODS: dict[str, type[Method]] = {"teacher": Method, "baseline": Method, "distill": AttentionLite}
+
+
+def get_method(config: ml_collections.ConfigDict, num_classes: int) -> Method:
+    """The method ``config.mode`` names (the mode is checked by the trainer first)."""
+    return METHODS[config.mode](config, num_classes)
+
+
+__all__ = ["METHODS", "AttentionLite", "Method", "State", "get_method", "is_sparse", "learning_rate_schedule",
+           "needs_teacher", "sgd"]

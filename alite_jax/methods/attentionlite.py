@@ -1,0 +1,137 @@
+"""AttentionLite's sparse distillation (Kundu & Sundaresan, Algorithm 1) as a :class:`Method`.
+
+The student learns from a finished teacher run (``config.teacher.workdir``) with the loss of eq. 2
+(``config.distill.loss``: "kd" or "kd+at"; "ce" trains the student alone) while
+:func:`alite_jax.sparsity.sparse_learning` prunes it to ``config.sparsity.density`` (1.0: dense
+distillation), with prune/regrow after every epoch but the last. The teacher runs in inference mode
+inside the step and is never saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import optax
+
+from alite_jax import costs, distill, run_dir, sparsity
+from alite_jax.errors import ConfigError, MissingFileError
+from alite_jax.methods.base import Method, State, Teacher, sgd
+from alite_jax.models import compute_dtype
+
+
+def is_sparse(config: ml_collections.ConfigDict) -> bool:
+    return config.mode == "distill" and config.sparsity.density < 1.0
+
+
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+    """A distillation with a teacher term; ``distill.loss="ce"`` trains the (sparse) student alone."""
+    return config.mode == "distill" and config.distill.loss != "ce"
+
+
+class AttentionLite(Method):
+    """Distillation from a CNN teacher (CE + KD + attention transfer) with sparse learning."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+        super().__init__(config, num_classes)
+        self.sparse, self.with_teacher = is_sparse(config), needs_teacher(config)
+        self.teacher_model = None
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        return distill.loss_terms(self.config.distill.loss)
+
+    def check(self) -> None:
+        config = self.config
+        if config.distill.loss not in distill.MODES:
+            raise ConfigError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse training "
+                              f"without a teacher), got {config.distill.loss!r}")
+        if config.teacher.get("dtype", ""):
+            compute_dtype(config.teacher.dtype)
+        self.optimizer(steps_per_epoch=1)  # bad sparsity options raise here
+        s = config.sparsity
+        sparsity.prune_rate_schedule(s.prune_rate, config.num_epochs, s.schedule, steps_per_epoch=1,
+                                     full_rate_steps=s.full_rate_steps)
+
+    def check_inputs(self) -> None:
+        """The teacher run: there, finished, and trained on this data at this image size."""
+        config = self.config
+        if not self.with_teacher:
+            return
+        workdir = config.teacher.workdir
+        if not workdir or not run_dir.is_finished_run(workdir):
+            raise MissingFileError(
+                f"no finished teacher run at config.teacher.workdir={workdir!r} (it needs config.json and "
+                f"model/). Train the teacher first, e.g. python -m alite_jax.main "
+                f"--config=configs/teacher_cifar10.py --workdir=<dir>, and point teacher.workdir at it.")
+        teacher = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
+        if teacher.data.dataset != config.data.dataset or teacher.num_classes != self.num_classes:
+            raise ConfigError(f"the teacher at {workdir} was trained on {teacher.data.dataset} "
+                              f"({teacher.num_classes} classes), not on {config.data.dataset} "
+                              f"({self.num_classes} classes)")
+        if teacher.data.image_size != config.data.image_size:
+            raise ConfigError(f"the teacher at {workdir} takes {teacher.data.image_size}px images, the "
+                              f"student {config.data.image_size}px")
+
+    def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
+        if not self.with_teacher:
+            return None
+        model, variables = run_dir.load_model(self.config.teacher.workdir, mesh,
+                                              self.config.teacher.get("dtype", ""))
+        self.teacher_model = model
+        return model, variables
+
+    def loss(self, logits, features, labels, teacher_out):
+        t_logits, t_features = teacher_out if teacher_out is not None else (None, None)
+        d = self.config.distill
+        return distill.distillation_loss(logits, t_logits, labels, features, t_features, mode=d.loss,
+                                         alpha=d.alpha, beta=d.beta, temperature=d.temperature)
+
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        inner = sgd(self.config, steps_per_epoch)
+        if not self.sparse:
+            return inner
+        s = self.config.sparsity
+        return sparsity.sparse_learning(
+            inner, density=s.density, structure=s.structure, distribution=s.distribution,
+            seed=self.config.seed, redistribution=s.redistribution, min_layer_fraction=s.min_layer_fraction,
+            reset_regrown_momentum=s.reset_regrown_momentum)
+
+    def prepare_params(self, params: Any, opt_state: Any) -> Any:
+        return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
+
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+        """A prune/regrow round after every epoch but the last (after its evaluation: the model that
+        epoch trained is the one evaluated), and the densities for the metrics row."""
+        if not self.sparse:
+            return state, {}
+        row = {}
+        s, num_epochs = self.config.sparsity, self.config.num_epochs
+        if epoch < num_epochs - 1:
+            rate = sparsity.prune_rate_schedule(s.prune_rate, num_epochs, s.schedule,
+                                                steps_per_epoch=steps_per_epoch,
+                                                full_rate_steps=s.full_rate_steps)(epoch)
+            params, opt_state = sparsity.prune_and_regrow(state["params"], state["opt_state"], rate)
+            state = dict(state, params=params, opt_state=opt_state)
+            row["prune_rate"] = rate
+        masks = sparsity.get_masks(state["opt_state"])
+        row.update(density=sparsity.global_density(masks), per_layer_density=sparsity.layer_densities(masks))
+        return state, row
+
+    def masks(self, state: State) -> Any | None:
+        return sparsity.get_masks(state["opt_state"]) if self.sparse else None
+
+    def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
+                       channels: int) -> dict[str, Any]:
+        masks = self.masks(state)
+        fields = dict(distill=self.config.distill.loss,
+                      structure=self.config.sparsity.structure if self.sparse else "dense",
+                      per_layer_density=sparsity.layer_densities(masks) if masks is not None else {})
+        if self.teacher_model is not None:
+            teacher_costs = costs.count_costs(self.teacher_model, image_size, channels)
+            teacher_summary = run_dir.read_summary(self.config.teacher.workdir) or {}
+            fields.update(costs.reductions(student_costs, teacher_costs),
+                          teacher_params=teacher_costs["params"], teacher_flops=teacher_costs["flops"],
+                          teacher_test_accuracy=teacher_summary.get("test_accuracy"))
+        return fields

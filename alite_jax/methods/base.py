@@ -1,0 +1,113 @@
+"""The seam between the trainer and what it trains: a :class:`Method`.
+
+The loop in :mod:`alite_jax.train` knows steps, evaluation, checkpoints and preemption, and nothing of
+teachers, masks or loss terms. Everything that differs between what it runs is a method's:
+
+* the models it needs: :meth:`Method.student` (trained) and :meth:`Method.teacher` (a frozen model and
+  its variables, or None);
+* the loss and what it reports: :meth:`Method.loss` and :attr:`Method.loss_terms`;
+* the optimizer (and its parameter groups): :meth:`Method.optimizer`, :meth:`Method.prepare_params`;
+* what happens at the end of an epoch, after evaluation: :meth:`Method.end_of_epoch` (prune/regrow for
+  sparse distillation; nothing for a teacher);
+* what it adds to the run's summary: :meth:`Method.summary_fields`;
+* the checks of its own settings and inputs, before anything is written or compiled:
+  :meth:`Method.check`, :meth:`Method.check_inputs`.
+
+A method is built from the run's config and the number of classes; the only thing it keeps is the
+teacher model it built, for the summary. The state is the loop's plain tree (params, batch_stats,
+opt_state, step, epoch_sums).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from alite_jax.models import model_from_config
+
+State = dict[str, Any]
+Teacher = tuple[nn.Module, Any]  # (model, variables); None when the method needs none
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """lr, multiplied by decay_factor at each epoch of decay_epochs (paper §4.1)."""
+    opt = config.optimizer
+    return optax.piecewise_constant_schedule(
+        opt.lr, {int(e) * steps_per_epoch: opt.decay_factor for e in opt.decay_epochs})
+
+
+def sgd(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum and (coupled, PyTorch-style) weight decay, on the config's schedule."""
+    opt = config.optimizer
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=opt.momentum,
+                                 nesterov=opt.get("nesterov", False)))
+
+
+class Method:
+    """Supervised training of ``config.model`` with cross-entropy: the teacher and the dense baseline.
+
+    Subclasses override what differs (see the module docstring)."""
+
+    loss_terms: tuple[str, ...] = ("ce", "total")
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+        self.config, self.num_classes = config, num_classes
+
+    # Checks --------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raises an :class:`alite_jax.errors.ConfigError` for settings of this method that cannot run,
+        reading no file (a command that runs several phases checks them all before the first)."""
+
+    def check_inputs(self) -> None:
+        """Raises an :class:`alite_jax.errors.UserError` for inputs of this method that are missing or do
+        not match (e.g. a teacher run); called before anything is written or compiled."""
+
+    # Models --------------------------------------------------------------------------------------
+    def student(self) -> nn.Module:
+        """The model this method trains."""
+        return model_from_config(self.config.model, self.num_classes)
+
+    def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
+        """A frozen model and its variables (replicated on ``mesh``) used inside the step, or None."""
+        return None
+
+    # Loss ----------------------------------------------------------------------------------------
+    def loss(self, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
+             teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(total, {name: term for name in loss_terms}) for one batch; runs inside the jitted step."""
+        from alite_jax.distill import distillation_loss
+
+        return distillation_loss(logits, None, labels, None, None, mode="ce")
+
+    # Optimizer -----------------------------------------------------------------------------------
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        return sgd(self.config, steps_per_epoch)
+
+    def prepare_params(self, params: Any, opt_state: Any) -> Any:
+        """The initial parameters, given the freshly initialised optimizer state (e.g. masked)."""
+        return params
+
+    def learning_rate(self, steps_per_epoch: int) -> optax.Schedule:
+        """The schedule the metrics report as ``lr``."""
+        return learning_rate_schedule(self.config, steps_per_epoch)
+
+    # End of epoch --------------------------------------------------------------------------------
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+        """Called after the epoch's evaluation; returns the new state and fields for the metrics row."""
+        return state, {}
+
+    # Summary -------------------------------------------------------------------------------------
+    def masks(self, state: State) -> Any | None:
+        """The pruning masks of ``state`` (a tree like the params, None leaves unpruned), or None."""
+        return None
+
+    def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
+                       channels: int) -> dict[str, Any]:
+        """What the method adds to summary.json (plain data; :mod:`alite_jax.run_dir` writes it)."""
+        return dict(distill="ce", structure="dense", per_layer_density={})
