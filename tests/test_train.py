@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
-from alite_jax import data, train
+from alite_jax import data, run_dir, train
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
 from alite_jax.models import abstract_variables
@@ -178,41 +178,38 @@ def snapshot(workdir):
     return files
 
 
-@pytest.mark.parametrize("damage", ["emptied", "garbage"])
-def test_unreadable_latest_checkpoint_is_set_aside_and_replaced(damage, teacher_dir, student_run, tmp_path,
-                                                                 capsys):
-    """A kill in the first moments of a save can leave the step's directory empty (before, that made every
-    checkpoint unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving); a
-    disk fault can leave garbage (before, it was skipped but never replaced, so every later run warned
-    and retrained the epoch). Now the step is reported, set aside as 12.corrupt-1 (kept, not deleted),
-    the previous one restores, the step is saved again, and the run ends as an uninterrupted one."""
+def test_unreadable_checkpoints_are_set_aside_and_replaced(teacher_dir, student_run, tmp_path, capsys):
+    """Step 12 left empty (a kill in the first moments of a save; before, that made every checkpoint
+    unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving) and step 8 full
+    of garbage (a disk fault; before, it was skipped but never replaced, so every later run warned and
+    retrained). Now each is reported and set aside as <step>.corrupt-1 (kept, not deleted), step 4
+    restores, steps 8 and 12 are saved again, and the run ends as an uninterrupted one."""
     _, reference = student_run
-    workdir = str(tmp_path / damage)
+    workdir = str(tmp_path / "run")
     unfinished_copy(reference, workdir)
-    latest = os.path.join(workdir, "checkpoints", "12")
-    if damage == "emptied":
-        shutil.rmtree(latest)
-        os.mkdir(latest)
-    else:
-        for root, _, files in os.walk(latest):
-            for name in files:
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"garbage")
-    damaged = snapshot(latest)
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
-    train.train_and_evaluate(config, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(os.path.join(checkpoints, "12"))
+    os.mkdir(os.path.join(checkpoints, "12"))
+    for root, _, files in os.walk(os.path.join(checkpoints, "8")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    damaged = {step: snapshot(os.path.join(checkpoints, step)) for step in ("8", "12")}
+    train.train_and_evaluate(tiny_config("distill", epochs=3, teacher=teacher_dir), workdir)
     out = capsys.readouterr().out
-    assert f"checkpoint at step 12 in {os.path.join(workdir, 'checkpoints')} is unreadable" in out, out
-    assert "set aside as 12.corrupt-1" in out and f"resuming {workdir} at step 8 " in out, out
+    for step in (12, 8):
+        assert f"checkpoint at step {step} in {checkpoints} is unreadable" in out, out
+        assert f"set aside as {step}.corrupt-1" in out, out
+    assert f"resuming {workdir} at step 4 " in out, out
     assert_same_model(reference, workdir)
     assert epoch_rows(workdir) == epoch_rows(reference)
-    checkpoints = os.path.join(workdir, "checkpoints")
-    assert sorted(os.listdir(checkpoints)) == ["12", "12.corrupt-1", "4", "8"]
-    assert snapshot(os.path.join(checkpoints, "12.corrupt-1")) == damaged
-    if damage == "garbage":  # a later run finds step 12 intact: nothing to report, nothing to retrain
-        train.train_and_evaluate(config, workdir)
-        out = capsys.readouterr().out
-        assert "is unreadable" not in out and f"resuming {workdir} at step 12 " in out, out
+    assert sorted(os.listdir(checkpoints)) == ["12", "12.corrupt-1", "4", "8", "8.corrupt-1"]
+    for step in ("8", "12"):
+        assert snapshot(os.path.join(checkpoints, f"{step}.corrupt-1")) == damaged[step]
+    # Saved again, whole: a later run restores step 12 with nothing to report.
+    manager = run_dir.checkpoint_manager(workdir, max_to_keep=3)
+    assert run_dir.restore_checkpoint(manager, None)["step"] == 12
+    assert "is unreadable" not in capsys.readouterr().out
 
 
 def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(teacher_dir, student_run,
