@@ -31,6 +31,8 @@ import os
 from typing import Mapping
 
 import jax
+import numpy as np
+from jax.sharding import Mesh
 
 MODES = ("auto", "on", "off")
 
@@ -129,3 +131,9 @@ def say(message: str) -> None:
     """Prints ``message`` on process 0 only: every process runs the same loop, one of them reports."""
     if is_leader():
         print(message, flush=True)
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over all devices (of all processes) with the axis name ``"data"``: the batch is
+    sharded over it, the state replicated."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))

@@ -28,7 +28,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alite_jax import data, distributed, train
+from alite_jax import distributed, train
 from alite_jax.errors import UserError, user_input
 
 EXIT_USER_ERROR = 2
@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
     """
     if "phases" not in config:
         return train.train_and_evaluate(config, workdir, fresh=fresh)
-    num_devices = data.make_mesh().devices.size
+    num_devices = distributed.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
         for field in ("teacher.workdir", "baseline_workdir"):

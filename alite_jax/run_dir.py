@@ -21,7 +21,8 @@ Rules, so that days of training are never lost to a fault or a slip:
   checkpoint is restored; each newer, unreadable one is reported and renamed ``<step>.corrupt-<n>``, so
   the step is saved again when the run gets there (:func:`restore_checkpoint`).
 * **History is never started over unless asked.** Checkpoints none of which can be read, or history
-  without a checkpoint to resume from, stop the run with a :class:`RunDirError` that changes nothing. Asked to start fresh (``--fresh``), the trainer first moves the whole directory aside to
+  without a checkpoint to resume from, stop the run with a :class:`RunDirError` that changes nothing.
+  Asked to start fresh (``--fresh``), the trainer first moves the whole directory aside to
   ``<workdir>.previous-<n>`` (:func:`set_aside_run`).
 * **A partial line is not a lost run.** A kill while a metrics line was written leaves half a line at
   the end of ``metrics.jsonl``: it is reported and ignored. Files are rewritten atomically (a complete

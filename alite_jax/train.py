@@ -37,11 +37,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, report, run_dir
 from alite_jax.config import check_ranges
-from alite_jax.distributed import is_leader, say
+from alite_jax.distributed import is_leader, make_mesh, say
 from alite_jax.errors import ConfigError, DivergedError, user_input
 from alite_jax.methods import METHODS, Method, State, get_method
 from alite_jax.metric_writers import MetricWriter, Progress
-from alite_jax.models import STUDENTS, count_params, init_model, model_from_config
+from alite_jax.models import STUDENTS, check_image_size, count_params, init_model, model_from_config
 
 MODES = tuple(METHODS)
 
@@ -60,6 +60,7 @@ def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
         check_ranges(config)
         num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
         model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
+        check_image_size(config.data.image_size, config.data.image_size)
         data.check_data_config(config.data, num_devices, jax.process_count())
         get_method(config, num_classes).check()
     if config.mode == "teacher" and config.model.name in STUDENTS:
@@ -236,7 +237,7 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> Run:
     """Checks everything, then builds the method, the data, the models and the state (restored from the
     newest readable checkpoint, or new), and writes config.json and the kept metrics history."""
-    mesh = data.make_mesh()
+    mesh = make_mesh()
     num_classes = check_config(config, mesh.devices.size)
     if not fresh:
         run_dir.check_same_run(workdir, config)

@@ -20,7 +20,8 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alite_jax.data.pipeline import InputPipeline, make_mesh  # noqa: E402
+from alite_jax.data.pipeline import InputPipeline  # noqa: E402
+from alite_jax.distributed import make_mesh  # noqa: E402
 from alite_jax.data.sources import Split  # noqa: E402
 
 

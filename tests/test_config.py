@@ -139,7 +139,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     ("tiny", "--config.distill.temperature=0",
      "error: config.distill.temperature must be > 0 (the softmax temperature rho), got 0.0"),
     ("configs/no_such_config.py", "", "No such file or directory: 'configs/no_such_config.py'"),
-    ("configs/cifar10.py:smoek", "", "error: --config: unknown config switch 'smoek': the only one is 'smoke'"),
+    ("configs/cifar10.py:smoek", "",
+     "error: --config: unknown config switch 'smoek': the only one is 'smoke'"),
 ])
 def test_cli_prints_one_line_for_a_user_error(config, flag, message, tmp_path):
     if config == "tiny":

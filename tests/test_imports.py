@@ -34,6 +34,16 @@ def test_importing_the_package_loads_no_tensorflow_tfds_or_pallas():
     assert out.strip() == "[]", out
 
 
+def test_the_digits_demo_data_loads_no_tensorflow_and_data_imports_no_models():
+    out = _run("""
+        from alite_jax import data
+        split = data.load_split("digits", "train", image_size=16)
+        models = sorted(m for m in sys.modules if m.startswith("alite_jax.models"))
+        print(split.images.shape, heavy(), models)
+    """)
+    assert out.strip().endswith("[] []"), out
+
+
 def test_pallas_loads_on_first_use():
     out = _run("""
         import jax.numpy as jnp

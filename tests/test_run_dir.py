@@ -36,7 +36,7 @@ def test_what_counts_as_history(tmp_path):
     run_dir.check_nothing_to_lose(workdir)
     os.makedirs(os.path.join(workdir, "checkpoints", "4.corrupt-1"))
     assert run_dir.history(workdir) == ["checkpoints"]
-    with pytest.raises(RunDirError, match=r"holds a run's history \(checkpoints\) but no checkpoint.*--fresh"):
+    with pytest.raises(RunDirError, match=r"history \(checkpoints\) but no checkpoint.*--fresh"):
         run_dir.check_nothing_to_lose(workdir)
     with pytest.raises(RunDirError, match=r"holds another run: .*mode is 'baseline' in its config\.json"):
         run_dir.check_same_run(workdir, tiny_config("teacher"))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
-from alite_jax import data, train
+from alite_jax import data, run_dir, train
 from alite_jax.methods import attentionlite, needs_teacher
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
@@ -179,41 +179,38 @@ def snapshot(workdir):
     return files
 
 
-@pytest.mark.parametrize("damage", ["emptied", "garbage"])
-def test_unreadable_latest_checkpoint_is_set_aside_and_replaced(damage, teacher_dir, student_run, tmp_path,
-                                                                 capsys):
-    """A kill in the first moments of a save can leave the step's directory empty (before, that made every
-    checkpoint unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving); a
-    disk fault can leave garbage (before, it was skipped but never replaced, so every later run warned
-    and retrained the epoch). Now the step is reported, set aside as 12.corrupt-1 (kept, not deleted),
-    the previous one restores, the step is saved again, and the run ends as an uninterrupted one."""
+def test_unreadable_checkpoints_are_set_aside_and_replaced(teacher_dir, student_run, tmp_path, capsys):
+    """Step 12 left empty (a kill in the first moments of a save; before, that made every checkpoint
+    unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving) and step 8 full
+    of garbage (a disk fault; before, it was skipped but never replaced, so every later run warned and
+    retrained). Now each is reported and set aside as <step>.corrupt-1 (kept, not deleted), step 4
+    restores, steps 8 and 12 are saved again, and the run ends as an uninterrupted one."""
     _, reference = student_run
-    workdir = str(tmp_path / damage)
+    workdir = str(tmp_path / "run")
     unfinished_copy(reference, workdir)
-    latest = os.path.join(workdir, "checkpoints", "12")
-    if damage == "emptied":
-        shutil.rmtree(latest)
-        os.mkdir(latest)
-    else:
-        for root, _, files in os.walk(latest):
-            for name in files:
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"garbage")
-    damaged = snapshot(latest)
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir)
-    train.train_and_evaluate(config, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(os.path.join(checkpoints, "12"))
+    os.mkdir(os.path.join(checkpoints, "12"))
+    for root, _, files in os.walk(os.path.join(checkpoints, "8")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    damaged = {step: snapshot(os.path.join(checkpoints, step)) for step in ("8", "12")}
+    train.train_and_evaluate(tiny_config("distill", epochs=3, teacher=teacher_dir), workdir)
     out = capsys.readouterr().out
-    assert f"checkpoint at step 12 in {os.path.join(workdir, 'checkpoints')} is unreadable" in out, out
-    assert "set aside as 12.corrupt-1" in out and f"resuming {workdir} at step 8 " in out, out
+    for step in (12, 8):
+        assert f"checkpoint at step {step} in {checkpoints} is unreadable" in out, out
+        assert f"set aside as {step}.corrupt-1" in out, out
+    assert f"resuming {workdir} at step 4 " in out, out
     assert_same_model(reference, workdir)
     assert epoch_rows(workdir) == epoch_rows(reference)
-    checkpoints = os.path.join(workdir, "checkpoints")
-    assert sorted(os.listdir(checkpoints)) == ["12", "12.corrupt-1", "4", "8"]
-    assert snapshot(os.path.join(checkpoints, "12.corrupt-1")) == damaged
-    if damage == "garbage":  # a later run finds step 12 intact: nothing to report, nothing to retrain
-        train.train_and_evaluate(config, workdir)
-        out = capsys.readouterr().out
-        assert "is unreadable" not in out and f"resuming {workdir} at step 12 " in out, out
+    assert sorted(os.listdir(checkpoints)) == ["12", "12.corrupt-1", "4", "8", "8.corrupt-1"]
+    for step in ("8", "12"):
+        assert snapshot(os.path.join(checkpoints, f"{step}.corrupt-1")) == damaged[step]
+    # Saved again, whole: a later run restores step 12 with nothing to report.
+    manager = run_dir.checkpoint_manager(workdir, max_to_keep=3)
+    assert run_dir.restore_checkpoint(manager, None)["step"] == 12
+    assert "is unreadable" not in capsys.readouterr().out
 
 
 def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(teacher_dir, student_run,
@@ -315,24 +312,25 @@ def test_one_and_eight_devices_agree(tmp_path):
 
 
 def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
-    cases = []
-    c = tiny_config("baseline"); c.model.name = "resnet18"; cases.append((c, ValueError, "unknown model"))
-    c = tiny_config("baseline"); c.data.dataset = "cifar11"; cases.append((c, ValueError, "unknown data set"))
-    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.density = 0.0
-    cases.append((c, ValueError, "density"))
-    c = tiny_config("distill", teacher=str(tmp_path / "none")); cases.append((c, FileNotFoundError, "Train the teacher first"))
-    c = tiny_config("baseline"); c.mode = "finetune"; cases.append((c, ValueError, "config.mode"))
-    c = tiny_config("baseline"); c.data.image_size = 12; cases.append((c, ValueError, "multiples of 8"))
-    c = tiny_config("distill", teacher=teacher_dir); c.distill.loss = "at"
-    cases.append((c, ValueError, "distill.loss"))
-    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.redistribution = "magnitude"
-    cases.append((c, ValueError, "redistribution"))
-    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.min_layer_fraction = -0.1
-    cases.append((c, ValueError, "min_layer_fraction"))
-    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.schedule = "step"
-    cases.append((c, ValueError, "unknown kind"))
-    c = tiny_config("distill", teacher=teacher_dir); c.sparsity.full_rate_steps = -1
-    cases.append((c, ValueError, "full_rate_steps"))
+    def case(mode, field, value, error, match, teacher=teacher_dir):
+        c = tiny_config(mode, teacher=teacher) if mode == "distill" else tiny_config(mode)
+        section, _, name = field.rpartition(".")
+        setattr(c[section] if section else c, name, value)
+        return c, error, match
+
+    cases = [
+        case("baseline", "model.name", "resnet18", ValueError, "unknown model"),
+        case("baseline", "data.dataset", "cifar11", ValueError, "unknown data set"),
+        case("distill", "sparsity.density", 0.0, ValueError, "density"),
+        case("distill", "seed", 0, FileNotFoundError, "Train the teacher first", str(tmp_path / "none")),
+        case("baseline", "mode", "finetune", ValueError, "config.mode"),
+        case("baseline", "data.image_size", 12, ValueError, "multiples of 8"),
+        case("distill", "distill.loss", "at", ValueError, "distill.loss"),
+        case("distill", "sparsity.redistribution", "magnitude", ValueError, "redistribution"),
+        case("distill", "sparsity.min_layer_fraction", -0.1, ValueError, "min_layer_fraction"),
+        case("distill", "sparsity.schedule", "step", ValueError, "unknown kind"),
+        case("distill", "sparsity.full_rate_steps", -1, ValueError, "full_rate_steps"),
+    ]
     for config, error, match in cases:
         with pytest.raises(error, match=match):
             train.check_config(config, 1)
@@ -345,7 +343,8 @@ def test_bad_configs_fail_before_compiling(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="trained on cifar100"):
         train.check_config(tiny_config("distill", teacher=str(fake)), 1)
     # Sparse training with CE alone needs no teacher.
-    c = tiny_config("distill", teacher=str(tmp_path / "none")); c.distill.loss = "ce"
+    c = tiny_config("distill", teacher=str(tmp_path / "none"))
+    c.distill.loss = "ce"
     assert train.check_config(c, 1) == 10 and not needs_teacher(c)
 
 

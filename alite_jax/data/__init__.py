@@ -7,4 +7,4 @@ builder with TFDS, as :mod:`alite_jax.data.sources` does before it builds one.
 
 from alite_jax.data.sources import DEMO, Split, load_split, num_classes_of, shard_range
 from alite_jax.data.pipeline import (InputPipeline, augment, check_data_config, create_input_pipeline,
-                                     default_config, make_mesh, normalize, prefetch)
+                                     default_config, normalize, prefetch)

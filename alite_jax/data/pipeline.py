@@ -25,14 +25,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alite_jax.data.sources import DEMO, Split, default_splits, load_split
-from alite_jax.models.resnet import check_image_size
+from alite_jax.distributed import make_mesh
 
 Batch = dict[str, jax.Array]
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over all devices (of all processes) with the axis name ``"data"``."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
@@ -197,13 +192,13 @@ def channel_stats(shards: list[Split]) -> tuple[np.ndarray, np.ndarray]:
 
 def check_data_config(config: Any, num_devices: int, process_count: int) -> None:
     """Raises ValueError for data settings that cannot work, before any data is read."""
-    check_image_size(config.image_size, config.image_size)
     shards = config.get("data_shards", 0) or process_count
     for name in ("batch_size", "eval_batch_size"):
         size = config[name]
         if size < 1 or size % num_devices:
+            nearest = max(1, round(size / num_devices)) * num_devices
             raise ValueError(f"{name}={size} is not divisible by the {num_devices} devices; use a "
-                             f"multiple of {num_devices} (e.g. {max(1, round(size / num_devices)) * num_devices})")
+                             f"multiple of {num_devices} (e.g. {nearest})")
         if size % shards:
             raise ValueError(f"{name}={size} is not divisible by data_shards={shards}")
     if shards % process_count:
