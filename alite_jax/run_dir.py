@@ -97,17 +97,21 @@ def aside_name(path: str, label: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_run_config(workdir: str) -> dict[str, Any] | None:
-    """The run's ``config.json`` as a dict, or None when there is none."""
-    path = os.path.join(workdir, CONFIG)
+def _read_json(path: str, fix: str) -> dict[str, Any] | None:
+    """A JSON file's contents, None when it does not exist, or a RunDirError naming it and ``fix``."""
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}): restore it from a copy of the run, or "
-                          + FRESH_HINT.format(aside=aside_name(workdir, "previous"))) from e
+        raise RunDirError(f"{path} is not valid JSON ({e}): {fix}") from e
+
+
+def read_run_config(workdir: str) -> dict[str, Any] | None:
+    """The run's ``config.json`` as a dict, or None when there is none."""
+    return _read_json(os.path.join(workdir, CONFIG), "restore it from a copy of the run, or "
+                      + FRESH_HINT.format(aside=aside_name(workdir, "previous")))
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
@@ -344,15 +348,7 @@ def load_model(workdir: str, mesh: jax.sharding.Mesh, dtype: str = "") -> tuple[
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
     """``workdir/summary.json`` (None when there is none), with an error naming the file if it is bad."""
-    path = os.path.join(workdir, SUMMARY)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}): run the trainer again in {workdir} to rewrite "
-                          f"it") from e
+    return _read_json(os.path.join(workdir, SUMMARY), f"run the trainer again in {workdir} to rewrite it")
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

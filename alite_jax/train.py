@@ -307,9 +307,10 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
     progress = Progress(steps_per_epoch * num_epochs, config.data.batch_size)
     if step:
         say(f"resuming {run.workdir} at step {step} (epoch {epoch}, step {start_step} of {steps_per_epoch})")
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"{config.model.name} ({config.mode}): {num_epochs} epochs x {steps_per_epoch} steps, batch "
-        f"{config.data.batch_size} on {run.mesh.devices.size} device(s), {count_params(state['params']):,} "
-        f"params")
+        f"{config.data.batch_size} on {run.mesh.devices.size} device(s){processes}, "
+        f"{count_params(state['params']):,} params")
     with Preemption() as preemption:
         while epoch < num_epochs:
             timer, stop = time.perf_counter(), False

@@ -10,6 +10,8 @@ from tiny_runs import ROOT
 from alite_jax import main, train
 from alite_jax.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the fast tier, -m "not slow"
+
 
 def demo_config(switch="smoke"):
     spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))

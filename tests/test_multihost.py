@@ -23,6 +23,8 @@ from tiny_runs import ROOT, assert_same_model, epoch_rows, run_main, tiny_config
 from alite_jax import distributed, run_dir
 from alite_jax.models import abstract_variables, model_from_config
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the fast tier, -m "not slow"
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -22,6 +22,8 @@ from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
 from alite_jax.models import abstract_variables, model_from_config
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the fast tier, -m "not slow"
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
