@@ -37,6 +37,7 @@ def test_reference_macs_and_reductions():
         4 * 1_297_829_888, rel=1e-3)
 
 
+@pytest.mark.slow  # ImageNet-size models
 def test_counts_of_published_models():
     """The published numbers docs/costs.md and docs/architectures.md compare with."""
     # SASA's ImageNet layout (its Table 1, conv stem): a 7x7 stride-2 stem conv 3 -> 64 at 112x112 and a

@@ -19,6 +19,8 @@ from alite_jax import sparsity, train
 from alite_jax.methods import AttentionLite
 from alite_jax.models import compute_dtype, create_model, init_model, model_from_config
 
+pytestmark = pytest.mark.slow  # two full sparse-distillation steps compile for minutes on 2 cores
+
 
 def _step(dtype: str):
     cfg = config_lib.base_config()

@@ -60,6 +60,7 @@ def test_any_multiple_of_eight_works_and_others_fail_clearly():
         init_model(model, jax.random.key(0), 30)
 
 
+@pytest.mark.slow  # full-width models: about a minute each on 2 cores
 @pytest.mark.parametrize("name,opts", ZOO, ids=lambda x: x if isinstance(x, str) else x.get("variant", ""))
 def test_forward_and_gradient_run(name, opts):
     model = create_model(name, 10, width=0.25, **opts)
@@ -82,6 +83,7 @@ def test_forward_and_gradient_run(name, opts):
     assert len(feats) == 4
 
 
+@pytest.mark.slow  # full-width ResNet-50
 def test_batchnorm_train_and_eval_modes():
     model = create_model("sa_resnet26", 10, width=0.25)
     variables = init_model(model, jax.random.key(0), 32)
@@ -118,6 +120,7 @@ def test_width_multiplier_and_grayscale_input():
     assert logits.shape == (2, 100)
 
 
+@pytest.mark.slow  # full-width models in two dtypes
 def test_bfloat16_compute_agrees_with_float32():
     f32 = create_model("sa_resnet26", 10, width=0.25)
     bf16 = create_model("sa_resnet26", 10, width=0.25, dtype=jnp.bfloat16)

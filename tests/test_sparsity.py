@@ -522,6 +522,7 @@ def test_prune_rate_schedule():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # SA-ResNet26 at full width
 def test_sa_resnet26_parameters():
     model = create_model("sa_resnet26", 10)
     shapes = jax.eval_shape(lambda k: init_model(model, k), jax.random.key(0))["params"]
