@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import optax
 
+from alite_jax.distill import distillation_loss
 from alite_jax.models import model_from_config
 
 State = dict[str, Any]
@@ -81,8 +82,6 @@ class Method:
              teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(total, {name: term for name in loss_terms}) for one batch; runs inside the jitted step."""
-        from alite_jax.distill import distillation_loss
-
         return distillation_loss(logits, None, labels, None, None, mode="ce")
 
     # Optimizer -----------------------------------------------------------------------------------
