@@ -356,7 +356,8 @@ def convert_to_array_record(builder) -> None:
         out_template = template.replace(filetype_suffix=writer.FILE_SUFFIX)
         n = split_info.num_shards
         for i in range(n):
-            source, target = template.sharded_filepath(i, n), out_template.sharded_filepath(i, n)
+            source = template.sharded_filepath(shard_index=i, num_shards=n)
+            target = out_template.sharded_filepath(shard_index=i, num_shards=n)
             if target.exists():
                 continue
             log.warning("converting %s -> %s", source.name, target.name)
@@ -376,6 +377,9 @@ def _array_record_builder(name: str, data_dir: str | None, download: bool, manua
 
     builder = _tfds_builder(name, data_dir)
     if builder.is_prepared():
+        # The builder of the prepared directory: the registered builder's info leaves out the
+        # alternative file formats of dataset_info.json (those a conversion adds).
+        builder = tfds.builder_from_directory(builder.data_dir)
         if file_adapters.FileFormat.ARRAY_RECORD in builder.info.available_file_formats():
             return builder
         formats = ", ".join(sorted(f.value for f in builder.info.available_file_formats()))
@@ -396,7 +400,7 @@ def _array_record_builder(name: str, data_dir: str | None, download: bool, manua
                 f"convert it with `pip install apache-beam && tfds convert_format --dataset_version_dir="
                 f"{builder.data_dir} --out_file_format=array_record`, or delete {builder.data_dir} and "
                 f"prepare it again with {_prepare_command(name, builder)}") from e
-        return _tfds_builder(name, data_dir)
+        return tfds.builder_from_directory(builder.data_dir)
     if name == IMAGENET:
         check_imagenet_tars(builder, manual_dir)
     if not download:
