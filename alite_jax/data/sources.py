@@ -1,6 +1,7 @@
 """Data sources: a split of an image classification data set, read into memory as uint8 arrays.
 
-Every data set comes through one function, :func:`load_split`:
+Every data set comes through :func:`load_split` (a whole split in memory) or :func:`open_split` (a
+:class:`SplitSource` read record by record, TFDS data sets in the array_record file format; docs/data.md):
 
 * ``digits``: scikit-learn's handwritten digits (1,797 real 8x8 grayscale images shipped inside the
   scikit-learn package, 10 classes), the embedded demo data set that needs no download. Split by a fixed
@@ -265,8 +266,9 @@ class TfdsRecords:
     Reads with ``tfds.builder_from_directory(dataset_dir).as_data_source(split)``: each record is a
     serialized ``tf.train.Example`` that TFDS parses with protobuf and whose image it decodes with NumPy
     (OpenCV if installed, else PIL): no TensorFlow op runs per record. Only the directory and the split
-    are pickled; the files are opened on first use in each process (again after a fork), so the object
-    can go to forked or spawned workers.
+    are pickled; the files are opened in each process that reads (again after a fork), so the object can
+    go to spawned workers (grain's). A forked child must not read the files after its parent has read a
+    record: array_record 0.8.6's reader then crashes (SIGSEGV) in the child.
     """
 
     def __init__(self, dataset_dir: str, split: str, source=None):
