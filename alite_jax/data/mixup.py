@@ -26,6 +26,10 @@ class MixParams(NamedTuple):
     box: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
+def _concrete(v) -> bool:
+    return isinstance(v, (int, float))
+
+
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
     """timm's ``one_hot`` with ``mixup_target``'s values: off = smoothing / num_classes everywhere,
     on = 1 - smoothing + off at the label (each row sums to one). float32 (B, num_classes)."""
@@ -44,17 +48,20 @@ def mix_params(key: jax.Array, height: int, width: int, *, mixup_alpha: float = 
     CutMix's box: cut = int(side * sqrt(1 - lam)) per side, centre uniform over the pixels,
     [c - cut // 2, c + (cut + 1) // 2) clipped to the image; with ``correct_lam`` lam becomes
     1 - box area / image area.
+
+    The hyperparameters may be traced values (one compiled program serves every setting); ``height`` and
+    ``width`` are static.
     """
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    if _concrete(mixup_alpha) and _concrete(cutmix_alpha) and mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError("mix_params: one of mixup_alpha, cutmix_alpha must be > 0")
-    k_apply, k_switch, k_mix, k_cut, k_cy, k_cx = jax.random.split(key, 6)
+    k_apply, k_switch, k_lam, k_cy, k_cx = jax.random.split(key, 5)
+    mixup_on, cutmix_on = jnp.asarray(mixup_alpha) > 0, jnp.asarray(cutmix_alpha) > 0
     apply = jax.random.uniform(k_apply) < prob
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        use_cutmix = jax.random.uniform(k_switch) < switch_prob
-    else:
-        use_cutmix = jnp.asarray(cutmix_alpha > 0)
-    lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
-    lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
+    # CutMix with probability switch_prob when both are on, otherwise whichever is on (timm's branches)
+    use_cutmix = jnp.where(mixup_on & cutmix_on, jax.random.uniform(k_switch) < switch_prob, cutmix_on)
+    # one Beta draw per method (one sampler in the program); an alpha of 0 is never used
+    alphas = jnp.stack([jnp.where(mixup_on, mixup_alpha, 1.0), jnp.where(cutmix_on, cutmix_alpha, 1.0)])
+    lam_mix, lam_cut = jax.random.beta(k_lam, alphas, alphas)
     lam = jnp.where(apply, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0).astype(jnp.float32)
     use_cutmix = use_cutmix & apply
 
@@ -69,9 +76,8 @@ def mix_params(key: jax.Array, height: int, width: int, *, mixup_alpha: float = 
     xh = jnp.clip(cx + (cut_w + 1) // 2, 0, width)
     zero = jnp.zeros((), jnp.int32)
     yl, yh, xl, xh = (jnp.where(use_cutmix, v, zero) for v in (yl, yh, xl, xh))
-    if correct_lam:
-        area = ((yh - yl) * (xh - xl)).astype(jnp.float32)
-        lam = jnp.where(use_cutmix, 1.0 - area / float(height * width), lam)
+    area = ((yh - yl) * (xh - xl)).astype(jnp.float32)
+    lam = jnp.where(use_cutmix & jnp.asarray(correct_lam), 1.0 - area / float(height * width), lam)
     return MixParams(lam, use_cutmix, (yl, yh, xl, xh))
 
 
