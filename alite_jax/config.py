@@ -28,8 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 200
     # model: the zoo's options (alite_jax.models.create_model; docs/architectures.md).
     c.model = ml_collections.ConfigDict(dict(
-        name="sa_resnet26", variant="hybrid", width=1.0, num_heads=8, kernel_size=7, scaling="paper",
-        rel_layout="per_head", impl="auto", dtype="float32"))
+        name="sa_resnet26", layout="cifar", variant="hybrid", width=1.0, num_heads=8, kernel_size=7,
+        scaling="paper", rel_layout="per_head", impl="auto", dtype="float32"))
     c.data = default_data_config("cifar10", image_size=32, batch_size=100)
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, decay_epochs=(120, 160, 180),
@@ -55,7 +55,7 @@ def teacher_config(dataset: str, num_epochs: int = 200) -> ml_collections.Config
     c = base_config()
     c.mode = "teacher"
     c.num_epochs = num_epochs
-    c.model = ml_collections.ConfigDict(dict(name="resnet50", width=1.0, dtype="float32"))
+    c.model = ml_collections.ConfigDict(dict(name="resnet50", layout="cifar", width=1.0, dtype="float32"))
     c.data.dataset = dataset
     return c
 

@@ -1,8 +1,13 @@
-"""Bottleneck ResNets in the CIFAR layout: the ResNet-50 teacher and the SA-ResNet students.
+"""Bottleneck ResNets: the ResNet-50 teacher and the SA-ResNet students, in two layouts.
 
-One skeleton serves both: a 3x3 stride-1 stem (no max-pool), four stages of bottleneck blocks of widths
-64/128/256/512 (outputs 4x that), the stride on the block's spatial layer, a projection shortcut (1x1
-conv + BN, strided) where the shape changes, global average pooling and a dense head.
+One skeleton serves both: a stem, four stages of bottleneck blocks of widths 64/128/256/512 (outputs 4x
+that), the stride on the block's spatial layer, a projection shortcut (1x1 conv + BN, strided) where the
+shape changes, global average pooling and a dense head. The ``layout`` picks the stem:
+
+* ``"cifar"`` (default): a 3x3 stride-1 stem conv, no max-pool (small images: 32x32, 64x64);
+* ``"imagenet"``: torchvision's ResNet stem, a 7x7 stride-2 conv (padding 3), BN, ReLU and a 3x3
+  stride-2 max-pool (padding 1, padded with -inf), so 224x224 images reach the stages at 56x56.
+
 docs/architectures.md gives the public source of each rule here and the parameter counts the tests pin.
 
 * Teacher: the spatial layer is a 3x3 convolution (PyTorch-style symmetric padding of 1).
@@ -29,6 +34,7 @@ from alite_jax.models.local_attention import LocalSelfAttention
 
 Dtype = Any
 
+LAYOUTS = ("cifar", "imagenet")
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
 # He normal over fan-out, as torchvision's ResNet initialises its convolutions and the public SASA code
@@ -41,12 +47,28 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def check_image_size(height: int, width: int) -> None:
-    """Raises ValueError unless the model can take a height x width image.
+def check_layout(layout: str) -> None:
+    """Raises ValueError unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
-    Three stride-2 stages halve the resolution three times and the head pools globally, so any height
-    and width that are positive multiples of 8 work (32x32 for CIFAR, 64x64 for Tiny-ImageNet).
+
+def check_image_size(height: int, width: int, layout: str = "cifar") -> None:
+    """Raises ValueError unless a model of ``layout`` can take a height x width image.
+
+    CIFAR layout: three stride-2 stages halve the resolution three times and the head pools globally, so
+    any height and width that are positive multiples of 8 work (32x32 for CIFAR, 64x64 for
+    Tiny-ImageNet). ImageNet layout: the stride-2 stem conv and max-pool halve it twice more, so height
+    and width must be positive multiples of 32 (224x224 for ImageNet).
     """
+    check_layout(layout)
+    if layout == "imagenet":
+        if height < 32 or width < 32 or height % 32 or width % 32:
+            raise ValueError(
+                f"ImageNet-layout ResNets halve the resolution 5 times (stem conv, max-pool and three "
+                f"stages), so they take images whose height and width are positive multiples of 32 "
+                f"(e.g. 224x224); got {height}x{width}. Resize, crop or pad the images to such a size.")
+        return
     if height < 8 or width < 8 or height % 8 or width % 8:
         raise ValueError(
             f"these ResNets take images whose height and width are positive multiples of 8 "
@@ -80,6 +102,23 @@ def conv_stem(features: int, dtype: Dtype) -> nn.Module:
                    kernel_init=conv_init, name="stem_conv")
 
 
+def imagenet_conv_stem(features: int, dtype: Dtype) -> nn.Module:
+    """The ImageNet layout's stem conv (torchvision's ``conv1``): 7x7, stride 2, padding 3, no bias.
+
+    The BN, ReLU and max-pool that follow it are the model's (:class:`ResNet`)."""
+    return nn.Conv(features, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
+                   kernel_init=conv_init, name="stem_conv")
+
+
+def max_pool_stem(x: jax.Array) -> jax.Array:
+    """torchvision's ``MaxPool2d(kernel_size=3, stride=2, padding=1)``: the padding is -inf (flax's
+    ``max_pool`` pads with the reduction's initial value), so a border window's max is over the image."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+CONV_STEMS = {"cifar": conv_stem, "imagenet": imagenet_conv_stem}
+
+
 def attention_stem(features: int, dtype: Dtype, **options: Any) -> nn.Module:
     """The homogeneous students' stem: local self-attention (``options``: its attributes)."""
     return LocalSelfAttention(features, dtype=dtype, name="stem_attention", **options)
@@ -110,14 +149,17 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-layout bottleneck ResNet; see the module docstring.
+    """Bottleneck ResNet in the CIFAR or the ImageNet layout; see the module docstring.
 
     Attributes:
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
       num_classes: classifier outputs.
       width: multiplier on every layer's channels (1.0 is the paper's model).
-      stem: builds the stem layer, ``stem(features, dtype)``: :func:`conv_stem` (default) or
-        :func:`attention_stem` with the attention options bound.
+      layout: "cifar" (default) or "imagenet": the stem (see the module docstring) and the image sizes
+        the model takes (:func:`check_image_size`).
+      stem: builds the stem layer, ``stem(features, dtype)``: None (default) for the layout's conv stem
+        (:func:`conv_stem` or :func:`imagenet_conv_stem`), or :func:`attention_stem` with the attention
+        options bound (CIFAR layout only: the zoo refuses an attention stem in the ImageNet layout).
       spatial: builds each block's spatial layer, ``spatial(features, stride, dtype)``:
         :func:`conv_spatial` (default) or :func:`attention_spatial` with the attention options bound.
       dtype: computation dtype; parameters and logits stay float32.
@@ -126,19 +168,23 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int]
     num_classes: int
     width: float = 1.0
-    stem: StemFactory = conv_stem
+    layout: str = "cifar"
+    stem: StemFactory | None = None
     spatial: SpatialFactory = conv_spatial
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         chex.assert_rank(x, 4)
-        check_image_size(x.shape[1], x.shape[2])
+        check_image_size(x.shape[1], x.shape[2], self.layout)
         x = x.astype(self.dtype)
-        x = self.stem(scaled(STAGE_WIDTHS[0], self.width), self.dtype)(x)
+        stem = CONV_STEMS[self.layout] if self.stem is None else self.stem
+        x = stem(scaled(STAGE_WIDTHS[0], self.width), self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                          name="stem_bn")(x)
         x = nn.relu(x)
+        if self.layout == "imagenet":
+            x = max_pool_stem(x)
         features = []
         for s, (blocks, base) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
             for i in range(blocks):

@@ -1,13 +1,14 @@
-"""The model zoo: ``create_model(name, num_classes, **options)`` and parameter counting.
+"""The model zoo: ``create_model(name, num_classes, *, layout, **options)`` and parameter counting.
 
-| name         | blocks per stage | spatial layer                 | params (10 classes, width 1) |
-|--------------|------------------|-------------------------------|------------------------------|
-| resnet50     | 3, 4, 6, 3       | 3x3 conv (the teacher)        | 23,520,842                   |
-| sa_resnet26  | 1, 2, 4, 1       | 7x7 local self-attention      | 8,306,442 (hybrid)           |
-| sa_resnet38  | 2, 3, 5, 2       | 7x7 local self-attention      | 12,154,442 (hybrid)          |
+| name        | blocks     | spatial layer            | params: CIFAR, 10 classes | ImageNet, 1000 classes |
+|-------------|------------|--------------------------|---------------------------|------------------------|
+| resnet50    | 3, 4, 6, 3 | 3x3 conv (the teacher)   | 23,520,842                | 25,557,032             |
+| sa_resnet26 | 1, 2, 4, 1 | 7x7 local self-attention | 8,306,442 (hybrid)        | 10,342,632 (hybrid)    |
+| sa_resnet38 | 2, 3, 5, 2 | 7x7 local self-attention | 12,154,442 (hybrid)       | 14,190,632 (hybrid)    |
+| sa_resnet50 | 3, 4, 6, 3 | 7x7 local self-attention | 16,002,442 (hybrid)       | 18,038,632 (hybrid)    |
 
-The counts are trainable parameters (BatchNorm scale and bias, not its running statistics), pinned by
-tests/test_models.py; docs/architectures.md says where each published count comes from.
+The counts are trainable parameters (BatchNorm scale and bias, not its running statistics) at width 1,
+pinned by tests/test_models.py; docs/architectures.md says where each published count comes from.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ import numpy as np
 
 from alite_jax.models.local_attention import check_attention_options
 from alite_jax.models.resnet import (STAGE_WIDTHS, ResNet, attention_spatial, attention_stem,
-                                     check_image_size, conv_stem, scaled)
+                                     check_image_size, check_layout, scaled)
 
 STAGE_SIZES = {
     "resnet50": (3, 4, 6, 3),
     "sa_resnet26": (1, 2, 4, 1),
     "sa_resnet38": (2, 3, 5, 2),
+    "sa_resnet50": (3, 4, 6, 3),
 }
 MODEL_NAMES = tuple(STAGE_SIZES)
-STUDENTS = ("sa_resnet26", "sa_resnet38")
+STUDENTS = ("sa_resnet26", "sa_resnet38", "sa_resnet50")
 VARIANTS = ("hybrid", "homogeneous")
 ATTENTION_DEFAULTS = dict(num_heads=8, kernel_size=7, scaling="paper", rel_layout="per_head",
                           impl="auto")
@@ -51,13 +53,16 @@ def compute_dtype(name: Any) -> jnp.dtype:
     return dtype
 
 
-def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any = jnp.float32,
-                 **options: Any) -> ResNet:
+def create_model(name: str, num_classes: int, *, layout: str = "cifar", width: float = 1.0,
+                 dtype: Any = jnp.float32, **options: Any) -> ResNet:
     """Builds a model of the zoo.
 
     Args:
-      name: "resnet50" (the CNN teacher), "sa_resnet26" or "sa_resnet38" (the students).
+      name: "resnet50" (the CNN teacher), "sa_resnet26", "sa_resnet38" or "sa_resnet50" (the students).
       num_classes: classifier outputs.
+      layout: "cifar" (3x3 stride-1 stem, images of multiples of 8) or "imagenet" (torchvision's 7x7
+        stride-2 stem and 3x3 stride-2 max-pool, images of multiples of 32, e.g. 224x224). The
+        homogeneous students exist in the CIFAR layout only (docs/architectures.md says why).
       width: channel multiplier (1.0: the paper's models; e.g. 0.25 for demos and tests).
       dtype: computation dtype (jnp.float32 or jnp.bfloat16); parameters stay float32.
       **options: students only: ``variant`` ("hybrid": conv stem, "homogeneous": attention stem) and
@@ -66,9 +71,11 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
     Returns:
       A Linen module; ``model.apply(variables, images, train=...)`` returns ``(logits, features)``.
     Raises:
-      ValueError: unknown name, dtype or option, or options that give an inconsistent attention layer.
+      ValueError: unknown name, layout, dtype or option, options that give an inconsistent attention
+        layer, or the homogeneous variant in the ImageNet layout.
     """
     dtype = compute_dtype(dtype)
+    check_layout(layout)
     if name not in STAGE_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     if num_classes < 1:
@@ -79,10 +86,17 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
         if options:
             raise ValueError(f"{name} is a convolutional network: the options {sorted(options)} apply "
                              f"only to the self-attention students {STUDENTS}")
-        return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype)
+        return ResNet(STAGE_SIZES[name], num_classes, width=width, layout=layout, dtype=dtype)
     variant = options.pop("variant", "hybrid")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    if variant == "homogeneous" and layout == "imagenet":
+        raise ValueError(
+            "the homogeneous variant has no ImageNet layout: SASA's ImageNet attention stem attends within "
+            "4x4 spatial blocks with spatially-aware values (a position-weighted mixture of value "
+            "projections) before a 4x4 max-pool, and LocalSelfAttention has neither an even (4x4) "
+            "neighbourhood nor such values (docs/architectures.md); use variant='hybrid' (the conv stem) "
+            "with layout='imagenet', or layout='cifar'")
     unknown = set(options) - set(ATTENTION_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; the options are 'variant' "
@@ -91,19 +105,20 @@ def create_model(name: str, num_classes: int, *, width: float = 1.0, dtype: Any 
     # Every attention layer's width must suit the head layout: fail here, before any tracing.
     for base in STAGE_WIDTHS if variant == "hybrid" else (STAGE_WIDTHS[0],) + STAGE_WIDTHS:
         check_attention_options(scaled(base, width), stride=1, **attention)
-    stem = conv_stem if variant == "hybrid" else functools.partial(attention_stem, **attention)
-    return ResNet(STAGE_SIZES[name], num_classes, width=width, dtype=dtype, stem=stem,
+    stem = None if variant == "hybrid" else functools.partial(attention_stem, **attention)
+    return ResNet(STAGE_SIZES[name], num_classes, width=width, layout=layout, dtype=dtype, stem=stem,
                   spatial=functools.partial(attention_spatial, **attention))
 
 
 def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: str = "") -> ResNet:
-    """The model a config's ``model`` section describes (name, width, dtype and, for the students, the
-    variant and attention options); ``dtype`` overrides its compute dtype."""
+    """The model a config's ``model`` section describes (name, layout, width, dtype and, for the
+    students, the variant and attention options); ``dtype`` overrides its compute dtype."""
     options = {}
     if model_config["name"] in STUDENTS:  # the attention options apply to the students only
         options = {k: model_config[k] for k in ("variant", "num_heads", "kernel_size", "scaling",
                                                 "rel_layout", "impl") if k in model_config}
-    return create_model(model_config["name"], num_classes, width=model_config.get("width", 1.0),
+    return create_model(model_config["name"], num_classes, layout=model_config.get("layout", "cifar"),
+                        width=model_config.get("width", 1.0),
                         dtype=dtype or model_config.get("dtype", "float32"), **options)
 
 
@@ -111,7 +126,7 @@ def init_model(model: ResNet, rng: jax.Array, image_size: int | tuple[int, int] 
                channels: int = 3) -> dict:
     """Initialises a model's variables ({'params', 'batch_stats'}) for images of the given size."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    check_image_size(h, w)
+    check_image_size(h, w, getattr(model, "layout", "cifar"))
     return model.init(rng, jnp.zeros((1, h, w, channels), jnp.float32), train=False)
 
 
@@ -128,20 +143,24 @@ def count_params(params: Any) -> int:
 
 ZOO = (("resnet50", {}), ("sa_resnet26", {"variant": "hybrid"}),
        ("sa_resnet26", {"variant": "homogeneous"}), ("sa_resnet38", {"variant": "hybrid"}),
-       ("sa_resnet38", {"variant": "homogeneous"}))
+       ("sa_resnet38", {"variant": "homogeneous"}), ("sa_resnet50", {"variant": "hybrid"}),
+       ("sa_resnet50", {"variant": "homogeneous"}))
 
 
 def summary(num_classes: int = 10, image_size: int = 32, width: float = 1.0,
-            run_forward: bool = False) -> str:
+            run_forward: bool = False, layout: str = "cifar") -> str:
     """A table of the zoo: parameters, stage feature shapes and (optionally) a timed forward pass.
 
     With ``run_forward`` every model is initialised and applied to two random images, so the table also
-    shows that each model compiles and runs here (the time includes compilation).
+    shows that each model compiles and runs here (the time includes compilation). In the ImageNet layout
+    the homogeneous students, which it does not have, are left out.
     """
-    check_image_size(image_size, image_size)
+    check_image_size(image_size, image_size, layout)
     rows = []
     for name, opts in ZOO:
-        model = create_model(name, num_classes, width=width, **opts)
+        if layout == "imagenet" and opts.get("variant") == "homogeneous":
+            continue
+        model = create_model(name, num_classes, layout=layout, width=width, **opts)
         variables = abstract_variables(model, image_size)
         images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
         _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
@@ -162,6 +181,6 @@ def summary(num_classes: int = 10, image_size: int = 32, width: float = 1.0,
     if run_forward:
         header.append("init+forward")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = [f"Model zoo: {num_classes} classes, width x{width}"]
+    lines = [f"Model zoo: {layout} layout, {num_classes} classes, width x{width}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     return "\n".join(lines)
