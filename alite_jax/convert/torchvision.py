@@ -60,7 +60,7 @@ def create_resnet(arch: str = "resnet50", num_classes: int = 1000, layout: str =
         raise CheckpointError(f"unknown --arch {arch!r}: the converter knows {ARCHS}")
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
-    return create_model(arch, num_classes, **({"layout": layout} if layout != "cifar" else {}))
+    return create_model(arch, num_classes, layout=layout)
 
 
 def check_batchnorm_conventions(model: nn.Module, image_size: int = 64) -> int:
@@ -120,7 +120,7 @@ def torchvision_layout(model: nn.Module) -> list[tuple[str, tuple[str, ...], tup
             node = params
             for key in path:
                 node = node[key]
-            if flax_layer.endswith("conv"):
+            if flax_layer != "head" and "kernel" in node:  # a convolution
                 h, w, i, o = node["kernel"].shape
                 rows.append((f"{torch_layer}.weight", ("params", *path, "kernel"), (o, i, h, w), "conv"))
             elif flax_layer == "head":
@@ -152,8 +152,7 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], model: nn.Module,
     checkpoint (in its order) that the architecture does not have.
     """
     layout = torchvision_layout(model)
-    arch = (f"torchvision's resnet50 ({getattr(model, 'layout', 'cifar')} layout, {model.num_classes} "
-            f"classes)")
+    arch = f"torchvision's resnet50 ({model.layout} layout, {model.num_classes} classes)"
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for name, path, shape, kind in layout:
         if name not in state_dict:
