@@ -79,24 +79,41 @@ class ResNet50(nn.Module):
         return logits, tuple(features)
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and non-trivial BatchNorm state (affine and running statistics), so a conversion
-    that swapped, dropped or mis-transposed any of them would show in the outputs; eval mode."""
+def randomize(model: nn.Module, seed: int = 0, image_size: int = 64) -> nn.Module:
+    """Random weights and non-trivial BatchNorm state, in eval mode: a conversion that swapped, dropped
+    or mis-transposed any tensor would show in the outputs.
+
+    The BatchNorm affine parameters are random around 1 and 0; the running statistics are those of
+    random ``image_size`` images through the random network (so activations stay of order 1 through
+    the 16 blocks), then perturbed (means shifted, variances scaled by 0.75..1.25) so that they are not
+    the statistics of any batch the test feeds.
+    """
     generator = torch.Generator().manual_seed(seed)
-    randn = lambda shape: torch.randn(shape, generator=generator)
+    randn = lambda *shape: torch.randn(*shape, generator=generator)
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d):  # He normal over fan-in
                 fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
                 module.weight.copy_(randn(module.weight.shape) * (2 / fan_in) ** 0.5)
             elif isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                module.bias.copy_(0.2 * randn(n))
-                module.running_mean.copy_(0.2 * randn(n))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                module.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
+                module.weight.copy_(0.5 + rand(module.num_features))
+                module.bias.copy_(0.2 * randn(module.num_features))
+        for module in model.modules():
+            if isinstance(module, Bottleneck):  # residual branches start small, as in trained ResNets
+                module.bn3.weight.mul_(0.3)
             elif isinstance(module, nn.Linear):
                 module.weight.copy_(randn(module.weight.shape) * module.in_features ** -0.5)
                 module.bias.copy_(0.1 * randn(module.bias.shape))
+        for bn in batchnorms:  # cumulative averages over one calibration batch
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()(randn(4, 3, image_size, image_size))
+        for bn in batchnorms:
+            bn.momentum = 0.1
+            n = bn.num_features
+            bn.running_mean.add_(0.2 * randn(n) * bn.running_var.sqrt())
+            bn.running_var.mul_(0.75 + 0.5 * rand(n))
+            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
     return model.eval()

@@ -171,6 +171,13 @@ def read_torch_zip(path: str) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _data_begin(entry: tuple[str, Any]) -> int:
+    try:
+        return int(entry[1]["data_offsets"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1  # reported with its name below
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """The tensors of a ``.safetensors`` file, by name, as numpy arrays (copies)."""
     size = os.path.getsize(path)
@@ -190,9 +197,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+    # The header's key order is not the writer's (the format sorts it): read in the data's order.
+    entries.sort(key=_data_begin)
+    for name, info in entries:
         try:
             dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
             shape = tuple(int(n) for n in info["shape"])

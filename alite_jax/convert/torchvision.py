@@ -30,6 +30,7 @@ converted teacher is used frozen.)
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -74,7 +75,7 @@ def check_batchnorm_conventions(model: nn.Module, image_size: int = 64) -> int:
             seen.append((module.epsilon, module.momentum))
         return next_fun(*args, **kwargs)
 
-    variables = abstract_variables(model, image_size)
+    variables = abstract_variables(model, image_size)  # the checks run as the model is traced
     with nn.intercept_methods(interceptor):
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
@@ -104,10 +105,11 @@ def _block_order(name: str) -> tuple[int, ...]:
     return (2, int(s), int(i))
 
 
+@functools.lru_cache(maxsize=8)  # a model (a frozen dataclass) is hashable; tracing it takes a second
 def torchvision_layout(model: nn.Module) -> list[tuple[str, tuple[str, ...], tuple[int, ...], str]]:
     """``(torch name, flax path, torch shape, kind)`` of every tensor torchvision's state_dict has for
     ``model`` except ``num_batches_tracked``, in torchvision's order; the flax path starts with the
-    collection ("params" or "batch_stats"), kind is "conv", "linear" or "copy"."""
+    collection ("params" or "batch_stats"), kind is "conv", "linear" or "copy". Cached: do not modify."""
     variables = abstract_variables(model, 64)
     params, stats = variables["params"], variables["batch_stats"]
     rows = []
