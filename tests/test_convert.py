@@ -264,6 +264,9 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
     assert loaded_model.layout == "imagenet"
     diffs, _ = max_differences(torch_model, loaded_model, loaded, 64)
     assert max(diffs.values()) < TOLERANCE, diffs
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        convert.write_teacher_run(str(tmp_path / "odd"), model, variables, checkpoint=path, image_size=200)
+    assert not os.path.exists(tmp_path / "odd")  # refused before anything is written
     # A second conversion replaces the first; a trained run's directory is never overwritten.
     convert.write_teacher_run(workdir, model, variables, checkpoint=path)
     trained = tmp_path / "trained"
@@ -352,8 +355,6 @@ def test_cli_end_to_end_without_torch(reference, tmp_path):
     # User errors: one line, exit status 2.
     for flags, message in [((f"--checkpoint={path}", f"--workdir={tmp_path / 'x'}", "--num_classes=10"),
                             "pass --num_classes=1000"),
-                           ((f"--checkpoint={path}", f"--workdir={tmp_path / 'y'}", "--image_size=200"),
-                            "multiples of 32"),
                            ((f"--checkpoint={tmp_path / 'none.pth'}", f"--workdir={tmp_path / 'z'}"),
                             "no checkpoint file")]:
         result = run_cli(*flags)
