@@ -101,7 +101,7 @@ def randomize(model: nn.Module, seed: int = 0, image_size: int = 64) -> nn.Modul
                 module.weight.copy_(0.5 + rand(module.num_features))
                 module.bias.copy_(0.2 * randn(module.num_features))
         for module in model.modules():
-            if isinstance(module, Bottleneck):  # residual branches start small, as in trained ResNets
+            if hasattr(module, "bn3"):  # a bottleneck (also torchvision's): residual branches start small
                 module.bn3.weight.mul_(0.3)
             elif isinstance(module, nn.Linear):
                 module.weight.copy_(randn(module.weight.shape) * module.in_features ** -0.5)
