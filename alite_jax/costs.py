@@ -4,8 +4,10 @@ Counted analytically: the model is traced abstractly (``jax.eval_shape``, no com
 and every ``nn.Conv``, ``nn.Dense`` and ``LocalSelfAttention`` call is recorded with its input and
 output shapes. Conventions (docs/costs.md gives their sources and the tests that pin the numbers):
 
-* a convolution: H_out x W_out x kh x kw x C_in x C_out MACs; a dense layer: C_in x C_out per position;
-  normalisation, activations, pooling and additions are not counted (as in the usual ResNet counts);
+* a convolution: H_out x W_out x kh x kw x C_in x C_out MACs (a strided one, such as the ImageNet
+  layout's 7x7 stride-2 stem, at its output resolution); a dense layer: C_in x C_out per position;
+  normalisation, activations, pooling (the ImageNet layout's max-pool included) and additions are not
+  counted (as in the usual ResNet counts);
 * local self-attention: its 1x1 projections as dense layers (3 C_in C_out per pixel) plus
   3 k^2 C_out per pixel for q.k, q.r and attention.v, at the layer's input resolution (before pooling);
 * FLOPs = 2 x MACs;
@@ -13,7 +15,8 @@ output shapes. Conventions (docs/costs.md gives their sources and the tests that
   that layer's kernel; activation-activation MACs (q.k, q.r, attention.v) do not (RigL convention).
 
 ``python -m alite_jax.costs --model=sa_resnet26 --num_classes=10 --image_size=32 --density=0.1
---teacher=resnet50`` prints a per-layer table and totals (``--json`` for one JSON object).
+--teacher=resnet50`` prints a per-layer table and totals (``--json`` for one JSON object);
+``--layout=imagenet --image_size=224 --num_classes=1000`` counts the ImageNet-layout models.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alite_jax.models import LocalSelfAttention, abstract_variables, count_params, create_model
+from alite_jax.models import (LAYOUTS, MODEL_NAMES, VARIANTS, LocalSelfAttention, abstract_variables,
+                              count_params, create_model)
 from alite_jax.sparsity.masks import path_name, prunable_tree
 
 CONVENTION = ("MACs counted analytically per image: conv H_out*W_out*kh*kw*C_in*C_out, dense C_in*C_out "
@@ -170,20 +174,20 @@ def main(argv: list[str]) -> None:
 
     del argv
     f = flags.FLAGS
-    student = create_model(f.model, f.num_classes, width=f.width,
+    student = create_model(f.model, f.num_classes, layout=f.layout, width=f.width,
                            **({"variant": f.variant} if f.model != "resnet50" else {}))
     costs = count_costs(student, f.image_size, f.channels, density=f.density)
     out: dict[str, Any] = dict(model=f.model, variant=f.variant if f.model != "resnet50" else None,
-                               num_classes=f.num_classes, image_size=f.image_size, **costs)
+                               layout=f.layout, num_classes=f.num_classes, image_size=f.image_size, **costs)
     if f.teacher:
-        teacher = count_costs(create_model(f.teacher, f.num_classes, width=f.width), f.image_size,
-                              f.channels)
+        teacher = count_costs(create_model(f.teacher, f.num_classes, layout=f.layout, width=f.width),
+                              f.image_size, f.channels)
         out.update(teacher=f.teacher, teacher_params=teacher["params"], teacher_flops=teacher["flops"],
                    **reductions(costs, teacher))
     if f.json:
         print(json.dumps(out))
         return
-    print(f"{f.model} ({out['variant'] or 'teacher'}), {f.num_classes} classes, "
+    print(f"{f.model} ({out['variant'] or 'teacher'}), {f.layout} layout, {f.num_classes} classes, "
           f"{f.image_size}x{f.image_size}, width x{f.width}")
     print(format_table(costs))
     if f.teacher:
@@ -197,10 +201,11 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_enum("model", "sa_resnet26", ["resnet50", "sa_resnet26", "sa_resnet38"], "Model.")
-    flags.DEFINE_enum("variant", "hybrid", ["hybrid", "homogeneous"], "Student variant.")
+    flags.DEFINE_enum("model", "sa_resnet26", list(MODEL_NAMES), "Model.")
+    flags.DEFINE_enum("variant", "hybrid", list(VARIANTS), "Student variant.")
+    flags.DEFINE_enum("layout", "cifar", list(LAYOUTS), "Model layout (imagenet: hybrid students only).")
     flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
-    flags.DEFINE_integer("image_size", 32, "Input height and width (a multiple of 8).")
+    flags.DEFINE_integer("image_size", 32, "Input height and width (a multiple of 8; of 32 for imagenet).")
     flags.DEFINE_integer("channels", 3, "Input channels.")
     flags.DEFINE_float("width", 1.0, "Channel multiplier.")
     flags.DEFINE_float("density", None, "Density of every prunable kernel (default: dense).")

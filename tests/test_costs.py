@@ -1,6 +1,5 @@
 """Cost accounting: the paper's reference numbers, hand-computed masked counts, XLA cross-check."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -13,8 +12,6 @@ import pytest
 from alite_jax import sparsity
 from alite_jax.costs import count_costs, layer_costs, reductions
 from alite_jax.models import abstract_variables, create_model
-from alite_jax.models.resnet import ResNet, attention_spatial
-from alite_jax.models.zoo import ATTENTION_DEFAULTS
 
 
 def test_reference_macs_and_reductions():
@@ -37,24 +34,29 @@ def test_reference_macs_and_reductions():
         4 * 1_297_829_888, rel=1e-3)
 
 
-@pytest.mark.slow  # ImageNet-size models
-def test_counts_of_published_models():
-    """The published numbers docs/costs.md and docs/architectures.md compare with."""
-    # SASA's ImageNet layout (its Table 1, conv stem): a 7x7 stride-2 stem conv 3 -> 64 at 112x112 and a
-    # 3x3 stride-2 max-pool, so the stages run at 56x56 as they do here with a 56x56 input.
-    def imagenet(model):
-        costs = count_costs(model, 56)
-        stem = next(layer for layer in costs["per_layer"] if layer["name"] == "stem_conv")
-        stem_7x7 = 7 * 7 * 3 * 64
-        return (costs["params"] - stem["params"] + stem_7x7,
-                2 * (costs["macs"] - stem["macs"] + 112 * 112 * stem_7x7))
+def test_imagenet_layout_counts_against_published_ones():
+    """torchvision's ResNet-50 at 224x224 (4.09 G multiply-adds, the usual "4.1 GFLOPs") and SASA's Table 1
+    for the conv-stem SA-ResNet-26/38/50 at 224 (4.5 / 5.7 / 7.0 B FLOPs, 10.3M / 14.1M / 18.0M params)."""
+    teacher = count_costs(create_model("resnet50", 1000, layout="imagenet"), 224)
+    assert teacher["params"] == 25_557_032 and teacher["macs"] == 4_089_184_256
+    layers = {layer["name"]: layer for layer in teacher["per_layer"]}
+    # The stem at its output resolution (112x112); the max-pool costs nothing; stage 1 runs at 56x56.
+    assert layers["stem_conv"]["macs"] == 112 * 112 * 7 * 7 * 3 * 64
+    assert list(layers)[:2] == ["stem_conv", "stage1_block1/conv1"]
+    assert layers["stage1_block1/conv1"]["macs"] == 56 * 56 * 64 * 64
+    assert layers["stage2_block1/conv2"]["output_shape"] == [28, 28, 128]
+    published = {"sa_resnet26": (10.3e6, 4.5e9, 2_242_155_520), "sa_resnet38": (14.1e6, 5.7e9, 2_862_657_024),
+                 "sa_resnet50": (18.0e6, 7.0e9, 3_483_158_528)}
+    for name, (params, flops, macs) in published.items():
+        ours = count_costs(create_model(name, 1000, layout="imagenet"), 224)
+        assert ours["macs"] == macs, name
+        assert ours["params"] == pytest.approx(params, rel=0.01)
+        assert ours["flops"] == pytest.approx(flops, rel=0.01)
 
-    sa50 = ResNet((3, 4, 6, 3), 1000, spatial=functools.partial(attention_spatial, **ATTENTION_DEFAULTS))
-    published = [(create_model("sa_resnet26", 1000), 10.3e6, 4.5e9),
-                 (create_model("sa_resnet38", 1000), 14.1e6, 5.7e9), (sa50, 18.0e6, 7.0e9)]
-    for model, params, flops in published:
-        ours = imagenet(model)
-        assert ours[0] == pytest.approx(params, rel=0.01) and ours[1] == pytest.approx(flops, rel=0.01)
+
+@pytest.mark.slow  # full-size models
+def test_counts_of_published_models():
+    """The published reductions docs/costs.md compares with."""
     # The paper's Table 1 reductions by its arithmetic (teacher / (d x student params)).
     teacher = count_costs(create_model("resnet50", 10), 32)
     column = reductions(count_costs(create_model("sa_resnet26", 10), 32, density=0.5), teacher)

@@ -143,8 +143,7 @@ def count_params(params: Any) -> int:
 
 ZOO = (("resnet50", {}), ("sa_resnet26", {"variant": "hybrid"}),
        ("sa_resnet26", {"variant": "homogeneous"}), ("sa_resnet38", {"variant": "hybrid"}),
-       ("sa_resnet38", {"variant": "homogeneous"}), ("sa_resnet50", {"variant": "hybrid"}),
-       ("sa_resnet50", {"variant": "homogeneous"}))
+       ("sa_resnet38", {"variant": "homogeneous"}))  # AttentionLite's models (sa_resnet50: SASA's only)
 
 
 def summary(num_classes: int = 10, image_size: int = 32, width: float = 1.0,
