@@ -1,0 +1,15 @@
+"""Pretrained teachers from the formats people have: torchvision ResNet checkpoints (``torch.save`` zip
+files, ``.safetensors``) read without torch and converted to this zoo's variables, written as a run
+directory a distillation takes as ``teacher.workdir`` (``python -m alite_jax.convert``; docs/convert.md).
+
+This package may import :mod:`alite_jax.models` and :mod:`alite_jax.run_dir`; nothing in models,
+sparsity or data imports it.
+"""
+
+from alite_jax.convert.readers import (CheckpointError, file_format, read_safetensors, read_state_dict,
+                                       read_torch_zip, unwrap_state_dict)
+from alite_jax.convert.torchvision import (ARCHS, LAYOUTS, check_batchnorm_conventions, create_resnet,
+                                           expected_state_dict_shapes, torchvision_layout,
+                                           torchvision_to_variables)
+from alite_jax.convert.teacher_run import (IMAGENET_MEAN, IMAGENET_STD, SOURCES, convert_checkpoint,
+                                           evaluate_teacher, teacher_run_config, write_teacher_run)
