@@ -53,11 +53,20 @@ def _check_logits(logits: jax.Array) -> None:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean over the batch of -log softmax(logits)[label]; logits (B, K), labels (B,) ints; float32."""
+    """Mean over the batch of -log softmax(logits)[label]; logits (B, K), float32 result.
+
+    ``labels`` are class indices (B,) or target distributions (B, K) (Mixup/CutMix and label
+    smoothing, :mod:`alite_jax.data.mixup`): then the loss is -sum_k targets_k log softmax(logits)_k.
+    """
     _check_logits(logits)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if labels.ndim == 2:
+        chex.assert_equal_shape([labels, logits])
+        loss = -jnp.mean(jnp.sum(labels.astype(jnp.float32) * log_probs, axis=-1))
+        chex.assert_shape(loss, ())
+        return loss
     chex.assert_shape(labels, (logits.shape[0],))
     chex.assert_type(labels, int)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     loss = -jnp.mean(picked)
     chex.assert_shape(loss, ())

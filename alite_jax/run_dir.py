@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import grain
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -52,6 +53,7 @@ from alite_jax.models import abstract_variables, model_from_config
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
+STATE, DATA = "state", "data"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
 SUMMARY = "summary.json"
@@ -204,20 +206,34 @@ def check_nothing_to_lose(workdir: str) -> None:
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-    """The orbax manager of ``workdir/checkpoints``: one unnamed item, the whole training state.
+    """The orbax manager of ``workdir/checkpoints``: two items per step, ``state`` (the whole training
+    state) and ``data`` (the training iterator's position, grain's own checkpoint format: one small JSON
+    file per process).
 
-    The item's handler is given, not inferred from the newest step directory on disk: an empty one (a
+    The items' handlers are given, not inferred from the newest step directory on disk: an empty one (a
     kill in the first moments of a save) would otherwise make every checkpoint unreadable.
     """
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_handlers=ocp.StandardCheckpointHandler())
+        item_names=(STATE, DATA),
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()})
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+                    force: bool = False) -> None:
+    """Saves the train state and the data iterator's position at ``step`` (asynchronously; orbax waits
+    for the previous save first)."""
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(data_iterator)}),
+        force=force)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
+                       data_iterator: Any | None = None) -> Any | None:
     """The newest readable checkpoint of ``manager`` restored into ``abstract_state``'s structure,
-    shapes and shardings; None when there is no checkpoint.
+    shapes and shardings, and ``data_iterator`` (if given) moved to its position; None when there is no
+    checkpoint.
 
     Each newer checkpoint that cannot be read is reported and set aside (renamed ``<step>.corrupt-<n>``
     in the same directory, kept for inspection), so that step is saved afresh when the run reaches it.
@@ -228,7 +244,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any) -> A
     state = None
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            items = {STATE: ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            state = restored[STATE]
             break
         except Exception as e:  # any fault of the files: try the previous step
             failures.append((step, e))

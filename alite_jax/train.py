@@ -19,6 +19,7 @@ is refused raises an :class:`alite_jax.errors.UserError`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -37,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax import costs, data, report, run_dir
 from alite_jax.config import check_ranges
+from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
 from alite_jax.errors import ConfigError, DivergedError, user_input
 from alite_jax.methods import METHODS, Method, State, get_method
@@ -60,7 +62,7 @@ def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
         check_ranges(config)
         num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
         model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
-        check_image_size(config.data.image_size, config.data.image_size)
+        check_image_size(config.data.image_size, config.data.image_size, config.model.get("layout", "cifar"))
         data.check_data_config(config.data, num_devices, jax.process_count())
         get_method(config, num_classes).check()
     if config.mode == "teacher" and config.model.name in STUDENTS:
@@ -96,16 +98,21 @@ def create_train_state(method: Method, model: nn.Module, tx: optax.GradientTrans
 
 
 def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
-                    tx: optax.GradientTransformation, steps_per_epoch: int
-                    ) -> Callable[[State, dict, Any], tuple[State, dict]]:
+                    tx: optax.GradientTransformation, steps_per_epoch: int, mix: Mix | None = None,
+                    seed: int = 0) -> Callable[[State, dict, Any], tuple[State, dict]]:
     """The jitted-to-be step: one update with the method's loss, and the epoch's running metric sums.
 
+    ``mix`` (:func:`batch_mixing`), when given, mixes the batch and makes the targets soft first, with a
+    key folded from ``seed`` and the step (deterministic, and the same after a resume); the teacher sees
+    the mixed images too, and the accuracy is against the targets' argmax.
     ``state["epoch_sums"]`` restarts at each epoch's first step; being part of the checkpointed state, a
     run resumed mid-epoch reports the same epoch averages as one that never stopped.
     """
 
     def train_step(state: State, batch: dict, teacher_variables: Any) -> tuple[State, dict]:
         images, labels = batch["image"], batch["label"]
+        if mix is not None:
+            images, labels = mix(jax.random.fold_in(jax.random.key(seed), state["step"]), images, labels)
 
         def loss_fn(params):
             (logits, features), updates = model.apply(
@@ -119,13 +126,31 @@ def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
             state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**terms, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
+        metrics = {**terms, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard)}
         first = state["step"] % steps_per_epoch == 0
         sums = jax.tree.map(lambda s, m: jnp.where(first, m, s + m), state["epoch_sums"], metrics)
         return dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
                     step=state["step"] + 1, epoch_sums=sums), metrics
 
     return train_step
+
+
+Mix = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def batch_mixing(config: ml_collections.ConfigDict, num_classes: int) -> Mix | None:
+    """``(key, images, labels) -> (images, soft targets)``: Mixup/CutMix and label smoothing as the data
+    config asks (DeiT's recipe), or None when it asks for none (hard labels, unmixed images)."""
+    d = config.data
+    alphas, smoothing = (d.get("mixup_alpha", 0.0), d.get("cutmix_alpha", 0.0)), d.get("label_smoothing", 0.0)
+    if not any(alphas):
+        if not smoothing:
+            return None
+        return lambda key, images, labels: (images, mixup.smooth_one_hot(labels, num_classes, smoothing))
+    return functools.partial(mixup.mix_batch, num_classes=num_classes, mixup_alpha=alphas[0],
+                             cutmix_alpha=alphas[1], prob=d.mix_prob, switch_prob=d.mix_switch_prob,
+                             label_smoothing=d.label_smoothing)
 
 
 def make_eval_step(model: nn.Module) -> Callable[[State, dict], dict]:
@@ -192,10 +217,11 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State) -> dict[str, int]:
-    """Saves ``state`` at ``step`` (if not saved yet) and reports the preemption."""
+def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State,
+                         batches: Any) -> dict[str, int]:
+    """Saves ``state`` and the data position at ``step`` (if not saved yet) and reports the preemption."""
     if manager.latest_step() != step:
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        run_dir.save_checkpoint(manager, step, state, batches, force=True)
     manager.wait_until_finished()
     print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
     return {"preempted_at_step": step}
@@ -226,6 +252,7 @@ class Run:
     teacher: nn.Module | None
     teacher_variables: Any
     pipe: data.InputPipeline
+    batches: Any  # the training iterator (grain), positioned at the state's step
     manager: ocp.CheckpointManager
     tx: optax.GradientTransformation
     state: State
@@ -243,7 +270,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
         run_dir.check_same_run(workdir, config)
     with user_input():  # data sets that cannot be read, splits too small for the batch
         pipe = data.create_input_pipeline(config.data, mesh)
-    channels = pipe.train_shards[0].images.shape[-1]
+    channels = pipe.channels
     method = get_method(config, num_classes)
     model, tx = method.student(), method.optimizer(pipe.steps_per_epoch)
     teacher, teacher_variables = method.teacher(mesh) or (None, None)
@@ -258,7 +285,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     manager = run_dir.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
     abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = run_dir.restore_checkpoint(manager, abstract)
+    batches = pipe.train_iterator()
+    state = run_dir.restore_checkpoint(manager, abstract, batches)
     if state is None:
         run_dir.check_nothing_to_lose(workdir)
         state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
@@ -268,8 +296,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
         multihost_utils.sync_global_devices("alite_jax: metrics read")
     run_dir.write_metrics(workdir, history)
-    return Run(config, workdir, method, model, teacher, teacher_variables, pipe, manager, tx, state,
-               history, channels, mesh)
+    return Run(config, workdir, method, model, teacher, teacher_variables, pipe, batches, manager, tx,
+               state, history, channels, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -290,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return loop(run, writer)
     finally:
         writer.close()
+        run.batches.close()
         run.manager.close()
 
 
@@ -300,7 +329,9 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
     steps_per_epoch, num_epochs = pipe.steps_per_epoch, config.num_epochs
     step = int(state["step"])
     epoch, start_step = divmod(step, steps_per_epoch)
-    train_step = jax.jit(make_train_step(method, run.model, run.teacher, run.tx, steps_per_epoch),
+    mix = batch_mixing(config, method.num_classes)
+    train_step = jax.jit(make_train_step(method, run.model, run.teacher, run.tx, steps_per_epoch, mix,
+                                         config.data.seed),
                          donate_argnums=0, out_shardings=(replicated, replicated))  # no recompile
     eval_step = jax.jit(make_eval_step(run.model), out_shardings=replicated)
     lr = method.learning_rate(steps_per_epoch)
@@ -314,8 +345,8 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
     with Preemption() as preemption:
         while epoch < num_epochs:
             timer, stop = time.perf_counter(), False
-            for batch in pipe.train_epoch(epoch, start_step):
-                state, metrics = train_step(state, batch, run.teacher_variables)
+            for _ in range(start_step, steps_per_epoch):
+                state, metrics = train_step(state, next(run.batches), run.teacher_variables)
                 step += 1
                 if progress.start_step is None:  # the first step compiles: time from after it
                     jax.block_until_ready(state["step"])
@@ -328,7 +359,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                     writer.write_text(f"epoch {epoch} step {step}/{progress.total_steps} loss {loss:.4f} "
                                       f"{progress.line(step)}")
                 if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
-                    return _checkpoint_and_stop(manager, step, state)
+                    return _checkpoint_and_stop(manager, step, state, run.batches)
             train = {f"train_{k}": float(v) / steps_per_epoch
                      for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
@@ -340,10 +371,10 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
             row.update(fields, epoch_time_s=time.perf_counter() - timer)
             run.history.append(row)
             writer.write_epoch(epoch, row)
-            manager.save(step, args=ocp.args.StandardSave(state))
+            run_dir.save_checkpoint(manager, step, state, run.batches)
             epoch, start_step = epoch + 1, 0
             if stop and epoch < num_epochs:  # the notice came at the epoch's last step
-                return _checkpoint_and_stop(manager, step, state)
+                return _checkpoint_and_stop(manager, step, state, run.batches)
     manager.wait_until_finished()
     return finish(run, state)
 

@@ -138,3 +138,21 @@ def test_gradient_flows_through_mixing():
     for seed in range(4):
         g = grad(x, jax.random.key(seed))
         assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_the_trainer_mixes_as_the_data_config_asks():
+    """train.batch_mixing: nothing by default, smoothing alone keeps the images, DeiT's recipe mixes."""
+    from alite_jax import train
+    from alite_jax.config import base_config
+
+    config = base_config()
+    assert train.batch_mixing(config, 10) is None
+    config.data.label_smoothing = 0.1
+    images, labels = jnp.ones((4, 8, 8, 3)), jnp.array([0, 1, 2, 3])
+    same, targets = train.batch_mixing(config, 10)(jax.random.key(0), images, labels)
+    assert same is images
+    np.testing.assert_allclose(targets, smooth_one_hot(labels, 10, 0.1))
+    config.data.update(mixup_alpha=0.8, cutmix_alpha=1.0)
+    mix = train.batch_mixing(config, 10)
+    assert mix.func is mix_batch and mix.keywords == dict(
+        num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1)

@@ -30,6 +30,8 @@ def get_config(arg=None):
     c.sparsity.density = 0.2
     c.log_every_steps = 1
     c.teacher.workdir = {teacher!r}
+    if {mix}:  # DeiT's batch mixing in the step: Mixup or CutMix, label smoothing
+        c.data.update(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     if c.mode == "teacher":
         c.model.name, c.model.width = "resnet50", 0.125
     else:
@@ -38,14 +40,14 @@ def get_config(arg=None):
 """
 
 
-def tiny_config(mode, epochs=3, teacher=""):
+def tiny_config(mode, epochs=3, teacher="", mix=False):
     namespace = {}
-    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher), namespace)
+    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix), namespace)
     return namespace["get_config"]()
 
 
-def write_config(path, mode, epochs=3, teacher=""):
-    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher))
+def write_config(path, mode, epochs=3, teacher="", mix=False):
+    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix))
     return str(path)
 
 
