@@ -32,8 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
         scaling="paper", rel_layout="per_head", impl="auto", dtype="float32"))
     c.data = default_data_config("cifar10", image_size=32, batch_size=100)
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, decay_epochs=(120, 160, 180),
-        decay_factor=0.1))
+        lr=0.1, lr_batch=0, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
+        decay_epochs=(120, 160, 180), decay_factor=0.1, warmup_epochs=0))
     # sparsity: see alite_jax.sparsity.sparse_learning and docs/sparse_learning.md.
     c.sparsity = ml_collections.ConfigDict(dict(
         density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
@@ -71,6 +71,22 @@ def tiny_imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ImageNet-1k (imagenet2012) at 224x224 in the ImageNet layout: the ResNet recipe of Goyal et al.
+    (random-resized crop and flip; resize 256 + centre crop 224 at evaluation; ImageNet's normalisation,
+    as torchvision's pretrained teachers expect), global batch 1024 with lr 0.1 x batch / 256, 5 warm-up
+    epochs and a cosine decay over 90 epochs, 16 grain workers per process."""
+    c.data.dataset = "imagenet2012"
+    c.data.image_size = 224
+    c.data.batch_size, c.data.eval_batch_size = 1024, 1000
+    c.data.augment, c.data.normalization, c.data.workers = "imagenet", "imagenet", 16
+    c.model.layout = "imagenet"
+    c.num_epochs = 90
+    c.optimizer.update(lr=0.1, lr_batch=256, schedule="cosine", warmup_epochs=5, weight_decay=1e-4)
+    c.log_every_steps = 100
+    return c
+
+
 def digits_demo(c: ml_collections.ConfigDict, num_epochs: int = 30) -> ml_collections.ConfigDict:
     """The method in miniature: scikit-learn's embedded 8x8 digits (no download) at width 0.25, batch 64
     (22 steps per epoch), lr 0.05 decayed x0.1 at 1/2 and 3/4 of ``num_epochs`` (the demo config, the
@@ -87,7 +103,8 @@ def digits_demo(c: ml_collections.ConfigDict, num_epochs: int = 30) -> ml_collec
 
 
 def apply_switch(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """``smoke``: 2 epochs on 512 training and 256 evaluation examples at width 0.25; else unchanged."""
+    """``smoke``: 2 epochs on 512 training and 256 evaluation examples at width 0.25, batch 32, no
+    warm-up, at most 2 data workers; else unchanged."""
     if not arg:
         return c
     if arg != "smoke":
@@ -99,6 +116,8 @@ def apply_switch(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
     c.data.eval_split = f"{defaults[1]}[:256]"
     c.data.batch_size = c.data.eval_batch_size = 32
     c.optimizer.decay_epochs = (1,)
+    c.optimizer.warmup_epochs = 0
+    c.data.workers = min(c.data.workers, 2)
     c.log_every_steps = 4
     return c
 
@@ -159,7 +178,16 @@ FIELD_RANGES: dict[str, Range] = {
     "data.eval_batch_size": _at_least(1, "the global evaluation batch"),
     "data.seed": _at_least(0, "the seed of the data order and augmentation"),
     "data.data_shards": _at_least(0, "shards the data is cut into; 0: one per process"),
-    "optimizer.lr": _above(0, "the initial learning rate"),
+    "data.workers": _at_least(0, "grain worker processes; 0: none"),
+    "data.crop_ratio": _fraction("the evaluation's centre crop ratio", low_open=True),
+    "data.mixup_alpha": _at_least(0, "Mixup's Beta parameter; 0: off", integer=False),
+    "data.cutmix_alpha": _at_least(0, "CutMix's Beta parameter; 0: off", integer=False),
+    "data.mix_prob": _fraction("the probability a batch is mixed"),
+    "data.mix_switch_prob": _fraction("the probability of CutMix instead of Mixup"),
+    "data.label_smoothing": _fraction("label smoothing", high_open=True),
+    "optimizer.lr": _above(0, "the peak learning rate (at batch optimizer.lr_batch, if set)"),
+    "optimizer.lr_batch": _at_least(0, "the batch optimizer.lr is given for; 0: no scaling"),
+    "optimizer.warmup_epochs": _at_least(0, "epochs of linear lr warm-up from 0"),
     "optimizer.momentum": _fraction("SGD momentum", high_open=True),
     "optimizer.weight_decay": _at_least(0, "the L2 weight decay", integer=False),
     "optimizer.decay_epochs": _at_least(0, "epochs at which the lr is multiplied by decay_factor"),

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from fake_imagenet import write_fake_imagenet
 from torchvision_reference import ResNet50, randomize
 
 from alite_jax import convert, run_dir
@@ -227,6 +228,7 @@ def distill_config(teacher_workdir: str, dataset="imagenet2012", image_size=224)
     config = base_config()
     config.model.layout = "imagenet"
     config.data.dataset, config.data.image_size = dataset, image_size
+    config.data.normalization = "imagenet"
     config.teacher.workdir = teacher_workdir
     return config
 
@@ -246,6 +248,7 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
     said = []
     summary = convert.write_teacher_run(workdir, model, variables, checkpoint=path, say=said.append)
     assert run_dir.is_finished_run(workdir) and not said
+    assert summary["converted_from"]["source"] == "torchvision"
     attentionlite.AttentionLite(distill_config(workdir), 1000).check_inputs()
     with pytest.raises(ConfigError, match="takes 224px images, the student 64px"):
         attentionlite.AttentionLite(distill_config(workdir, image_size=64), 1000).check_inputs()
@@ -253,10 +256,12 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
     assert config["model"] == dict(name="resnet50", layout="imagenet", width=1.0, dtype="float32")
     assert (config["data"]["dataset"], config["data"]["image_size"], config["num_classes"],
             config["channels"]) == ("imagenet2012", 224, 1000, 3)
-    if "normalization" in config["data"]:
-        assert config["data"]["normalization"] == "imagenet"
-    else:  # the data config has no such field yet: the summary records it
-        assert tuple(summary["normalization"]["mean"]) == convert.IMAGENET_MEAN
+    assert (config["data"]["normalization"], config["data"]["augment"]) == ("imagenet", "imagenet")
+    # A student normalising its images otherwise than the converted weights expect is refused.
+    with pytest.raises(ConfigError, match="normalised with data.normalization='imagenet'"):
+        student = distill_config(workdir)
+        student.data.normalization = "dataset"
+        attentionlite.AttentionLite(student, 1000).check_inputs()
     stored = run_dir.read_summary(workdir)
     assert stored["converted_from"]["checkpoint"] == os.path.abspath(path)
     assert stored["converted_from"]["file_format"] == "safetensors" and stored["test_accuracy"] is None
@@ -276,33 +281,41 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
         convert.write_teacher_run(str(trained), model, variables, checkpoint=path)
 
 
-class FakePipeline:
-    """What evaluation reads of an input pipeline: num_classes and the evaluation batches."""
-
-    def __init__(self, images, labels, num_classes=1000):
-        self.num_classes, self.images, self.labels = num_classes, images, labels
-
-    def eval_batches(self):
-        yield dict(image=self.images, label=self.labels, mask=np.ones(len(self.labels), bool))
-
-
 def test_evaluate_writes_test_accuracy_or_says_the_data_is_missing(reference, safetensors_file, monkeypatch,
                                                                   tmp_path):
+    """--evaluate on a fake ImageNet prepared by TFDS (JPEGs in the real tar layout): the accuracy written
+    is the torch reference's on the same evaluation images (resized, centre-cropped, normalised by the
+    pipeline); with the data set missing, one line says so."""
+    import copy
+
     from alite_jax import data
-    torch_model, _ = reference
     model, variables = convert.convert_checkpoint(safetensors_file)
-    images = np.random.RandomState(3).randn(4, 32, 32, 3).astype(np.float32)
+    data_dir = tmp_path / "tfds"
+    write_fake_imagenet(data_dir / "downloads" / "manual")
+    # Both models favour the first validation image's class, so the accuracy is not trivially 0.
+    favoured = data.open_split("imagenet2012", "validation", data_dir=str(data_dir)).records[0]["label"]
+    torch_model = copy.deepcopy(reference[0])
     with torch.no_grad():
-        predicted = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2)))[0].argmax(1).numpy()
-    labels = np.where(np.arange(4) < 3, predicted, (predicted + 1) % 1000).astype(np.int32)
-    seen = []
-    monkeypatch.setattr(data, "create_input_pipeline",
-                        lambda config, mesh: seen.append(config) or FakePipeline(images, labels))
+        torch_model.fc.bias[favoured] += 50.0
+    bias = np.array(variables["params"]["head"]["bias"])
+    bias[favoured] += 50.0
+    variables["params"]["head"]["bias"] = bias
     summary = convert.write_teacher_run(str(tmp_path / "a"), model, variables, checkpoint=safetensors_file,
-                                        image_size=32, evaluate=True, say=lambda line: None)
-    assert summary["test_accuracy"] == pytest.approx(0.75)
-    assert run_dir.read_summary(str(tmp_path / "a"))["test_accuracy"] == pytest.approx(0.75)
-    assert seen[0].download is False and seen[0].train_split == "train[:1024]"
+                                        image_size=32, evaluate=True, data_dir=str(data_dir),
+                                        say=lambda line: None)
+    config = ml_collections.ConfigDict(run_dir.read_run_config(str(tmp_path / "a")))
+    config.data.batch_size = 1  # the 12 training images are not read
+    pipe = data.create_input_pipeline(config.data)
+    correct = count = 0
+    for batch in pipe.eval_batches():
+        mask = np.asarray(batch["mask"])
+        with torch.no_grad():
+            logits = torch_model(torch.from_numpy(np.asarray(batch["image"]).transpose(0, 3, 1, 2)))[0]
+        correct += int(((logits.argmax(1).numpy() == np.asarray(batch["label"])) & mask).sum())
+        count += int(mask.sum())
+    assert count == pipe.num_eval_examples > 0 and correct > 0
+    assert summary["test_accuracy"] == pytest.approx(correct / count)
+    assert run_dir.read_summary(str(tmp_path / "a"))["test_accuracy"] == summary["test_accuracy"]
 
     def not_prepared(config, mesh):
         raise FileNotFoundError("data set 'imagenet2012' is not prepared in /nowhere")

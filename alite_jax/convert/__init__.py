@@ -11,5 +11,5 @@ from alite_jax.convert.readers import (CheckpointError, file_format, read_safete
 from alite_jax.convert.torchvision import (ARCHS, LAYOUTS, check_batchnorm_conventions, create_resnet,
                                            expected_state_dict_shapes, torchvision_layout,
                                            torchvision_to_variables)
-from alite_jax.convert.teacher_run import (IMAGENET_MEAN, IMAGENET_STD, SOURCES, convert_checkpoint,
-                                           evaluate_teacher, teacher_run_config, write_teacher_run)
+from alite_jax.convert.teacher_run import (SOURCES, convert_checkpoint, evaluate_teacher, teacher_run_config,
+                                           write_teacher_run)

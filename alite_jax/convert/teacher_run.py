@@ -25,10 +25,6 @@ from alite_jax.errors import MissingFileError, RunDirError, user_input
 from alite_jax.models import check_image_size, count_params
 
 SOURCES = ("torchvision",)
-# torchvision's ImageNet weights expect RGB in [0, 1] normalized per channel with these (its transforms'
-# mean and std, e.g. ResNet50_Weights.IMAGENET1K_V2.transforms()).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def convert_checkpoint(path: str, source: str = "torchvision", arch: str = "resnet50",
@@ -47,14 +43,15 @@ def convert_checkpoint(path: str, source: str = "torchvision", arch: str = "resn
 def teacher_run_config(dataset: str, image_size: int, layout: str = "imagenet",
                        batch_size: int = 100) -> ml_collections.ConfigDict:
     """The teacher config a converted run directory records: ResNet-50 in ``layout``, the data set and
-    image size its weights expect, ImageNet normalization where the config has that field, and
-    ``num_epochs`` 0 (converted, not trained here)."""
+    image size its weights expect, ImageNet normalization (and, in the ImageNet layout, the ``imagenet``
+    recipe: evaluation resizes and centre-crops), and ``num_epochs`` 0 (converted, not trained here)."""
     config = teacher_config(dataset, num_epochs=0)
     config.model.layout = layout
     config.data.image_size = image_size
     config.data.batch_size = config.data.eval_batch_size = batch_size
-    if "normalization" in config.data:
-        config.data.normalization = "imagenet"
+    config.data.normalization = "imagenet"
+    if layout == "imagenet":  # evaluation: resize to 256, centre crop 224, as torchvision evaluates
+        config.data.augment = "imagenet"
     return config
 
 
@@ -101,8 +98,6 @@ def write_teacher_run(workdir: str, model: nn.Module, variables: dict[str, Any],
                             file_format=file_format(checkpoint), sha256=_sha256(checkpoint)),
         params=count_params(variables["params"]), num_classes=model.num_classes, layout=model.layout,
         test_accuracy=None)
-    if "normalization" not in config.data:  # the data config has no such field yet: record it here
-        summary["normalization"] = dict(name="imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     run_dir.write_summary(workdir, summary)
     if evaluate:
         metrics = evaluate_teacher(config, model, variables, say)
@@ -115,17 +110,15 @@ def write_teacher_run(workdir: str, model: nn.Module, variables: dict[str, Any],
 def evaluate_teacher(config: ml_collections.ConfigDict, model: nn.Module, variables: dict[str, Any],
                      say=print) -> dict[str, float] | None:
     """Test accuracy and loss of the converted model on ``config.data``'s evaluation split, or None (said
-    in one line) when the data set is not available here. The training split is read only for its first
-    examples (the pipeline needs one), never trained on."""
+    in one line) when the data set is not available here. The pipeline opens a slice of the training
+    split too (it builds both); nothing of it is read."""
     from alite_jax import data, train  # the input pipeline and the trainer's evaluation, on demand
-    from alite_jax.data.sources import default_splits
     from alite_jax.distributed import make_mesh
 
     data_config = ml_collections.ConfigDict(config.data.to_dict())
     data_config.download = False  # evaluate what is prepared; never start a download of ImageNet
-    train_split = data_config.train_split or default_splits(data_config.dataset)[0]
-    data_config.train_split = f"{train_split}[:{max(data_config.batch_size, 1024)}]"
     mesh = make_mesh()
+    data_config.batch_size = mesh.devices.size  # the training batches are built, never read
     try:
         pipe = data.create_input_pipeline(data_config, mesh)
     except (FileNotFoundError, MissingFileError) as e:

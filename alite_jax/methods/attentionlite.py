@@ -43,6 +43,7 @@ class AttentionLite(Method):
         return distill.loss_terms(self.config.distill.loss)
 
     def check(self) -> None:
+        super().check()
         config = self.config
         if config.distill.loss not in distill.MODES:
             raise ConfigError(f"config.distill.loss must be one of {distill.MODES} ('ce': sparse training "
@@ -70,6 +71,11 @@ class AttentionLite(Method):
             raise ConfigError(f"the teacher at {workdir} was trained on {teacher.data.dataset} "
                               f"({teacher.num_classes} classes), not on {config.data.dataset} "
                               f"({self.num_classes} classes)")
+        norms = teacher.data.get("normalization", "dataset"), config.data.get("normalization", "dataset")
+        if norms[0] != norms[1]:
+            raise ConfigError(f"the teacher at {workdir} takes images normalised with data.normalization="
+                              f"{norms[0]!r}, the student's config says {norms[1]!r}: set "
+                              f"data.normalization={norms[0]!r}")
         if teacher.data.image_size != config.data.image_size:
             raise ConfigError(f"the teacher at {workdir} takes {teacher.data.image_size}px images, the "
                               f"student {config.data.image_size}px")

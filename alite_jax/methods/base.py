@@ -28,17 +28,40 @@ import ml_collections
 import optax
 
 from alite_jax.distill import distillation_loss
+from alite_jax.errors import ConfigError
 from alite_jax.models import model_from_config
 
 State = dict[str, Any]
 Teacher = tuple[nn.Module, Any]  # (model, variables); None when the method needs none
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """lr, multiplied by decay_factor at each epoch of decay_epochs (paper §4.1)."""
+SCHEDULES = ("step", "cosine")
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """``optimizer.lr``, scaled linearly with the batch when ``optimizer.lr_batch`` is set (Goyal et al.,
+    "Accurate, Large Minibatch SGD": lr 0.1 x batch / 256 for ResNet-50 on ImageNet)."""
     opt = config.optimizer
-    return optax.piecewise_constant_schedule(
-        opt.lr, {int(e) * steps_per_epoch: opt.decay_factor for e in opt.decay_epochs})
+    reference = opt.get("lr_batch", 0)
+    return opt.lr * config.data.batch_size / reference if reference else opt.lr
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate per step: ``optimizer.schedule`` "step" (the peak lr, multiplied by decay_factor
+    at each epoch of decay_epochs: paper §4.1) or "cosine" (cosine decay to 0 at the last epoch), after
+    ``optimizer.warmup_epochs`` of linear warm-up from 0 (0: none)."""
+    opt = config.optimizer
+    if opt.get("schedule", "step") not in SCHEDULES:
+        raise ConfigError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
+    peak, warmup = peak_learning_rate(config), int(opt.get("warmup_epochs", 0) * steps_per_epoch)
+    if opt.get("schedule", "step") == "cosine":
+        main = optax.cosine_decay_schedule(peak, max(1, config.num_epochs * steps_per_epoch - warmup))
+    else:
+        main = optax.piecewise_constant_schedule(
+            peak, {int(e) * steps_per_epoch - warmup: opt.decay_factor for e in opt.decay_epochs})
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def sgd(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -63,6 +86,7 @@ class Method:
     def check(self) -> None:
         """Raises an :class:`alite_jax.errors.ConfigError` for settings of this method that cannot run,
         reading no file (a command that runs several phases checks them all before the first)."""
+        self.learning_rate(steps_per_epoch=1)
 
     def check_inputs(self) -> None:
         """Raises an :class:`alite_jax.errors.UserError` for inputs of this method that are missing or do
