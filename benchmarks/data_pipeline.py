@@ -76,7 +76,7 @@ def synthetic(n: int, size: int, channels: int, classes: int) -> tuple[np.ndarra
 
 
 def old_pipeline(old, images, labels, batch: int, classes: int):
-    split = old.sources.Split(images, labels, classes, tuple(map(str, range(classes))))
+    split = old.Split(images, labels, classes, tuple(map(str, range(classes))))
     n, size = len(labels), images.shape[1]
     return old.InputPipeline(
         train_shards=[split], eval_shards=[split], shard_ids=[0], num_shards=1, batch_size=batch,

@@ -361,3 +361,24 @@ def test_random_erasing_modes_and_purity():
         A.random_erasing(img, np.random.default_rng(0), mode="noise")
     multi = A.random_erasing(img, np.random.default_rng(2), prob=1.0, max_count=3)
     assert multi.shape == img.shape
+
+
+def test_posterize_increasing_at_the_top_magnitude_keeps_no_bits():
+    """PosterizeIncreasing at magnitude 10 (2% of rand-m9-mstd0.5 draws clip there) keeps 4 - 4 = 0 bits:
+    a black image, what Pillow gave timm before Pillow refused bits < 1 (it raised here before)."""
+    img = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    assert A.op_argument("PosterizeIncreasing", 10.0) == 0
+    out = A.apply_rand_augment_op(img, "PosterizeIncreasing", 10.0)
+    assert out.shape == img.shape and out.dtype == np.uint8 and not out.any()
+    np.testing.assert_array_equal(A.apply_rand_augment_op(img, "PosterizeIncreasing", 9.0), img & 0b10000000)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_op_works_at_every_magnitude_and_sign(channels):
+    """The whole range mstd noise reaches (clipped to [0, 10]), both signs: no op refuses its argument."""
+    img = np.random.default_rng(1).integers(0, 256, (9, 11, channels), dtype=np.uint8)
+    for name in sorted(set(A.RAND_TRANSFORMS) | set(A.RAND_INCREASING_TRANSFORMS)):
+        for magnitude in np.linspace(0.0, 10.0, 21):
+            for negate in (False, True):
+                out = A.apply_rand_augment_op(img, name, float(magnitude), negate=negate)
+                assert out.shape == img.shape and out.dtype == np.uint8, (name, magnitude, negate)

@@ -327,6 +327,8 @@ def _apply_pil_op(img: Image.Image, name: str, arg, fill, resample) -> Image.Ima
     if name == "Rotate":
         return img.rotate(arg, **geo)
     if name in ("Posterize", "PosterizeIncreasing"):
+        if arg <= 0:  # magnitude 10 of the increasing op keeps 0 bits: Pillow 13 refuses them; older
+            return Image.new(img.mode, img.size)  # Pillow (timm's results) masked every bit: black
         return img if arg >= 8 else ImageOps.posterize(img, arg)
     if name in ("Solarize", "SolarizeIncreasing"):
         return ImageOps.solarize(img, arg)
