@@ -382,3 +382,25 @@ def test_every_op_works_at_every_magnitude_and_sign(channels):
             for negate in (False, True):
                 out = A.apply_rand_augment_op(img, name, float(magnitude), negate=negate)
                 assert out.shape == img.shape and out.dtype == np.uint8, (name, magnitude, negate)
+
+
+def test_cifar_crop_flip_batch_is_a_crop_of_reflect_padding_and_flip():
+    """The vectorised batch form (what the pipeline runs for images already at the output size)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    out = A.cifar_crop_flip_batch(images, np.random.default_rng(1), pad=1)
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    shifts, flips = set(), 0
+    for k in range(64):
+        matches = [(dy, dx, f) for dy in range(3) for dx in range(3) for f in (0, 1)
+                   if np.array_equal(out[k], (lambda c: c[:, ::-1] if f else c)(
+                       padded[k, dy:dy + 8, dx:dx + 8]))]
+        assert matches, f"image {k} is not a crop of its reflect-padded original"
+        shifts.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(shifts) == 9  # every shift in [-1, 1]^2 occurs
+    assert 16 < flips < 48  # about half are flipped
+    batch = A.make_batch_train_transform("cifar", 8, (0.5,) * 3, (0.25,) * 3, (8, 8))
+    assert batch(images, np.random.default_rng(2)).dtype == np.float32
+    assert A.make_batch_train_transform("cifar", 16, (0.5,) * 3, (0.25,) * 3, (8, 8)) is None  # a resize
+    assert A.make_batch_train_transform("deit", 8, (0.5,) * 3, (0.25,) * 3, (8, 8)) is None

@@ -9,7 +9,7 @@ training step (:mod:`alite_jax.data.mixup`).
 Public sources (what each function follows; docs/augmentation.md has the details):
 
 * ``cifar_crop_flip``: the CIFAR augmentation of the AttentionLite paper (§4.1), the same as
-  ``alite_jax.data.pipeline.augment`` for one image.
+  :func:`cifar_crop_flip_batch` for one image.
 * ``random_resized_crop``: torchvision ``transforms.RandomResizedCrop.get_params``
   (torchvision/transforms/transforms.py), the algorithm exactly, with numpy's Generator in place of
   torch's; the crop is resized with PIL as torchvision does for PIL images.
@@ -95,7 +95,7 @@ def resize(image: np.ndarray, height: int, width: int, interpolation: str = "bil
 def cifar_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     """Random crop of the reflect-padded image (shift in [-pad, pad] per axis), then a flip with p 0.5.
 
-    The per-image form of ``alite_jax.data.pipeline.augment`` (same draws' meaning: dy, dx uniform in
+    The per-image form of :func:`cifar_crop_flip_batch` (same draws' meaning: dy, dx uniform in
     [0, 2 pad], the window at (dy, dx) of the padded image; flip when ``rng.random() < 0.5``).
     """
     h, w, _ = image.shape
@@ -106,6 +106,20 @@ def cifar_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int) -> np
     if rng.random() < 0.5:
         image = image[:, ::-1]
     return np.ascontiguousarray(image)
+
+
+def cifar_crop_flip_batch(images: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
+    """:func:`cifar_crop_flip` of every image of an (N, H, W, C) batch at once (vectorised: one padded
+    copy and one gather, the shifts and flips drawn for the whole batch)."""
+    n, h, w, _ = images.shape
+    if pad:
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+        dy = rng.integers(0, 2 * pad + 1, n)
+        dx = rng.integers(0, 2 * pad + 1, n)
+        images = np.moveaxis(windows[np.arange(n), dy, dx], 1, -1)  # (n, c, h, w) -> (n, h, w, c)
+    flip = rng.random(n) < 0.5
+    return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
@@ -540,6 +554,33 @@ class EvalTransform:
         else:
             image = resize(image, s, s, self.interpolation)
         return normalize(image, self.mean, self.std)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTrainTransform:
+    """The ``cifar`` and ``none`` recipes over a whole batch of images that already have the output size:
+    uint8 (N, S, S, C), Generator -> normalised float32, vectorised (what a per-image transform costs in
+    Python calls, this pays once per batch; small data sets need it to stay fast)."""
+
+    recipe: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.recipe == "cifar":
+            images = cifar_crop_flip_batch(images, rng, self.image_size // 8)
+        return normalize(images, self.mean, self.std)
+
+
+def make_batch_train_transform(recipe: str, image_size: int, mean, std,
+                               source_size: tuple[int, int] | None) -> BatchTrainTransform | None:
+    """The vectorised training transform of ``recipe`` for a source whose images are all
+    ``source_size``, or None when the recipe needs work per image (``imagenet``, ``deit``, or a resize)."""
+    _check_recipe(recipe)
+    if recipe not in ("cifar", "none") or source_size != (image_size, image_size):
+        return None
+    return BatchTrainTransform(recipe, int(image_size), _floats(mean), _floats(std))
 
 
 def _floats(values) -> tuple[float, ...]:
