@@ -39,9 +39,9 @@ import os
 import re
 from typing import Any, Callable
 
+import grain
 import jax
 import ml_collections
-import grain
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
