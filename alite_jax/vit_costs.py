@@ -178,7 +178,9 @@ def gate_values(logits: jax.Array) -> jax.Array:
     """
     s = jax.nn.sigmoid(logits)
     soft = jax.nn.sigmoid(s - 0.5)
-    return (s > 0.5).astype(soft.dtype) + soft - jax.lax.stop_gradient(soft)
+    # hard + (soft - sg(soft)): the bracket is exactly 0, so the forward is exactly 0 or 1 (SPViT's
+    # (hard - sg(soft)) + soft can round 1 to 1 - 2^-24 in float32).
+    return (s > 0.5).astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))
 
 
 def msa_indicators(msa_gate_logits: jax.Array) -> jax.Array:
