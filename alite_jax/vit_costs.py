@@ -45,7 +45,8 @@ DEIT_CONFIGS: dict[str, dict[str, int]] = {
 # The released SPViT-DeiT-Ti architecture: MSA plan from ziplab/SPViT
 # SPViT_DeiT/config/spvit_deit_ti_l200_t10_ft.json ("assigned_indicators": [1,0,0] for blocks 1-2, i.e.
 # 1x1 conv, [1,1,1] = MSA for blocks 3-12); FFN widths kept of 768 (the FFN indicators of
-# ffn_indicators/spvit_deit_ti_l200_t10_search_10epoch.pth, per block).
+# ffn_indicators/spvit_deit_ti_l200_t10_search_10epoch.pth, per block; taken as given, that binary file
+# was not read here).
 SPVIT_DEIT_TINY_ARCH: tuple[tuple[str, int], ...] = tuple(zip(
     ["1x1"] * 2 + ["msa"] * 10, [744, 758, 764, 767, 766, 764, 756, 659, 633, 473, 179, 145]))
 # The MSA plans of the released DeiT-S and DeiT-B searches (configs spvit_deit_sm_l30_t32_ft.json and
