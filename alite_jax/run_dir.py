@@ -357,7 +357,7 @@ def load_model(workdir: str, mesh: jax.sharding.Mesh, dtype: str = "") -> tuple[
     """(model, variables) of a finished run (e.g. a distillation's teacher), the variables replicated on
     ``mesh``. ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the run was trained with."""
     config = ml_collections.ConfigDict(read_run_config(workdir))
-    model = model_from_config(config.model, config.num_classes, dtype)
+    model = model_from_config(config.model, config.num_classes, dtype, image_size=config.data.image_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Target shardings for this mesh: the model may have been trained on another number of devices.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -43,7 +43,7 @@ from alite_jax.distributed import is_leader, make_mesh, say
 from alite_jax.errors import ConfigError, DivergedError, user_input
 from alite_jax.methods import METHODS, Method, State, get_method
 from alite_jax.metric_writers import MetricWriter, Progress
-from alite_jax.models import STUDENTS, check_image_size, count_params, init_model, model_from_config
+from alite_jax.models import STUDENTS, check_model_image_size, count_params, init_model, model_from_config
 
 MODES = tuple(METHODS)
 
@@ -61,8 +61,9 @@ def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
             raise ConfigError(f"config.mode must be one of {MODES}, got {config.mode!r}")
         check_ranges(config)
         num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
-        model_from_config(config.model, num_classes)  # unknown model, dtype or options raise here
-        check_image_size(config.data.image_size, config.data.image_size, config.model.get("layout", "cifar"))
+        # unknown model, dtype or options raise here (a ViT: an image size it cannot take too)
+        model = model_from_config(config.model, num_classes, image_size=config.data.image_size)
+        check_model_image_size(model, config.data.image_size, config.data.image_size)
         data.check_data_config(config.data, num_devices, jax.process_count())
         get_method(config, num_classes).check()
     if config.mode == "teacher" and config.model.name in STUDENTS:
@@ -120,7 +121,8 @@ def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
                 mutable=["batch_stats"])
             teacher_out = None if teacher is None else teacher.apply(teacher_variables, images, train=False)
             total, terms = method.loss(logits, features, labels, teacher_out)
-            return total, (terms, logits, updates["batch_stats"])
+            # a model without batch statistics (a ViT) returns no "batch_stats" collection
+            return total, (terms, logits, updates.get("batch_stats", {}))
 
         (_, (terms, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"])

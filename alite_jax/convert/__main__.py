@@ -1,9 +1,10 @@
 """``python -m alite_jax.convert --from=torchvision --arch=resnet50 --checkpoint=<file> --workdir=<dir>``
+``python -m alite_jax.convert --from=timm --arch=deit_tiny_patch16_224 --checkpoint=<file> --workdir=<dir>``
 
-Converts a torchvision ResNet-50 checkpoint (``torch.save`` zip format, ``.pth``/``.pt``, or
-``.safetensors``; no torch needed) into a teacher run directory that a distillation takes as
-``--config.teacher.workdir=<dir>`` (docs/convert.md). ``--evaluate`` also measures its test accuracy on
-``--dataset`` when that data set is prepared here.
+Converts a torchvision ResNet-50 or a timm / facebookresearch DeiT checkpoint (``torch.save`` zip
+format, ``.pth``/``.pt``, or ``.safetensors``; no torch needed) into a teacher run
+directory that a distillation takes as ``--config.teacher.workdir=<dir>`` (docs/convert.md).
+``--evaluate`` also measures its test accuracy on ``--dataset`` when that data set is prepared here.
 
 Exit status: 0 when the run directory is written; 2 for a user error (a file that cannot be read or does
 not fit the architecture, a bad flag, a workdir holding another run): one line ``error: <what and how
@@ -18,19 +19,23 @@ import time
 from absl import app, flags, logging
 
 from alite_jax.convert.teacher_run import SOURCES, convert_checkpoint, write_teacher_run
+from alite_jax.convert.timm import ARCHS as TIMM_ARCHS
 from alite_jax.convert.torchvision import ARCHS
 from alite_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 _FROM = flags.DEFINE_enum("from", "torchvision", list(SOURCES), "Where the checkpoint comes from.")
-_ARCH = flags.DEFINE_enum("arch", "resnet50", list(ARCHS), "The checkpoint's architecture.")
+_ARCH = flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(TIMM_ARCHS),
+                          "The checkpoint's architecture: resnet50 (--from=torchvision) or "
+                          "deit_{tiny,small,base}_patch16_224 (--from=timm).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A .pth/.pt (torch.save) or .safetensors file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The teacher run directory to write.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "The checkpoint's classifier outputs.")
 _DATASET = flags.DEFINE_string("dataset", "imagenet2012", "The data set the weights were trained on "
                                "(a TFDS name); a distillation must use the same.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "The image side the teacher takes (a multiple of 32).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "The image side the teacher takes "
+                                  "(a ResNet: a multiple of 32; a DeiT: the size it was trained at).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 100, "Batch size recorded in the config and used by "
                                    "--evaluate.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "The TFDS data directory (recorded as data.data_dir).")
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     try:
         model, variables = convert_checkpoint(_CHECKPOINT.value, flags.FLAGS["from"].value, _ARCH.value,
-                                              _NUM_CLASSES.value)
+                                              _NUM_CLASSES.value, image_size=_IMAGE_SIZE.value)
         summary = write_teacher_run(
             _WORKDIR.value, model, variables, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
             image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value, source=flags.FLAGS["from"].value,

@@ -2,9 +2,10 @@
 
 :func:`convert_checkpoint` reads a file and converts it (nothing written); :func:`write_teacher_run`
 writes the run directory of :mod:`alite_jax.run_dir`: ``config.json`` (a teacher config: the model, its
-layout, the data set, image size and normalization the weights expect), ``model/`` (the variables) and
-``summary.json`` (``converted_from``: the source file and format; ``test_accuracy`` when evaluated,
-else null). ``python -m alite_jax.convert`` is these two steps (:mod:`alite_jax.convert.__main__`).
+layout (ResNets), the data set, image size, normalization and recipe the weights expect), ``model/``
+(the variables) and ``summary.json`` (``converted_from``: the source file and format; ``test_accuracy``
+when evaluated, else null). ``python -m alite_jax.convert`` is these two steps
+(:mod:`alite_jax.convert.__main__`).
 """
 
 from __future__ import annotations
@@ -19,33 +20,50 @@ import ml_collections
 
 from alite_jax import run_dir
 from alite_jax.config import teacher_config
+from alite_jax.convert import timm as timm_lib
 from alite_jax.convert.readers import CheckpointError, file_format, read_state_dict
 from alite_jax.convert.torchvision import check_batchnorm_conventions, create_resnet, torchvision_to_variables
 from alite_jax.errors import MissingFileError, RunDirError, user_input
-from alite_jax.models import check_image_size, count_params
+from alite_jax.models import (VIT_OPTIONS, VITS, VisionTransformer, check_model_image_size, count_params,
+                              create_model)
 
-SOURCES = ("torchvision",)
+SOURCES = ("torchvision", "timm")
 
 
 def convert_checkpoint(path: str, source: str = "torchvision", arch: str = "resnet50",
-                       num_classes: int = 1000, layout: str = "imagenet") -> tuple[nn.Module, dict[str, Any]]:
+                       num_classes: int = 1000, layout: str = "imagenet", image_size: int = 224
+                       ) -> tuple[nn.Module, dict[str, Any]]:
     """(model, variables) of a checkpoint file (``torch.save`` zip or safetensors) of ``source``'s
-    ``arch``; :class:`CheckpointError` names what does not fit."""
+    ``arch``; :class:`CheckpointError` names what does not fit. ``layout`` applies to torchvision's
+    ResNets, ``image_size`` to timm's ViTs (their position embedding's length)."""
     if source not in SOURCES:
         raise CheckpointError(f"unknown --from {source!r}: the converter reads {SOURCES}")
     if num_classes < 1:
         raise CheckpointError(f"--num_classes must be >= 1, got {num_classes}")
+    if source == "timm":
+        model = timm_lib.create_vit(arch, num_classes, image_size)
+        return model, timm_lib.timm_to_variables(read_state_dict(path), model, source=path)
     model = create_resnet(arch, num_classes, layout)
     check_batchnorm_conventions(model)
     return model, torchvision_to_variables(read_state_dict(path), model, source=path)
 
 
 def teacher_run_config(dataset: str, image_size: int, layout: str = "imagenet",
-                       batch_size: int = 100) -> ml_collections.ConfigDict:
-    """The teacher config a converted run directory records: ResNet-50 in ``layout``, the data set and
-    image size its weights expect, ImageNet normalization (and, in the ImageNet layout, the ``imagenet``
-    recipe: evaluation resizes and centre-crops), and ``num_epochs`` 0 (converted, not trained here)."""
+                       batch_size: int = 100, model_name: str = "resnet50") -> ml_collections.ConfigDict:
+    """The teacher config a converted run directory records: ResNet-50 in ``layout`` or a DeiT
+    (``model_name`` one of the zoo's ViTs; its config holds the name and dtype only), the data set and
+    image size its weights expect, ImageNet normalization (and the recipe whose evaluation transform
+    the weights were measured with: ``imagenet`` for a ResNet in the ImageNet layout, resize and
+    centre-crop, bilinear; ``deit`` for a DeiT, the same bicubic, as DeiT evaluates), and ``num_epochs``
+    0 (converted, not trained here)."""
     config = teacher_config(dataset, num_epochs=0)
+    if model_name in VITS:
+        config.model = ml_collections.ConfigDict(dict(name=model_name, dtype="float32"))
+        config.data.image_size = image_size
+        config.data.batch_size = config.data.eval_batch_size = batch_size
+        config.data.normalization = "imagenet"  # DeiT: timm's IMAGENET_DEFAULT_MEAN / _STD
+        config.data.augment = "deit"
+        return config
     config.model.layout = layout
     config.data.image_size = image_size
     config.data.batch_size = config.data.eval_batch_size = batch_size
@@ -53,6 +71,13 @@ def teacher_run_config(dataset: str, image_size: int, layout: str = "imagenet",
     if layout == "imagenet":  # evaluation: resize to 256, centre crop 224, as torchvision evaluates
         config.data.augment = "imagenet"
     return config
+
+
+def config_model_name(model: nn.Module) -> str:
+    """The zoo name a converted model's config records: "resnet50", or the DeiT of the ViT's width."""
+    if isinstance(model, VisionTransformer):  # the DeiT of its width and heads, else the tiny one
+        return {(384, 6): "deit_small", (768, 12): "deit_base"}.get((model.dim, model.num_heads), "deit_tiny")
+    return "resnet50"
 
 
 def _sha256(path: str) -> str:
@@ -83,10 +108,17 @@ def write_teacher_run(workdir: str, model: nn.Module, variables: dict[str, Any],
     :func:`alite_jax.data.create_input_pipeline` and the trainer's evaluation step; a data set that is not
     prepared is reported through ``say`` in one line, and the directory is written without an accuracy.
     """
+    vit = isinstance(model, VisionTransformer)
     with user_input("--image_size"):
-        check_image_size(image_size, image_size, model.layout)
+        check_model_image_size(model, image_size, image_size)
     check_workdir(workdir)
-    config = teacher_run_config(dataset, image_size, model.layout, batch_size)
+    config = teacher_run_config(dataset, image_size, getattr(model, "layout", "imagenet"), batch_size,
+                                config_model_name(model))
+    if vit:  # a ViT shaped otherwise than its zoo name (e.g. fewer blocks) records what differs
+        zoo = create_model(config.model.name, model.num_classes, image_size=model.image_size)
+        for key in VIT_OPTIONS:
+            if key != "image_size" and getattr(model, key) != getattr(zoo, key):
+                config.model[key] = getattr(model, key)
     if data_dir:
         config.data.data_dir = data_dir
     os.makedirs(workdir, exist_ok=True)
@@ -96,8 +128,11 @@ def write_teacher_run(workdir: str, model: nn.Module, variables: dict[str, Any],
         mode="teacher", epochs=0,
         converted_from=dict(source=source, arch=arch, checkpoint=os.path.abspath(checkpoint),
                             file_format=file_format(checkpoint), sha256=_sha256(checkpoint)),
-        params=count_params(variables["params"]), num_classes=model.num_classes, layout=model.layout,
-        test_accuracy=None)
+        params=count_params(variables["params"]), num_classes=model.num_classes, test_accuracy=None)
+    if vit:
+        summary["model"] = config.model.name
+    else:
+        summary["layout"] = model.layout
     run_dir.write_summary(workdir, summary)
     if evaluate:
         metrics = evaluate_teacher(config, model, variables, say)

@@ -95,7 +95,7 @@ class Method:
     # Models --------------------------------------------------------------------------------------
     def student(self) -> nn.Module:
         """The model this method trains."""
-        return model_from_config(self.config.model, self.num_classes)
+        return model_from_config(self.config.model, self.num_classes, image_size=self.config.data.image_size)
 
     def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
         """A frozen model and its variables (replicated on ``mesh``) used inside the step, or None."""

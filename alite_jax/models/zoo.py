@@ -9,6 +9,14 @@
 
 The counts are trainable parameters (BatchNorm scale and bias, not its running statistics) at width 1,
 pinned by tests/test_models.py; docs/architectures.md says where each published count comes from.
+
+Vision Transformers (:mod:`.vit`; SPViT prunes them), 224x224 images, patch 16, depth 12, MLP ratio 4:
+
+| name       | dim | heads | params, 1000 classes (DeiT's published counts; tests/test_vit.py) |
+|------------|-----|-------|--------------------------------------------------------------------|
+| deit_tiny  | 192 | 3     | 5,717,416                                                          |
+| deit_small | 384 | 6     | 22,050,664                                                         |
+| deit_base  | 768 | 12    | 86,567,656                                                         |
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import functools
 import time
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +33,7 @@ import numpy as np
 from alite_jax.models.local_attention import check_attention_options
 from alite_jax.models.resnet import (STAGE_WIDTHS, ResNet, attention_spatial, attention_stem,
                                      check_image_size, check_layout, scaled)
+from alite_jax.models.vit import VisionTransformer, check_vit_image_size
 
 STAGE_SIZES = {
     "resnet50": (3, 4, 6, 3),
@@ -31,7 +41,17 @@ STAGE_SIZES = {
     "sa_resnet38": (2, 3, 5, 2),
     "sa_resnet50": (3, 4, 6, 3),
 }
-MODEL_NAMES = tuple(STAGE_SIZES)
+# DeiT (facebookresearch/deit models.py; timm's deit_*_patch16_224): width D and heads; depth 12, patch
+# 16, MLP ratio 4, 224x224 images by default.
+VIT_CONFIGS = {
+    "deit_tiny": dict(dim=192, num_heads=3),
+    "deit_small": dict(dim=384, num_heads=6),
+    "deit_base": dict(dim=768, num_heads=12),
+}
+VIT_DEFAULTS = dict(image_size=224, patch_size=16, depth=12, mlp_ratio=4.0)
+VIT_OPTIONS = ("image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+VITS = tuple(VIT_CONFIGS)
+MODEL_NAMES = tuple(STAGE_SIZES) + VITS
 STUDENTS = ("sa_resnet26", "sa_resnet38", "sa_resnet50")
 VARIANTS = ("hybrid", "homogeneous")
 ATTENTION_DEFAULTS = dict(num_heads=8, kernel_size=7, scaling="paper", rel_layout="per_head",
@@ -53,12 +73,42 @@ def compute_dtype(name: Any) -> jnp.dtype:
     return dtype
 
 
+def create_vit(name: str, num_classes: int, *, dtype: Any = jnp.float32, **options: Any) -> VisionTransformer:
+    """A ViT of the zoo: ``name`` one of :data:`VITS`; ``options`` override :data:`VIT_OPTIONS`
+    (``image_size`` 224, ``patch_size`` 16, ``dim``, ``depth`` 12, ``num_heads``, ``mlp_ratio`` 4), e.g.
+    ``image_size=32, patch_size=4, dim=64, depth=4`` for a miniature that runs on a CPU.
+
+    Raises ValueError for an unknown name or option, an image size that is not a positive multiple of the
+    patch size, or a width that the heads do not divide."""
+    dtype = compute_dtype(dtype)
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown ViT {name!r}; choose one of {VITS}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    unknown = set(options) - set(VIT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; the options are "
+                         f"{list(VIT_OPTIONS)}")
+    o = {**VIT_DEFAULTS, **VIT_CONFIGS[name], **options}
+    for key in ("image_size", "patch_size", "dim", "depth", "num_heads"):
+        if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
+            raise ValueError(f"{name}: {key} must be an integer >= 1, got {o[key]!r}")
+    if o["mlp_ratio"] <= 0 or int(o["dim"] * o["mlp_ratio"]) < 1:
+        raise ValueError(f"{name}: mlp_ratio must be > 0 (and dim * mlp_ratio >= 1), got {o['mlp_ratio']}")
+    check_vit_image_size(o["image_size"], o["image_size"], o["patch_size"])
+    if o["dim"] % o["num_heads"]:
+        raise ValueError(f"{name}: dim {o['dim']} is not a multiple of num_heads {o['num_heads']}")
+    return VisionTransformer(num_classes, dtype=dtype, **o)
+
+
 def create_model(name: str, num_classes: int, *, layout: str = "cifar", width: float = 1.0,
-                 dtype: Any = jnp.float32, **options: Any) -> ResNet:
+                 dtype: Any = jnp.float32, **options: Any) -> nn.Module:
     """Builds a model of the zoo.
 
     Args:
-      name: "resnet50" (the CNN teacher), "sa_resnet26", "sa_resnet38" or "sa_resnet50" (the students).
+      name: "resnet50" (the CNN teacher), "sa_resnet26", "sa_resnet38" or "sa_resnet50" (the students),
+        or a ViT, "deit_tiny", "deit_small" or "deit_base" (:func:`create_vit`: ``layout`` does not
+        apply to them, ``width`` must be 1, ``options`` are :data:`VIT_OPTIONS`).
       num_classes: classifier outputs.
       layout: "cifar" (3x3 stride-1 stem, images of multiples of 8) or "imagenet" (torchvision's 7x7
         stride-2 stem and 3x3 stride-2 max-pool, images of multiples of 32, e.g. 224x224). The
@@ -74,6 +124,12 @@ def create_model(name: str, num_classes: int, *, layout: str = "cifar", width: f
       ValueError: unknown name, layout, dtype or option, options that give an inconsistent attention
         layer, or the homogeneous variant in the ImageNet layout.
     """
+    if name in VIT_CONFIGS:
+        check_layout(layout)
+        if width != 1.0:
+            raise ValueError(f"{name} has no width multiplier (got width={width}); choose dim, depth and "
+                             f"num_heads instead")
+        return create_vit(name, num_classes, dtype=dtype, **options)
     dtype = compute_dtype(dtype)
     check_layout(layout)
     if name not in STAGE_SIZES:
@@ -110,9 +166,20 @@ def create_model(name: str, num_classes: int, *, layout: str = "cifar", width: f
                   spatial=functools.partial(attention_spatial, **attention))
 
 
-def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: str = "") -> ResNet:
+def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: str = "",
+                      image_size: int | None = None) -> nn.Module:
     """The model a config's ``model`` section describes (name, layout, width, dtype and, for the
-    students, the variant and attention options); ``dtype`` overrides its compute dtype."""
+    students, the variant and attention options); ``dtype`` overrides its compute dtype.
+
+    For a ViT: name, dtype and any of ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_ratio``
+    present in the section; ``image_size`` (the config's ``data.image_size``; None: 224) sizes its
+    position embedding. layout and width do not apply to ViTs and are not read for them."""
+    if model_config["name"] in VIT_CONFIGS:
+        options = {k: model_config[k] for k in VIT_OPTIONS if k != "image_size" and k in model_config}
+        if image_size is not None:
+            options["image_size"] = image_size
+        return create_vit(model_config["name"], num_classes,
+                          dtype=dtype or model_config.get("dtype", "float32"), **options)
     options = {}
     if model_config["name"] in STUDENTS:  # the attention options apply to the students only
         options = {k: model_config[k] for k in ("variant", "num_heads", "kernel_size", "scaling",
@@ -122,15 +189,31 @@ def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: 
                         dtype=dtype or model_config.get("dtype", "float32"), **options)
 
 
-def init_model(model: ResNet, rng: jax.Array, image_size: int | tuple[int, int] = 32,
+def check_model_image_size(model: nn.Module, height: int, width: int) -> None:
+    """Raises ValueError unless ``model`` takes height x width images: a ResNet's layout rule
+    (:func:`check_image_size`), a ViT's patch rule (:func:`check_vit_image_size`) and its built size."""
+    if isinstance(model, VisionTransformer):
+        check_vit_image_size(height, width, model.patch_size)
+        if (height, width) != (model.image_size, model.image_size):
+            raise ValueError(f"this ViT was built for {model.image_size}x{model.image_size} images (its "
+                             f"position embedding); got {height}x{width}")
+        return
+    check_image_size(height, width, getattr(model, "layout", "cifar"))
+
+
+def init_model(model: nn.Module, rng: jax.Array, image_size: int | tuple[int, int] = 32,
                channels: int = 3) -> dict:
-    """Initialises a model's variables ({'params', 'batch_stats'}) for images of the given size."""
+    """Initialises a model's variables ({'params', 'batch_stats'}) for images of the given size; a model
+    without batch statistics (a ViT) gets an empty ``batch_stats``, so every model's variables have the
+    same two collections (what the trainer's state and ``model.apply`` take)."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    check_image_size(h, w, getattr(model, "layout", "cifar"))
-    return model.init(rng, jnp.zeros((1, h, w, channels), jnp.float32), train=False)
+    check_model_image_size(model, h, w)
+    variables = dict(model.init(rng, jnp.zeros((1, h, w, channels), jnp.float32), train=False))
+    variables.setdefault("batch_stats", {})
+    return variables
 
 
-def abstract_variables(model: ResNet, image_size: int | tuple[int, int] = 32,
+def abstract_variables(model: nn.Module, image_size: int | tuple[int, int] = 32,
                        channels: int = 3) -> dict:
     """Shapes and dtypes of a model's variables, without allocating or computing them."""
     return jax.eval_shape(lambda key: init_model(model, key, image_size, channels), jax.random.key(0))
