@@ -184,7 +184,7 @@ def test_macs_cross_check_against_xla_at_deit_tiny_scale():
     out except for its 2 D N per block for the norms. It counts fewer 3x3-conv MACs than the rule: only the
     taps that fall inside the zero-padded grid, (3 s - 2)^2 per channel pair on an s x s grid instead of
     9 s^2 (the rule, as SPViT's flops(), counts the padding taps). At DeiT-Ti's shape the net excess is
-    3-8 %: the test takes the rule (plus the class token's FFN, less the padding taps) as a lower bound
+    5-8 %: the test takes the rule (plus the class token's FFN, less the padding taps) as a lower bound
     and allows 10 % above it.
     """
     cfg = dict(num_classes=1000, image_size=224, patch_size=16, dim=192, depth=12, num_heads=3)
