@@ -38,6 +38,7 @@ import numpy as np
 
 from alite_jax.models import spvit
 from alite_jax.models.vit import Attention
+from alite_jax.models.zoo import count_params  # noqa: F401  (re-exported: the tests count with it)
 
 Dtype = Any
 
@@ -303,11 +304,6 @@ def compact_variables(supernet_variables: Mapping[str, Any], arch: Mapping[str, 
     return {"params": params, "batch_stats": stats}
 
 
-def count_params(params: Any) -> int:
-    """Number of scalars in a params tree."""
-    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
-
-
 def supernet_gates(arch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """``(msa_gates (depth, 3), ffn_gates (depth, mlp_hidden))`` that make a supernet run ``arch``: the
     overrides of :class:`~alite_jax.models.spvit.SupernetViT`'s ``__call__``."""
@@ -315,7 +311,7 @@ def supernet_gates(arch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     msa = jnp.asarray([spvit.MSA_SETTINGS[settings[b["attention"]]] for b in arch["blocks"]], jnp.float32)
     ffn = np.zeros((arch["depth"], arch["mlp_hidden"]), np.float32)
     for i, b in enumerate(arch["blocks"]):
-        ffn[i, b["ffn_units"]] = 1.0
+        ffn[i, np.asarray(b["ffn_units"], np.int64)] = 1.0  # an empty list indexes nothing
     return msa, jnp.asarray(ffn)
 
 
