@@ -1,0 +1,321 @@
+"""The architecture an SPViT search found, as data and as a plain network.
+
+* :func:`extract_architecture`: a :class:`~alite_jax.models.spvit.SupernetViT`'s params -> the found
+  architecture as JSON-able data, thresholding the gates as the supernet does in evaluation
+  (g = 1[sigmoid(theta) > 0.5], i = cumprod(g)); :func:`save_architecture` / :func:`load_architecture`.
+* :class:`CompactViT`: that architecture as a plain Linen network, each block's attention slot one of
+  nothing (skip), a 1x1 conv (Linear D -> hd, BN, ReLU, Linear hd -> D), a 3x3 conv (one (3, 3, D, hd)
+  kernel on the patch grid, BN, ReLU, Linear hd -> D) or MSA, and an FFN with only the kept hidden units.
+* :func:`compact_variables`: the supernet's variables -> the compact model's, folding the head mixing
+  A = softmax(head_probs / alpha) into the conv kernels, biases and projections
+  (:func:`~alite_jax.models.spvit.conv_branch_weights`) and gathering the kept FFN units (fc1's output
+  columns and fc2's input rows; ziplab/SPViT ``SPViT_DeiT/utils.py``, the ``assigned_indicator_index``
+  gather of ``fc1.weight`` rows, ``fc1.bias`` and ``fc2.weight`` columns in PyTorch's (out, in) layout).
+
+With the folded variables the compact model computes what the supernet computes in evaluation mode, block
+by block (tests/test_spvit_extract.py; docs/spvit.md "Extraction and the compact model"):
+
+* a skipped block's attention slot adds 0 (the supernet's search-time skip; ziplab/SPViT's fine-tuning
+  path returns LN(x) for a skipped block instead, which this model does not do);
+* a conv block's class token bypasses the conv, its slot output is LN(x)_cls (as the supernet and
+  ziplab/SPViT ``UnifiedAttention``'s fine-tuning path, which concatenates ``x[:, 0]`` in front);
+* the 3x3 conv is a plain zero-padded cross-correlation with the folded kernel, as the fine-tuning path's
+  ``F.conv2d(padding=1)`` on the mixed kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alite_jax.models import spvit
+from alite_jax.models.vit import Attention
+from alite_jax.models.zoo import count_params  # noqa: F401  (re-exported: the tests count with it)
+
+Dtype = Any
+
+ARCH_FORMAT = "alite_jax.spvit_arch/1"
+ATTENTION_TYPES = ("skip", "1x1", "3x3", "msa")  # indexed by the number of indicators on, as vit_costs
+SHAPE_FIELDS = ("image_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_hidden",
+                "num_classes")
+
+
+# ---- The architecture as data ------------------------------------------------------------------------
+
+def _block_names(params: Mapping[str, Any]) -> list[str]:
+    depth = sum(1 for name in params if name.startswith("block"))
+    names = [f"block{i}" for i in range(depth)]
+    missing = [n for n in names if n not in params]
+    if missing or depth == 0:
+        raise ValueError(f"expected SupernetViT params with block0 .. block{{depth-1}}; missing {missing}")
+    return names
+
+
+def extract_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture a :class:`~alite_jax.models.spvit.SupernetViT`'s gate logits select in evaluation.
+
+    ``params``: the supernet's ``params`` collection (the ``"params"`` entry of its variables). Per block
+    the MSA gates g = 1[sigmoid(theta) > 0.5] (:func:`~alite_jax.models.spvit.sample_gate` with
+    ``train=False``), i = cumprod(g), and the attention type is ``ATTENTION_TYPES[i0 + i1 + i2]``; the
+    FFN keeps the hidden units whose gate is on, in increasing order. The shape fields are read from the
+    params' shapes (``patch_embed``, ``pos_embed``, ``attn/head_probs``, ``fc1``, ``head``).
+
+    Returns plain data (str, int, lists; :func:`save_architecture` writes it as JSON)::
+
+        {"format": ARCH_FORMAT, "image_size", "patch_size", "in_chans", "dim", "depth", "num_heads",
+         "mlp_hidden" (the supernet's FFN width), "num_classes",
+         "blocks": [{"attention": "skip" | "1x1" | "3x3" | "msa", "ffn_units": [int, ...]}, ...]}
+    """
+    names = _block_names(params)
+    p, _, in_chans, dim = (int(s) for s in np.shape(params["patch_embed"]["kernel"]))
+    side = math.isqrt(np.shape(params["pos_embed"])[1] - 1)
+    b0 = params[names[0]]
+    arch: dict[str, Any] = {
+        "format": ARCH_FORMAT, "image_size": side * p, "patch_size": p, "in_chans": in_chans, "dim": dim,
+        "depth": len(names), "num_heads": int(np.shape(b0["attn"]["head_probs"])[0]),
+        "mlp_hidden": int(np.shape(b0["fc1"]["kernel"])[1]),
+        "num_classes": int(np.shape(params["head"]["kernel"])[1]), "blocks": []}
+    for name in names:
+        block = params[name]
+        g = np.asarray(spvit.sample_gate(jnp.asarray(block["attn"]["msa_gate_logits"]), None, False))
+        kind = ATTENTION_TYPES[int(np.cumprod(g > 0.5).sum())]
+        ffn = np.asarray(spvit.sample_gate(jnp.asarray(block["ffn_gate_logits"]), None, False))
+        arch["blocks"].append({"attention": kind, "ffn_units": [int(u) for u in np.flatnonzero(ffn > 0.5)]})
+    validate_architecture(arch)
+    return arch
+
+
+def validate_architecture(arch: Mapping[str, Any]) -> None:
+    """Raises ValueError unless ``arch`` is a well-formed architecture (see :func:`extract_architecture`)."""
+    if arch.get("format") != ARCH_FORMAT:
+        raise ValueError(f"not an SPViT architecture of format {ARCH_FORMAT!r}: "
+                         f"format={arch.get('format')!r}")
+    missing = [f for f in SHAPE_FIELDS + ("blocks",) if f not in arch]
+    if missing:
+        raise ValueError(f"architecture lacks {missing}")
+    if arch["dim"] % arch["num_heads"] or arch["image_size"] % arch["patch_size"]:
+        raise ValueError("dim must be a multiple of num_heads and image_size of patch_size")
+    if len(arch["blocks"]) != arch["depth"]:
+        raise ValueError(f"depth {arch['depth']} but {len(arch['blocks'])} blocks")
+    for i, block in enumerate(arch["blocks"]):
+        if block.get("attention") not in ATTENTION_TYPES:
+            raise ValueError(f"block {i}: attention {block.get('attention')!r} is not one of "
+                             f"{ATTENTION_TYPES}")
+        units = list(block.get("ffn_units", ()))
+        if units != sorted(set(units)) or any(not 0 <= u < arch["mlp_hidden"] for u in units):
+            raise ValueError(f"block {i}: ffn_units must be increasing, distinct, in "
+                             f"[0, {arch['mlp_hidden']})")
+
+
+def save_architecture(path: str | os.PathLike, arch: Mapping[str, Any]) -> None:
+    """Writes ``arch`` as JSON (validated first)."""
+    validate_architecture(arch)
+    with open(path, "w") as f:
+        json.dump(arch, f, indent=1)
+        f.write("\n")
+
+
+def load_architecture(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads an architecture written by :func:`save_architecture` (validated)."""
+    with open(path) as f:
+        arch = json.load(f)
+    validate_architecture(arch)
+    return arch
+
+
+def arch_blocks(arch: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """Per block (attention type, kept FFN width): the form :mod:`alite_jax.vit_costs` counts."""
+    return tuple((b["attention"], len(b["ffn_units"])) for b in arch["blocks"])
+
+
+def arch_cost_kwargs(arch: Mapping[str, Any]) -> dict[str, int]:
+    """The shape keywords of :func:`alite_jax.vit_costs.vit_arch_macs` / ``vit_arch_params`` for ``arch``."""
+    return {k: arch[k] for k in ("image_size", "patch_size", "dim", "num_heads", "num_classes", "in_chans")}
+
+
+# ---- The compact network -----------------------------------------------------------------------------
+
+def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=spvit.trunc_normal, bias_init=nn.initializers.zeros,
+                    name=name)
+
+
+class ConvAttention(nn.Module):
+    """A found conv block's attention slot: conv (1x1 or 3x3, D -> hd) on the patch grid, BN, ReLU,
+    Linear hd -> D; the class token passes through (its output is its input).
+
+    Parameters ``conv_1x1`` (a Dense, kernel (D, hd)) or ``conv_3x3`` (a Conv, kernel (3, 3, D, hd)),
+    ``bn_1x1`` / ``bn_3x3`` (the supernet's names, so its running statistics carry over) and ``proj``.
+    """
+
+    kind: str  # "1x1" or "3x3"
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        b, n, d = x.shape
+        hd = d // self.num_heads
+        side = math.isqrt(n - 1)
+        if side * side != n - 1:
+            raise ValueError(f"a conv block takes a class token and a square grid of patches; got {n} tokens")
+        grid = x[:, 1:].reshape(b, side, side, d)
+        if self.kind == "3x3":
+            y = nn.Conv(hd, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_3x3")(grid)
+        elif self.kind == "1x1":
+            y = _dense(hd, "conv_1x1", self.dtype)(grid)
+        else:
+            raise ValueError(f"conv kind {self.kind!r} is not '1x1' or '3x3'")
+        y = nn.BatchNorm(use_running_average=not train, momentum=spvit.BN_MOMENTUM, epsilon=spvit.BN_EPSILON,
+                         dtype=self.dtype, name=f"bn_{self.kind}")(y)
+        y = _dense(d, "proj", self.dtype)(nn.relu(y).reshape(b, n - 1, hd))
+        return jnp.concatenate([x[:, :1], y], axis=1)
+
+
+class CompactBlock(nn.Module):
+    """A pre-norm block of a found architecture: x + Slot(LN(x)), x + fc2(GELU(fc1(LN(x)))) at ``width``."""
+
+    attention: str
+    width: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        d = x.shape[-1]
+        norm = lambda name: nn.LayerNorm(epsilon=spvit.LAYER_NORM_EPSILON, dtype=self.dtype, name=name)  # noqa: E731
+        if self.attention == "msa":
+            x = x + Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
+        elif self.attention in ("1x1", "3x3"):
+            slot = ConvAttention(self.attention, self.num_heads, self.dtype, name="attn")
+            x = x + slot(norm("norm1")(x), train)
+        elif self.attention != "skip":  # skip: the slot adds 0 (the supernet's eval), norm1 is unused
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_TYPES}")
+        y = nn.gelu(_dense(self.width, "fc1", self.dtype)(norm("norm2")(x)), approximate=False)
+        return x + _dense(d, "fc2", self.dtype)(y)
+
+
+class CompactViT(nn.Module):
+    """A found SPViT architecture as a plain network (dense ViT names: ``patch_embed``, ``cls_token``,
+    ``pos_embed``, ``block{i}/{norm1, attn, norm2, fc1, fc2}``, ``norm``, ``head``).
+
+    ``attention`` and ``ffn_widths`` hold one entry per block (tuples: a module's fields stay hashable);
+    :meth:`from_architecture` builds one from :func:`extract_architecture`'s dict. A skipped block has no
+    ``attn`` and no ``norm1``; an MSA block's ``attn`` is the dense ViT's (``qk``, ``v``, ``proj``); a
+    conv block's is :class:`ConvAttention`. ``__call__(x, train=False)`` returns ``(logits, features)``
+    as the dense ViT; ``train`` only switches the BatchNorms to batch statistics (``batch_stats``
+    mutable).
+    """
+
+    num_classes: int
+    attention: tuple[str, ...]
+    ffn_widths: tuple[int, ...]
+    image_size: int = 224
+    patch_size: int = 16
+    dim: int = 192
+    num_heads: int = 3
+    dtype: Dtype = jnp.float32
+
+    @classmethod
+    def from_architecture(cls, arch: Mapping[str, Any], dtype: Dtype = jnp.float32) -> CompactViT:
+        validate_architecture(arch)
+        kinds, widths = zip(*arch_blocks(arch))
+        return cls(num_classes=arch["num_classes"], attention=tuple(kinds), ffn_widths=tuple(widths),
+                   image_size=arch["image_size"], patch_size=arch["patch_size"], dim=arch["dim"],
+                   num_heads=arch["num_heads"], dtype=dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        chex.assert_rank(x, 4)
+        if len(self.attention) != len(self.ffn_widths):
+            raise ValueError(f"{len(self.attention)} attention types but {len(self.ffn_widths)} FFN widths")
+        if x.shape[1:3] != (self.image_size, self.image_size) or self.image_size % self.patch_size:
+            raise ValueError(f"this model takes {self.image_size}x{self.image_size} images (a multiple of "
+                             f"the patch size {self.patch_size}); got {x.shape[1]}x{x.shape[2]}")
+        side = self.image_size // self.patch_size
+        b, d, p = x.shape[0], self.dim, self.patch_size
+        x = nn.Conv(d, (p, p), strides=p, padding="VALID", dtype=self.dtype, name="patch_embed")(
+            x.astype(self.dtype)).reshape(b, side * side, d)
+        cls = self.param("cls_token", spvit.trunc_normal, (1, 1, d), jnp.float32)
+        pos = self.param("pos_embed", spvit.trunc_normal, (1, side * side + 1, d), jnp.float32)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+        x = x + pos.astype(self.dtype)
+        features = []
+        for i, (kind, width) in enumerate(zip(self.attention, self.ffn_widths)):
+            x = CompactBlock(kind, width, self.num_heads, self.dtype, name=f"block{i}")(x, train)
+            features.append(x)
+        x = nn.LayerNorm(epsilon=spvit.LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=spvit.trunc_normal,
+                          bias_init=nn.initializers.zeros, name="head")(x[:, 0].astype(jnp.float32))
+        chex.assert_shape(logits, (b, self.num_classes))
+        return logits, tuple(features)
+
+
+def compact_variables(supernet_variables: Mapping[str, Any], arch: Mapping[str, Any],
+                      alpha: float = spvit.HEAD_PROBS_ALPHA) -> dict[str, Any]:
+    """The :class:`CompactViT` variables of ``arch`` from the supernet's ``{"params", "batch_stats"}``.
+
+    Copied: ``patch_embed``, ``cls_token``, ``pos_embed``, ``norm``, ``head``, each block's ``norm2`` and
+    (unless skipped) ``norm1``; an MSA block's ``qk``, ``v``, ``proj``. Gathered: ``fc1`` kernel columns
+    and bias entries, ``fc2`` kernel rows, of the kept units (``fc2``'s bias whole). Folded, for a conv
+    block, with A = softmax(head_probs / alpha) over the heads (``alpha`` must be the supernet's):
+    ``conv_3x3`` kernel (3, 3, D, hd) with tap (kh, kw) = sum_h A[h, kh + 3 kw] W_v^h and bias
+    sum_p sum_h A[h, p] b_v^h, ``proj`` kernel sum_p sum_h A[h, p] W_proj^h; ``conv_1x1`` and its
+    ``proj`` the centre tap p = 4 alone; ``proj``'s bias copied. The branch's BatchNorm (``bn_3x3`` or
+    ``bn_1x1``) keeps its scale, bias and running mean and variance. Nothing of the unused branch, the
+    gate logits or ``head_probs`` is kept.
+    """
+    validate_architecture(arch)
+    sp, sb = supernet_variables["params"], supernet_variables.get("batch_stats", {})
+    params: dict[str, Any] = {k: sp[k] for k in ("patch_embed", "cls_token", "pos_embed", "norm", "head")}
+    stats: dict[str, Any] = {}
+    for i, block in enumerate(arch["blocks"]):
+        name, kind = f"block{i}", block["attention"]
+        src = sp[name]
+        units = np.asarray(block["ffn_units"], dtype=np.int32)
+        out: dict[str, Any] = {
+            "norm2": src["norm2"],
+            "fc1": {"kernel": jnp.take(src["fc1"]["kernel"], units, axis=1),
+                    "bias": jnp.take(src["fc1"]["bias"], units, axis=0)},
+            "fc2": {"kernel": jnp.take(src["fc2"]["kernel"], units, axis=0), "bias": src["fc2"]["bias"]}}
+        a = src["attn"]
+        if kind != "skip":
+            out["norm1"] = src["norm1"]
+        if kind == "msa":
+            out["attn"] = {k: a[k] for k in ("qk", "v", "proj")}
+        elif kind in ("1x1", "3x3"):
+            w = spvit.conv_branch_weights(spvit.head_mix(a["head_probs"], alpha), a["v"]["kernel"],
+                                          a["v"]["bias"], a["proj"]["kernel"])
+            tag = "3" if kind == "3x3" else "1"
+            bn = f"bn_{kind}"
+            out["attn"] = {f"conv_{kind}": {"kernel": w[f"kernel{tag}"], "bias": w[f"bias{tag}"]},
+                           bn: sp[name]["attn"][bn],
+                           "proj": {"kernel": w[f"proj{tag}"], "bias": a["proj"]["bias"]}}
+            stats[name] = {"attn": {bn: sb[name]["attn"][bn]}}
+        params[name] = out
+    return {"params": params, "batch_stats": stats}
+
+
+def supernet_gates(arch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """``(msa_gates (depth, 3), ffn_gates (depth, mlp_hidden))`` that make a supernet run ``arch``: the
+    overrides of :class:`~alite_jax.models.spvit.SupernetViT`'s ``__call__``."""
+    settings = {"skip": "skip", "1x1": "conv1x1", "3x3": "conv3x3", "msa": "msa"}
+    msa = jnp.asarray([spvit.MSA_SETTINGS[settings[b["attention"]]] for b in arch["blocks"]], jnp.float32)
+    ffn = np.zeros((arch["depth"], arch["mlp_hidden"]), np.float32)
+    for i, b in enumerate(arch["blocks"]):
+        ffn[i, np.asarray(b["ffn_units"], np.int64)] = 1.0  # an empty list indexes nothing
+    return msa, jnp.asarray(ffn)
+
+
+__all__: Sequence[str] = (
+    "ARCH_FORMAT", "ATTENTION_TYPES", "extract_architecture", "validate_architecture", "save_architecture",
+    "load_architecture", "arch_blocks", "arch_cost_kwargs", "ConvAttention", "CompactBlock", "CompactViT",
+    "compact_variables", "count_params", "supernet_gates")
