@@ -2,7 +2,7 @@
 16x16, about a minute on 2 CPU cores (mode "spvit_search"; docs/spvit.md).
 
 The supernet starts from random weights (``spvit.pretrained_workdir`` empty; point it at a trained tiny
-DeiT run of the same shapes to start from that). The dense miniature costs 0.46 M MACs (SPViT's count);
+DeiT run of the same shapes to start from that). The dense miniature costs 0.67 M MACs (SPViT's count);
 the target is 0.25 M, so the FLOPs loss has to drop MSA blocks to convolutions and FFN units. lambda is
 large because the MACs are tiny: (T - F / 1e9)^2 is of order 1e-8 here, and 1e7 gives the term the
 pull SPViT's lambda 20 gives at DeiT-Ti's (1.0 - 1.25)^2.
