@@ -1,7 +1,8 @@
 """The trainer: one loop for every method, with checkpoints, resume, evaluation and preemption.
 
 ``config.mode`` picks the method (:mod:`alite_jax.methods`): ``"teacher"`` and ``"baseline"``
-(cross-entropy), ``"distill"`` (AttentionLite's sparse distillation, Algorithm 1). The loop knows steps,
+(cross-entropy), ``"distill"`` (AttentionLite's sparse distillation, Algorithm 1), ``"spvit_search"``
+(SPViT's architecture search of a DeiT supernet). The loop knows steps,
 evaluation, checkpoints and preemption; the models, the loss, the optimizer, the end-of-epoch round and
 the summary fields are the method's. Run-directory I/O is :mod:`alite_jax.run_dir`'s; console, jsonl
 and TensorBoard output is :mod:`alite_jax.metric_writers`'.
@@ -46,6 +47,7 @@ from alite_jax.metric_writers import MetricWriter, Progress
 from alite_jax.models import STUDENTS, check_model_image_size, count_params, init_model, model_from_config
 
 MODES = tuple(METHODS)
+GATES_STREAM = 1  # folded into the step's key for the method's rng streams (the mixing key is the step's)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +107,8 @@ def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
 
     ``mix`` (:func:`batch_mixing`), when given, mixes the batch and makes the targets soft first, with a
     key folded from ``seed`` and the step (deterministic, and the same after a resume); the teacher sees
-    the mixed images too, and the accuracy is against the targets' argmax.
+    the mixed images too, and the accuracy is against the targets' argmax. The method's rng streams
+    (:meth:`Method.apply_rngs`) get that key folded once more with :data:`GATES_STREAM`.
     ``state["epoch_sums"]`` restarts at each epoch's first step; being part of the checkpointed state, a
     run resumed mid-epoch reports the same epoch averages as one that never stopped.
     """
@@ -115,12 +118,18 @@ def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
         if mix is not None:
             images, labels = mix(jax.random.fold_in(jax.random.key(seed), state["step"]), images, labels)
 
+        # The method's random streams (e.g. SPViT's sampled gates): a key of their own per step, folded
+        # from the seed and the step as the mixing key is; no rngs at all when the method asks none.
+        rngs = method.apply_rngs(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state["step"]),
+                                                    GATES_STREAM))
+        extra = {"rngs": rngs} if rngs else {}
+
         def loss_fn(params):
             (logits, features), updates = model.apply(
                 {"params": params, "batch_stats": state["batch_stats"]}, images, train=True,
-                mutable=["batch_stats"])
+                mutable=["batch_stats"], **extra)
             teacher_out = None if teacher is None else teacher.apply(teacher_variables, images, train=False)
-            total, terms = method.loss(logits, features, labels, teacher_out)
+            total, terms = method.step_loss(params, logits, features, labels, teacher_out)
             # a model without batch statistics (a ViT) returns no "batch_stats" collection
             return total, (terms, logits, updates.get("batch_stats", {}))
 

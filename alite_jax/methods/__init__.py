@@ -3,7 +3,8 @@
 * ``"teacher"``: the CNN teacher with cross-entropy (:class:`~alite_jax.methods.base.Method`);
 * ``"baseline"``: a dense student with cross-entropy (the same);
 * ``"distill"``: AttentionLite's sparse distillation
-  (:class:`~alite_jax.methods.attentionlite.AttentionLite`).
+  (:class:`~alite_jax.methods.attentionlite.AttentionLite`);
+* ``"spvit_search"``: SPViT's search of a DeiT supernet (:class:`~alite_jax.methods.spvit.SPViTSearch`).
 
 A new method subclasses :class:`Method` and registers its mode in :data:`METHODS`; the loop does not
 change.
@@ -15,8 +16,10 @@ import ml_collections
 
 from alite_jax.methods.attentionlite import AttentionLite, is_sparse, needs_teacher
 from alite_jax.methods.base import Method, State, learning_rate_schedule, sgd
+from alite_jax.methods.spvit import SPViTSearch
 
-METHODS: dict[str, type[Method]] = {"teacher": Method, "baseline": Method, "distill": AttentionLite}
+METHODS: dict[str, type[Method]] = {"teacher": Method, "baseline": Method, "distill": AttentionLite,
+                                   "spvit_search": SPViTSearch}
 
 
 def get_method(config: ml_collections.ConfigDict, num_classes: int) -> Method:
@@ -24,5 +27,5 @@ def get_method(config: ml_collections.ConfigDict, num_classes: int) -> Method:
     return METHODS[config.mode](config, num_classes)
 
 
-__all__ = ["METHODS", "AttentionLite", "Method", "State", "get_method", "is_sparse", "learning_rate_schedule",
-           "needs_teacher", "sgd"]
+__all__ = ["METHODS", "AttentionLite", "Method", "SPViTSearch", "State", "get_method", "is_sparse",
+           "learning_rate_schedule", "needs_teacher", "sgd"]

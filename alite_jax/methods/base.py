@@ -5,7 +5,9 @@ teachers, masks or loss terms. Everything that differs between what it runs is a
 
 * the models it needs: :meth:`Method.student` (trained) and :meth:`Method.teacher` (a frozen model and
   its variables, or None);
-* the loss and what it reports: :meth:`Method.loss` and :attr:`Method.loss_terms`;
+* the loss and what it reports: :meth:`Method.loss` and :attr:`Method.loss_terms` (a loss that reads the
+  parameters too, e.g. a FLOPs term of gate logits: :meth:`Method.step_loss`);
+* the random streams the student's training forward draws (e.g. sampled gates): :meth:`Method.apply_rngs`;
 * the optimizer (and its parameter groups): :meth:`Method.optimizer`, :meth:`Method.prepare_params`;
 * what happens at the end of an epoch, after evaluation: :meth:`Method.end_of_epoch` (prune/regrow for
   sparse distillation; nothing for a teacher);
@@ -107,6 +109,19 @@ class Method:
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(total, {name: term for name in loss_terms}) for one batch; runs inside the jitted step."""
         return distillation_loss(logits, None, labels, None, None, mode="ce")
+
+    def step_loss(self, params: Any, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
+                  teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """What the step differentiates: :meth:`loss`, plus terms of the parameters themselves for a method
+        that overrides this (``params`` is the student's parameter tree being differentiated)."""
+        return self.loss(logits, features, labels, teacher_out)
+
+    def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
+        """The rng streams of the student's training forward (``model.apply(..., rngs=...)``), from a key
+        the step folds from the data seed and the step number (deterministic, the same after a resume).
+        None by default: then the step passes no ``rngs`` at all."""
+        return {}
 
     # Optimizer -----------------------------------------------------------------------------------
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
