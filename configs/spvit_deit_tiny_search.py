@@ -1,4 +1,4 @@
-"""SPViT's search of DeiT-Ti on ImageNet-1k (mode "spvit_search"; docs/spvit.md).
+"""SPViT's search of DeiT-Ti on ImageNet-1k (mode "spvit_search"; docs/spvit_single_path.md).
 
 From ziplab/SPViT ``SPViT_DeiT/config/spvit_deit_ti_l200_t10_search.json`` and ``params.py``: the
 supernet starts from the pretrained DeiT-Ti (``"resume": deit_tiny_patch16_224``: here

@@ -1,5 +1,5 @@
 """SPViT's search in miniature: a tiny DeiT (dim 32, depth 3, 2 heads, patch 4) on the embedded digits at
-16x16, about a minute on 2 CPU cores (mode "spvit_search"; docs/spvit.md).
+16x16, about a minute on 2 CPU cores (mode "spvit_search"; docs/spvit_single_path.md).
 
 The supernet starts from random weights (``spvit.pretrained_workdir`` empty; point it at a trained tiny
 DeiT run of the same shapes to start from that). The dense miniature costs 0.67 M MACs (SPViT's count);

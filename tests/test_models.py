@@ -152,8 +152,11 @@ def test_imagenet_layout_takes_multiples_of_32():
         check_image_size(32, 32, "tiny")
 
 
-@pytest.mark.slow  # full-width models: about a minute each on 2 cores
-@pytest.mark.parametrize("name,opts", ZOO, ids=lambda x: x if isinstance(x, str) else x.get("variant", ""))
+@pytest.mark.slow  # full-width models: 15-25 s each on 2 cores
+# SA-ResNet38 is SA-ResNet26's blocks in other numbers (its parameter counts are pinned above): the
+# teacher and both student variants cover every kind of layer.
+@pytest.mark.parametrize("name,opts", ZOO[:3],
+                         ids=lambda x: x if isinstance(x, str) else x.get("variant", ""))
 def test_forward_and_gradient_run(name, opts):
     model = create_model(name, 10, width=0.25, **opts)
     variables = init_model(model, jax.random.key(0), 32)

@@ -1,6 +1,6 @@
 """Tests for SPViT's supernet layers (``alite_jax.models.spvit``) against references written in the test.
 
-References, each built here from the math (docs/spvit.md), not from the module's helpers:
+References, each built here from the math (docs/spvit_single_path.md), not from the module's helpers:
 
 * ``msa_reference``: softmax(q k^T hd^-0.5) v, proj, head by head in jnp;
 * ``conv_kernel_reference``: the 3x3 HWIO kernel filled tap by tap, K[kh, kw] = sum_h A[h, kh + 3 kw]

@@ -13,7 +13,7 @@
   gather of ``fc1.weight`` rows, ``fc1.bias`` and ``fc2.weight`` columns in PyTorch's (out, in) layout).
 
 With the folded variables the compact model computes what the supernet computes in evaluation mode, block
-by block (tests/test_spvit_extract.py; docs/spvit.md "Extraction and the compact model"):
+by block (tests/test_spvit_extract.py; docs/spvit_single_path.md "Extraction and the compact model"):
 
 * a skipped block's attention slot adds 0 (the supernet's search-time skip; ziplab/SPViT's fine-tuning
   path returns LN(x) for a skipped block instead, which this model does not do);
