@@ -44,9 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
     # distillation step ("": as it was trained; "bfloat16" halves its cost on bf16 hardware).
     c.teacher = ml_collections.ConfigDict(dict(workdir="", dtype=""))
-    # spvit: SPViT's search (mode "spvit_search"; alite_jax.methods.spvit, docs/spvit_single_path.md): the dense DeiT
-    # run it starts from ("": random init), the FLOPs loss lambda_ (T - F / 1e9)^2 with T = target_gflops
-    # (G MACs, SPViT's "FLOPs"), and the gate logits' own AdamW lr (no weight decay).
+    # spvit: SPViT's search (mode "spvit_search"; alite_jax.methods.spvit, docs/spvit_single_path.md): the
+    # dense DeiT run it starts from ("": random init), the FLOPs loss lambda_ (T - F / 1e9)^2 with
+    # T = target_gflops (G MACs, SPViT's "FLOPs"), and the gate logits' own AdamW lr (no weight decay).
     c.spvit = ml_collections.ConfigDict(dict(pretrained_workdir="", lambda_=20.0, target_gflops=1.0,
                                              arch_lr=1e-3))
     c.baseline_workdir = ""           # optional dense-student run, for the report's baseline column

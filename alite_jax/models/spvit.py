@@ -3,8 +3,9 @@ skip and whose FFN searches its hidden width.
 
 SPViT is He et al., "Pruning Self-attentions into Convolutional Layers in Single Path" (public code:
 ziplab/SPViT, ``SPViT_DeiT/models_pruning.py``: ``UnifiedAttention``, ``UnifiedMlp``,
-``bernoulli_sample``). The layers here are written from the math of that code, in Linen; docs/spvit_single_path.md
-gives every formula, its source, and where this module differs from the public code and why.
+``bernoulli_sample``). The layers here are written from the math of that code, in Linen;
+docs/spvit_single_path.md gives every formula, its source, and where this module differs from the public
+code and why.
 
 * :func:`sample_gate`: a binary gate per logit theta. Training: a relaxed-Bernoulli sample of
   sigmoid(theta) at temperature 1 with the hard straight-through estimator (forward value
