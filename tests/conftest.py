@@ -1,4 +1,4 @@
-"""Session set-up: one persistent XLA compilation cache for the whole test session.
+"""Session set-up: one persistent XLA compilation cache for the whole test session, longest files first.
 
 The trainer tests start many runs (subprocesses, notebook kernels, multi-host processes) that compile
 the same step functions; with a shared cache each program is compiled once per session. The cache is a
@@ -21,3 +21,15 @@ if "jax" in sys.modules:  # imported before this file (by a plugin): set what th
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+# The files that take longest (minutes of compiling and end-to-end runs on 2 cores), longest first.
+# pytest-xdist's --dist loadfile hands out whole files in collection order; started last (they sort late
+# by name), the longest would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_notebook.py", "test_mixed_precision.py",
+                 "test_models.py", "test_sparsity.py", "test_attention.py", "test_attention_impls.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Runs the longest files first (a stable sort: every file keeps its own order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

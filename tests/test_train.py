@@ -257,7 +257,7 @@ def test_history_is_not_started_over_unless_asked(teacher_dir, student_run, tmp_
     with pytest.raises(RunDirError, match=r"none of its checkpoints \(steps 12, 8, 4\) can be read.*--fresh"):
         train.train_and_evaluate(config, workdir)
     assert snapshot(workdir) == before
-    config = tiny_config("distill", epochs=1, teacher=teacher_dir)  # fresh: any config, here a shorter run
+    config = tiny_config("distill", epochs=1, teacher=teacher_dir, mix=True)  # fresh: any config: shorter
     train.train_and_evaluate(config, workdir, fresh=True)
     assert snapshot(str(tmp_path / "run.previous-1")) == before
     assert [r["epoch"] for r in epoch_rows(workdir)] == [0]
