@@ -37,16 +37,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alite_jax.models.vit import LAYER_NORM_EPSILON, classify, embed_tokens, trunc_normal
+
 Dtype = Any
 
 GATE_INIT = 1.5  # SPViT_DeiT/config/*_search.json: "theta": 1.5 (kernel_thresholds and ffn_thresholds)
 HEAD_PROBS_ALPHA = 1e-2  # UnifiedAttention(alpha=1e-2): A = softmax(head_probs / alpha, axis=heads)
 KERNEL_TAPS = 9  # the 3x3 window
 CENTRE_TAP = 4  # p = kh + 3 kw at kh = kw = 1
-LAYER_NORM_EPSILON = 1e-6  # timm's partial(nn.LayerNorm, eps=1e-6), as the dense ViT
 BN_MOMENTUM = 0.9  # torch.nn.BatchNorm2d's momentum 0.1, in Flax's convention (1 - 0.1)
 BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default
-trunc_normal = nn.initializers.truncated_normal(stddev=0.02)  # as the dense ViT (timm trunc_normal_ .02)
 
 # The four settings of the three MSA gates g = (g0, g1, g2) (before the cumulative product).
 MSA_SETTINGS = {
@@ -323,18 +323,10 @@ class SupernetViT(nn.Module):
                  ffn_gates: jax.Array | Sequence[jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         chex.assert_rank(x, 4)
-        side = self.image_size // self.patch_size
         if x.shape[1:3] != (self.image_size, self.image_size) or self.image_size % self.patch_size:
             raise ValueError(f"this supernet takes {self.image_size}x{self.image_size} images (a multiple "
                              f"of the patch size {self.patch_size}); got {x.shape[1]}x{x.shape[2]}")
-        b, d = x.shape[0], self.dim
-        x = nn.Conv(d, (self.patch_size, self.patch_size), strides=self.patch_size, padding="VALID",
-                    dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
-        x = x.reshape(b, side * side, d)
-        cls = self.param("cls_token", trunc_normal, (1, 1, d), jnp.float32)
-        pos = self.param("pos_embed", trunc_normal, (1, side * side + 1, d), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
-        x = x + pos.astype(self.dtype)
+        x = embed_tokens(self, x, self.patch_size, self.dim, self.dtype)
         features = []
         for i in range(self.depth):
             x = SupernetBlock(self.num_heads, self.mlp_ratio, self.alpha, self.gate_init, self.dtype,
@@ -342,8 +334,4 @@ class SupernetViT(nn.Module):
                 x, train, None if msa_gates is None else msa_gates[i],
                 None if ffn_gates is None else ffn_gates[i])
             features.append(x)
-        x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=trunc_normal,
-                          bias_init=nn.initializers.zeros, name="head")(x[:, 0].astype(jnp.float32))
-        chex.assert_shape(logits, (b, self.num_classes))
-        return logits, tuple(features)
+        return classify(x, self.num_classes, self.dtype), tuple(features)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alite_jax.models import spvit
-from alite_jax.models.vit import Attention
+from alite_jax.models.vit import Attention, classify, embed_tokens
 from alite_jax.models.zoo import count_params  # noqa: F401  (re-exported: the tests count with it)
 
 Dtype = Any
@@ -240,23 +240,12 @@ class CompactViT(nn.Module):
         if x.shape[1:3] != (self.image_size, self.image_size) or self.image_size % self.patch_size:
             raise ValueError(f"this model takes {self.image_size}x{self.image_size} images (a multiple of "
                              f"the patch size {self.patch_size}); got {x.shape[1]}x{x.shape[2]}")
-        side = self.image_size // self.patch_size
-        b, d, p = x.shape[0], self.dim, self.patch_size
-        x = nn.Conv(d, (p, p), strides=p, padding="VALID", dtype=self.dtype, name="patch_embed")(
-            x.astype(self.dtype)).reshape(b, side * side, d)
-        cls = self.param("cls_token", spvit.trunc_normal, (1, 1, d), jnp.float32)
-        pos = self.param("pos_embed", spvit.trunc_normal, (1, side * side + 1, d), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
-        x = x + pos.astype(self.dtype)
+        x = embed_tokens(self, x, self.patch_size, self.dim, self.dtype)
         features = []
         for i, (kind, width) in enumerate(zip(self.attention, self.ffn_widths)):
             x = CompactBlock(kind, width, self.num_heads, self.dtype, name=f"block{i}")(x, train)
             features.append(x)
-        x = nn.LayerNorm(epsilon=spvit.LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=spvit.trunc_normal,
-                          bias_init=nn.initializers.zeros, name="head")(x[:, 0].astype(jnp.float32))
-        chex.assert_shape(logits, (b, self.num_classes))
-        return logits, tuple(features)
+        return classify(x, self.num_classes, self.dtype), tuple(features)
 
 
 def compact_variables(supernet_variables: Mapping[str, Any], arch: Mapping[str, Any],

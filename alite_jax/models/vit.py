@@ -57,6 +57,37 @@ def torch_conv_init(fan_in: int) -> tuple[Any, Any]:
     return uniform, uniform
 
 
+def embed_tokens(module: nn.Module, x: jax.Array, patch_size: int, dim: int, dtype: Dtype,
+                 conv_init: tuple[Any, Any] | None = None) -> jax.Array:
+    """Images (B, H, W, C) -> tokens (B, 1 + HW/p^2, D): the patch embedding ``patch_embed`` (a Conv with
+    kernel = stride = patch), the ``cls_token`` in front, the learned ``pos_embed`` added.
+
+    Called, with the model itself as ``module``, from the ``nn.compact`` ``__call__`` of a ViT-family
+    model (the dense ViT, SPViT's supernet and compact model), so the parameters are that model's own,
+    under the dense ViT's names. ``conv_init``: (kernel_init, bias_init) of the patch embedding (None:
+    Flax's defaults).
+    """
+    b = x.shape[0]
+    inits = {} if conv_init is None else dict(kernel_init=conv_init[0], bias_init=conv_init[1])
+    x = nn.Conv(dim, (patch_size, patch_size), strides=patch_size, padding="VALID", dtype=dtype,
+                name="patch_embed", **inits)(x.astype(dtype))
+    x = x.reshape(b, -1, dim)  # row-major over the patch grid, as timm's flatten(2).transpose(1, 2)
+    cls = module.param("cls_token", trunc_normal, (1, 1, dim), jnp.float32)
+    pos = module.param("pos_embed", trunc_normal, (1, x.shape[1] + 1, dim), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, dim)), x], axis=1)
+    return x + pos.astype(dtype)
+
+
+def classify(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
+    """Tokens -> logits (B, num_classes), float32: the final LayerNorm ``norm``, then the ``head`` on the
+    CLS token (timm's ``global_pool="token"``)."""
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="norm")(x)
+    logits = nn.Dense(num_classes, dtype=jnp.float32, kernel_init=trunc_normal,
+                      bias_init=nn.initializers.zeros, name="head")(x[:, 0].astype(jnp.float32))
+    chex.assert_shape(logits, (x.shape[0], num_classes))
+    return logits
+
+
 def check_vit_image_size(height: int, width: int, patch_size: int) -> None:
     """Raises ValueError unless a ViT of ``patch_size`` can take a height x width image (positive
     multiples of the patch size: the patch embedding tiles the image without overlap or remainder)."""
@@ -145,23 +176,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"this ViT was built for {self.image_size}x{self.image_size} images (its "
                              f"position embedding has {self.num_patches} + 1 rows); got "
                              f"{x.shape[1]}x{x.shape[2]}")
-        b, d = x.shape[0], self.dim
-        kernel_init, bias_init = torch_conv_init(self.patch_size ** 2 * x.shape[-1])
-        p = self.patch_size
-        patch_embed = nn.Conv(d, (p, p), strides=p, padding="VALID", dtype=self.dtype,
-                              kernel_init=kernel_init, bias_init=bias_init, name="patch_embed")
-        x = patch_embed(x.astype(self.dtype))
-        x = x.reshape(b, -1, d)  # row-major over the patch grid, as timm's flatten(2).transpose(1, 2)
-        cls = self.param("cls_token", trunc_normal, (1, 1, d), jnp.float32)
-        pos = self.param("pos_embed", trunc_normal, (1, self.num_patches + 1, d), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
-        x = x + pos.astype(self.dtype)
+        x = embed_tokens(self, x, self.patch_size, self.dim, self.dtype,
+                         torch_conv_init(self.patch_size ** 2 * x.shape[-1]))
         features = []
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
             features.append(x)
-        x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=trunc_normal,
-                          bias_init=nn.initializers.zeros, name="head")(x[:, 0].astype(jnp.float32))
-        chex.assert_shape(logits, (b, self.num_classes))
-        return logits, tuple(features)
+        return classify(x, self.num_classes, self.dtype), tuple(features)
