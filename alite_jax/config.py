@@ -23,7 +23,7 @@ from alite_jax.errors import ConfigError
 def base_config() -> ml_collections.ConfigDict:
     """Defaults: the paper's CIFAR-10 sparse distillation of hybrid SA-ResNet26 (§4.1, Table 1)."""
     c = ml_collections.ConfigDict()
-    c.mode = "distill"                # "teacher" | "baseline" | "distill" | "spvit_search"
+    c.mode = "distill"                # "teacher" | "baseline" | "distill" | "spvit_search" | "spvit_finetune"
     c.seed = 0                        # parameter init and initial masks (data: data.seed)
     c.num_epochs = 200
     # model: the zoo's options (alite_jax.models.create_model; docs/architectures.md).
@@ -44,11 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
     # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
     # distillation step ("": as it was trained; "bfloat16" halves its cost on bf16 hardware).
     c.teacher = ml_collections.ConfigDict(dict(workdir="", dtype=""))
-    # spvit: SPViT's search (mode "spvit_search"; alite_jax.methods.spvit, docs/spvit_single_path.md): the
-    # dense DeiT run it starts from ("": random init), the FLOPs loss lambda_ (T - F / 1e9)^2 with
-    # T = target_gflops (G MACs, SPViT's "FLOPs"), and the gate logits' own AdamW lr (no weight decay).
+    # spvit: SPViT (alite_jax.methods.spvit, docs/spvit_single_path.md). Both modes: the dense DeiT run
+    # they start from ("": random init). Search ("spvit_search"): the FLOPs loss lambda_ (T - F / 1e9)^2
+    # with T = target_gflops (G MACs, SPViT's "FLOPs"), the gate logits' own AdamW lr (no weight decay).
+    # Fine-tuning ("spvit_finetune"): the architecture found (a search's run directory or its
+    # architecture.json), distill "none" or "hard" (DeiT's hard distillation from teacher.workdir with
+    # weight distill_alpha).
     c.spvit = ml_collections.ConfigDict(dict(pretrained_workdir="", lambda_=20.0, target_gflops=1.0,
-                                             arch_lr=1e-3))
+                                             arch_lr=1e-3, architecture="", distill="none",
+                                             distill_alpha=0.5))
     c.baseline_workdir = ""           # optional dense-student run, for the report's baseline column
     c.log_every_steps = 50
     c.checkpoint_max_to_keep = 3
@@ -207,6 +211,8 @@ FIELD_RANGES: dict[str, Range] = {
     "spvit.lambda_": _at_least(0, "the weight of SPViT's FLOPs loss", integer=False),
     "spvit.target_gflops": _above(0, "SPViT's FLOPs target T in G MACs"),
     "spvit.arch_lr": _above(0, "the gate logits' AdamW learning rate"),
+    "spvit.distill_alpha": _fraction("the weight of the teacher's hard labels in SPViT's fine-tuning"),
+    "model.drop_path_rate": Range(0, 1, high_open=True, meaning="the last block's stochastic depth rate"),
 }
 
 

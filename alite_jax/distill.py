@@ -23,6 +23,11 @@ Eq. 2 trains the student on three terms::
   the reference codes' mean-squared form, the form with which the paper's beta = 1000 gives the term a
   sensible weight. Both reference codes (AT's and CRD's) multiply the sum by beta without the /2, so
   their setting corresponds to ``beta=2000`` here (docs/losses.md).
+* Hard distillation (Touvron et al. 2021, "Training data-efficient image transformers", DeiT's
+  ``DistillationLoss`` with ``distillation_type="hard"`` in facebookresearch/deit ``losses.py``), used by
+  SPViT's fine-tuning (ziplab/SPViT ``SPViT_DeiT/losses.py``) without a distillation token: the class
+  head is trained on (1 - alpha) * CE(z_S, y) + alpha * CE(z_S, argmax z_T), alpha = 0.5
+  (:func:`hard_distillation_loss`).
 * When a pair's spatial sizes differ, the larger feature map is average-pooled down to the smaller
   size before taking maps (CRD: ``F.adaptive_avg_pool2d``); only integer ratios are supported, where
   that adaptive pooling is plain block-mean pooling. Student and teacher may differ in channels, since
@@ -207,3 +212,22 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Non
     chex.assert_shape(list(terms.values()), ())
     chex.assert_type(list(terms.values()), jnp.float32)
     return total, terms
+
+
+def hard_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                           alpha: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DeiT's hard distillation on the class head: ``(1 - alpha) * CE(z_S, labels) + alpha *
+    CE(z_S, argmax z_T)``, as ``(total, {"ce", "hard_kd", "total"})``.
+
+    ``labels`` are class indices or target distributions (Mixup/CutMix, label smoothing: the base term
+    takes them as they are, as DeiT's ``base_criterion`` does); the teacher's label is its argmax, a hard
+    label without smoothing (DeiT: ``F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))``). No
+    gradient reaches the teacher.
+    """
+    _check_logits(student_logits)
+    chex.assert_equal_shape([student_logits, teacher_logits])
+    teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+    ce = cross_entropy(student_logits, labels)
+    hard = cross_entropy(student_logits, teacher_labels)
+    total = jnp.asarray((1.0 - alpha) * ce + alpha * hard, jnp.float32)
+    return total, {"ce": ce, "hard_kd": hard, "total": total}

@@ -3,8 +3,9 @@
 A config is an ml_collections file (``configs/``); ``--config.<field>=value`` overrides a field and
 ``--config=configs/<file>.py:smoke`` shrinks the run. A config with ``phases`` (the demo) runs each
 phase in ``<workdir>/<phase>``, in ``phase_order``, after checking every phase's settings; relative
-teacher and baseline paths of a phase are taken inside the workdir. Running again in the same workdir
-resumes where it stopped; ``--fresh`` starts over instead, moving what the workdir held aside first.
+teacher, baseline, pretrained and architecture paths of a phase are taken inside the workdir. Running
+again in the same workdir resumes where it stopped; ``--fresh`` starts over instead, moving what the
+workdir held aside first.
 
 Exit status: 0 when the run finished, and also when a preemption notice (SIGTERM, SIGINT) stopped it
 after a checkpoint: the last line then says to run the same command again, which resumes it. 2 for a
@@ -32,6 +33,8 @@ from alite_jax import distributed, train
 from alite_jax.errors import UserError, user_input
 
 EXIT_USER_ERROR = 2
+# A phase's fields naming another run's directory (or file), relative to the phased run's workdir.
+PHASE_PATHS = ("teacher.workdir", "baseline_workdir", "spvit.pretrained_workdir", "spvit.architecture")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=False)
@@ -59,10 +62,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
     num_devices = distributed.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
-        for field in ("teacher.workdir", "baseline_workdir"):
+        for field in PHASE_PATHS:
             section, _, key = field.rpartition(".")
             holder = phase[section] if section else phase
-            if holder[key] and not os.path.isabs(holder[key]):
+            if holder.get(key) and not os.path.isabs(holder[key]):
                 holder[key] = os.path.join(workdir, holder[key])
         with user_input(f"phase {name}"):
             train.check_fields(phase, num_devices)

@@ -9,7 +9,9 @@ A run directory (``workdir``) holds:
   preemption (:func:`checkpoint_manager`).
 * ``metrics.jsonl``: one JSON object per finished epoch (:func:`read_metrics`, :func:`append_metrics`).
 * ``tensorboard/``, and at the end ``model/`` (the variables a distillation loads as its teacher,
-  :func:`export_model`), ``summary.json`` (:func:`write_summary`), ``table1.md`` and the plots.
+  :func:`export_model`), ``summary.json`` (:func:`write_summary`), ``table1.md`` and the plots, and the
+  files a method adds (:func:`write_json`): SPViT's runs write ``architecture.json``, the architecture
+  their model has (:data:`ARCHITECTURE`; :func:`run_model` rebuilds it).
 
 Rules, so that days of training are never lost to a fault or a slip:
 
@@ -49,7 +51,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alite_jax.distributed import is_leader, say
 from alite_jax.errors import RunDirError
-from alite_jax.models import abstract_variables, model_from_config
+from alite_jax.models import VisionTransformer, abstract_variables, model_from_config
+from alite_jax.models.spvit import supernet_of
+from alite_jax.models.spvit_compact import CompactViT, load_architecture
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -57,12 +61,13 @@ STATE, DATA = "state", "data"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
 SUMMARY = "summary.json"
+ARCHITECTURE = "architecture.json"  # an SPViT run's architecture (alite_jax.models.spvit_compact)
 
 # Fields that may differ between a run's config.json and the config that resumes it: where files are,
 # how often the run logs and how many checkpoints it keeps, and which implementation of the same
 # attention computes. Every other field makes it another run.
 MAY_CHANGE = ("log_every_steps", "checkpoint_max_to_keep", "baseline_workdir", "teacher.workdir",
-              "data.data_dir", "data.manual_dir", "data.download", "model.impl")
+              "data.data_dir", "data.manual_dir", "data.download", "model.impl", "spvit.pretrained_workdir")
 FRESH_HINT = ("use another --workdir, or pass --fresh to start over here (the directory is first moved "
               "aside to {aside}, not deleted)")
 
@@ -353,17 +358,41 @@ def is_finished_run(workdir: str) -> bool:
     return all(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG, MODEL))
 
 
+def run_model(config: ml_collections.ConfigDict, workdir: str, dtype: str = "") -> Any:
+    """The model a run's variables belong to: the zoo's model its config names, or for SPViT's runs the
+    supernet of that DeiT's shapes (``mode="spvit_search"``) or the found architecture of
+    ``workdir/architecture.json`` in its fine-tuning (unfolded) form (``mode="spvit_finetune"``)."""
+    model = model_from_config(config.model, config.num_classes, dtype, image_size=config.data.image_size)
+    mode = config.get("mode")
+    if mode == "spvit_search" and isinstance(model, VisionTransformer):
+        return supernet_of(model)
+    if mode == "spvit_finetune":
+        path = os.path.join(workdir, ARCHITECTURE)
+        if not os.path.exists(path):
+            raise RunDirError(f"{workdir} is an SPViT fine-tuning run without {ARCHITECTURE}: run the "
+                              f"fine-tuning again in it to finish it")
+        return CompactViT.from_architecture(load_architecture(path), dtype=model.dtype, folded=False,
+                                            drop_path_rate=config.model.get("drop_path_rate", 0.0))
+    return model
+
+
 def load_model(workdir: str, mesh: jax.sharding.Mesh, dtype: str = "") -> tuple[Any, Any]:
     """(model, variables) of a finished run (e.g. a distillation's teacher), the variables replicated on
     ``mesh``. ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the run was trained with."""
     config = ml_collections.ConfigDict(read_run_config(workdir))
-    model = model_from_config(config.model, config.num_classes, dtype, image_size=config.data.image_size)
+    model = run_model(config, workdir, dtype)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Target shardings for this mesh: the model may have been trained on another number of devices.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             abstract_variables(model, config.data.image_size, config.channels))
     with ocp.StandardCheckpointer() as checkpointer:
         return model, checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
+
+
+def write_json(workdir: str, name: str, data: Any) -> None:
+    """``workdir/<name>``: a method's file of plain data (process 0), atomically."""
+    if is_leader():
+        _write_atomically(os.path.join(workdir, name), json.dumps(data, indent=1) + "\n")
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 
 ``config.mode`` picks the method (:mod:`alite_jax.methods`): ``"teacher"`` and ``"baseline"``
 (cross-entropy), ``"distill"`` (AttentionLite's sparse distillation, Algorithm 1), ``"spvit_search"``
-(SPViT's architecture search of a DeiT supernet). The loop knows steps,
+(SPViT's architecture search of a DeiT supernet) and ``"spvit_finetune"`` (SPViT's fine-tuning of the
+architecture found). The loop knows steps,
 evaluation, checkpoints and preemption; the models, the loss, the optimizer, the end-of-epoch round and
 the summary fields are the method's. Run-directory I/O is :mod:`alite_jax.run_dir`'s; console, jsonl
 and TensorBoard output is :mod:`alite_jax.metric_writers`'.
@@ -394,6 +395,8 @@ def finish(run: Run, state: State) -> dict[str, Any]:
     """Exports the model, writes summary.json (the loop's fields and the method's) and the report."""
     config, workdir, history = run.config, run.workdir, run.history
     run_dir.export_model(workdir, {"params": state["params"], "batch_stats": state["batch_stats"]})
+    for name, contents in run.method.run_files(state).items():
+        run_dir.write_json(workdir, name, contents)
     size = config.data.image_size
     student_costs = costs.count_costs(run.model, size, run.channels, masks=run.method.masks(state))
     summary = dict(

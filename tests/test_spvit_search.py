@@ -133,8 +133,13 @@ def test_same_seed_same_params_and_the_gates_rng_changes_with_the_step(search):
 
 
 def test_no_rngs_for_a_method_that_asks_none():
-    """The default seam passes no rngs (AttentionLite's step is unchanged)."""
-    assert METHODS["distill"].apply_rngs(None, jax.random.key(0)) == {}
+    """The default seam passes no rngs (AttentionLite's step is unchanged); "dropout" only for drop path."""
+    from alite_jax.config import base_config
+
+    config = base_config()
+    assert METHODS["distill"](config, 10).apply_rngs(jax.random.key(0)) == {}
+    config.model.drop_path_rate = 0.1
+    assert set(METHODS["baseline"](config, 10).apply_rngs(jax.random.key(0))) == {"dropout"}
 
 
 def dense_run(tmp_path, config, **changes):
@@ -174,7 +179,7 @@ def test_pretrained_dense_weights_start_the_supernet(tmp_path):
 def test_a_pretrained_run_of_other_shapes_or_none_is_refused(tmp_path):
     config = tiny()
     config.spvit.pretrained_workdir, _ = dense_run(tmp_path, config, dim=16)
-    with pytest.raises(ConfigError, match="not a DeiT of the searched shapes"):
+    with pytest.raises(ConfigError, match="not a dense DeiT of the shapes"):
         train.check_config(config, 1)
     config.spvit.pretrained_workdir = str(tmp_path / "nothing")
     with pytest.raises(MissingFileError, match="pretrained_workdir"):

@@ -7,11 +7,12 @@ teachers, masks or loss terms. Everything that differs between what it runs is a
   its variables, or None);
 * the loss and what it reports: :meth:`Method.loss` and :attr:`Method.loss_terms` (a loss that reads the
   parameters too, e.g. a FLOPs term of gate logits: :meth:`Method.step_loss`);
-* the random streams the student's training forward draws (e.g. sampled gates): :meth:`Method.apply_rngs`;
+* the random streams the student's training forward draws (sampled gates, drop path):
+  :meth:`Method.apply_rngs`;
 * the optimizer (and its parameter groups): :meth:`Method.optimizer`, :meth:`Method.prepare_params`;
 * what happens at the end of an epoch, after evaluation: :meth:`Method.end_of_epoch` (prune/regrow for
   sparse distillation; nothing for a teacher);
-* what it adds to the run's summary: :meth:`Method.summary_fields`;
+* what it adds to the run's summary and directory: :meth:`Method.summary_fields`, :meth:`Method.run_files`;
 * the checks of its own settings and inputs, before anything is written or compiled:
   :meth:`Method.check`, :meth:`Method.check_inputs`.
 
@@ -119,9 +120,10 @@ class Method:
 
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         """The rng streams of the student's training forward (``model.apply(..., rngs=...)``), from a key
-        the step folds from the data seed and the step number (deterministic, the same after a resume).
-        None by default: then the step passes no ``rngs`` at all."""
-        return {}
+        the step folds from the data seed and the step number (deterministic, the same after a resume):
+        ``"dropout"`` for a ViT with ``model.drop_path_rate > 0`` (stochastic depth), else none, and then
+        the step passes no ``rngs`` at all."""
+        return {"dropout": key} if self.config.model.get("drop_path_rate", 0.0) > 0 else {}
 
     # Optimizer -----------------------------------------------------------------------------------
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -149,3 +151,8 @@ class Method:
                        channels: int) -> dict[str, Any]:
         """What the method adds to summary.json (plain data; :mod:`alite_jax.run_dir` writes it)."""
         return dict(distill="ce", structure="dense", per_layer_density={})
+
+    def run_files(self, state: State) -> dict[str, Any]:
+        """Files of plain data the method adds to the finished run's directory, {name: JSON-able data}
+        (e.g. SPViT's ``architecture.json``)."""
+        return {}

@@ -1,5 +1,9 @@
-"""SPViT's search (He et al., "Pruning Self-attentions into Convolutional Layers in Single Path") as a
-:class:`Method`: ``config.mode = "spvit_search"``.
+"""SPViT (He et al., "Pruning Self-attentions into Convolutional Layers in Single Path") as two
+:class:`Method` s: the search (``config.mode = "spvit_search"``, :class:`SPViTSearch`) and the fine-tuning
+of the architecture it found (``config.mode = "spvit_finetune"``, :class:`SPViTFinetune`).
+
+Search
+------
 
 The student is :class:`alite_jax.models.spvit.SupernetViT` with the shapes of the dense DeiT that
 ``config.model`` names, started from a dense DeiT run's weights (``config.spvit.pretrained_workdir``: a
@@ -16,11 +20,29 @@ with ``optimizer.weight_decay`` on the kernels (parameters of rank >= 2, timm's 
 norms undecayed), and the gate logits (``msa_gate_logits``, ``ffn_gate_logits``) at ``spvit.arch_lr``
 with no weight decay. Evaluation thresholds the gates (sigmoid(theta) > 0.5). After every epoch the
 metrics row gets the thresholded architecture (each block's attention type and kept FFN width) and its
-MACs; the summary gets the final one, which extraction turns into a compact model.
+MACs; the summary gets the final one, and the run directory its ``architecture.json``
+(:func:`alite_jax.models.spvit_compact.extract_architecture`, with the search's target and lambda).
+
+Fine-tuning
+-----------
+The student is :class:`alite_jax.models.spvit_compact.CompactViT` of ``config.spvit.architecture`` (an
+``architecture.json`` or the search run directory holding one) in SPViT's fine-tuning form (unfolded:
+conv blocks keep v, proj and ``head_probs`` and mix their kernel at run time; folding is for inference),
+started, as SPViT does (ziplab/SPViT ``SPViT_DeiT/main_pruning.py``: the fine-tuning restarts from the
+pretrained DeiT), from the dense DeiT run ``config.spvit.pretrained_workdir``: every weight of the dense
+model it has (the kept FFN units gathered), ``head_probs`` and the BatchNorms fresh. Its loss is
+cross-entropy with the data config's soft targets (label smoothing, Mixup/CutMix), or with
+``spvit.distill = "hard"`` DeiT's hard distillation from the CNN teacher run ``config.teacher.workdir``
+(:func:`alite_jax.distill.hard_distillation_loss`, weight ``spvit.distill_alpha`` = 0.5, no
+distillation token); one AdamW group (timm's decay convention). With ``sparsity.density < 1``
+AttentionLite's sparse learning prunes it on top (:func:`alite_jax.methods.attentionlite.sparse_optimizer`
+around the AdamW, whose first moment is the momentum that regrows weights, and a prune/regrow round after
+every epoch but the last): both papers' compressions in one run.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import flax
@@ -31,13 +53,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from alite_jax import distill, run_dir, vit_costs
+from alite_jax import distill, run_dir, sparsity, vit_costs
 from alite_jax.distributed import make_mesh
 from alite_jax.errors import ConfigError, MissingFileError
-from alite_jax.methods.base import Method, State, learning_rate_schedule
-from alite_jax.models import VisionTransformer, model_from_config
-from alite_jax.models.spvit import SupernetViT
+from alite_jax.methods.attentionlite import (check_sparsity, check_teacher_run, is_sparse, load_teacher,
+                                             sparse_optimizer, sparse_round)
+from alite_jax.methods.base import Method, State, Teacher, learning_rate_schedule
+from alite_jax.models import VisionTransformer, count_params, model_from_config
+from alite_jax.models import spvit_compact
+from alite_jax.models.spvit import SupernetViT, supernet_of
 from alite_jax.models.zoo import VITS
+
+DISTILL_MODES = ("none", "hard")  # spvit.distill of the fine-tuning
+SHAPE_FIELDS = ("image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
 
 GATE_NAMES = ("msa_gate_logits", "ffn_gate_logits")
 FRESH_NAMES = GATE_NAMES + ("head_probs",)  # never taken from the dense run (nor are the BatchNorms)
@@ -80,6 +108,58 @@ def merge_pretrained(params: Any, dense: Any) -> tuple[Any, list[str]]:
     return flax.traverse_util.unflatten_dict(flat), taken
 
 
+def dense_vit(config: ml_collections.ConfigDict, num_classes: int) -> VisionTransformer:
+    """The dense DeiT ``config.model`` names (the supernet and the found architecture take its shapes)."""
+    if config.model.name not in VITS:
+        raise ConfigError(f"mode {config.mode!r} works on a DeiT: config.model.name must be one of {VITS}, "
+                          f"got {config.model.name!r}")
+    return model_from_config(config.model, num_classes, image_size=config.data.image_size)
+
+
+def check_pretrained_run(workdir: str, dense: VisionTransformer) -> None:
+    """The dense DeiT run SPViT starts from: there, finished, of ``dense``'s shapes (the head may differ)."""
+    if not run_dir.is_finished_run(workdir):
+        raise MissingFileError(f"no finished DeiT run at config.spvit.pretrained_workdir={workdir!r} (it "
+                               f"needs config.json and model/): convert a timm checkpoint (python -m "
+                               f"alite_jax.convert) or train one, or leave it empty for a random init")
+    other = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
+    theirs = run_dir.run_model(other, workdir)
+    if not isinstance(theirs, VisionTransformer) or any(getattr(theirs, k) != getattr(dense, k)
+                                                        for k in SHAPE_FIELDS):
+        raise ConfigError(f"the run at {workdir} is {other.model.name} ({type(theirs).__name__}, mode "
+                          f"{other.get('mode')!r}), not a dense DeiT of the shapes "
+                          f"{({k: getattr(dense, k) for k in SHAPE_FIELDS})}")
+
+
+def read_pretrained_params(workdir: str) -> Any:
+    """The dense run's parameters, on the host."""
+    _, variables = run_dir.load_model(workdir, make_mesh())
+    return jax.device_get(variables["params"])
+
+
+def read_found_architecture(path: str) -> dict[str, Any]:
+    """``spvit.architecture``: an architecture file, or a (search) run directory holding one."""
+    if not path:
+        raise ConfigError("mode 'spvit_finetune' needs config.spvit.architecture: the architecture.json a "
+                          "search wrote, or its run directory")
+    file = os.path.join(path, run_dir.ARCHITECTURE) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise MissingFileError(f"no architecture at config.spvit.architecture={path!r} ({file} does not "
+                               f"exist): run the search (mode 'spvit_search') to the end first")
+    try:
+        return spvit_compact.load_architecture(file)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{file} is not an SPViT architecture: {e}") from e
+
+
+def dense_macs_params(dense: VisionTransformer, in_chans: int) -> tuple[int, int]:
+    """(MACs, params) of the dense DeiT by SPViT's count."""
+    shapes = dict(image_size=dense.image_size, patch_size=dense.patch_size, dim=dense.dim,
+                  num_heads=dense.num_heads, num_classes=dense.num_classes, in_chans=in_chans)
+    arch = vit_costs.dense_arch(dense.depth, dense.dim, dense.mlp_ratio)
+    return vit_costs.vit_arch_macs(arch, **shapes), vit_costs.vit_arch_params(arch, **shapes)
+
+
 class SPViTSearch(Method):
     """SPViT's search of a DeiT supernet (see the module docstring)."""
 
@@ -92,11 +172,7 @@ class SPViTSearch(Method):
     # Checks ---------------------------------------------------------------------------------------
     def dense_model(self) -> VisionTransformer:
         """The dense DeiT ``config.model`` names (the supernet takes its shapes)."""
-        config = self.config
-        if config.model.name not in VITS:
-            raise ConfigError(f"mode 'spvit_search' searches a DeiT: config.model.name must be one of "
-                              f"{VITS}, got {config.model.name!r}")
-        return model_from_config(config.model, self.num_classes, image_size=config.data.image_size)
+        return dense_vit(self.config, self.num_classes)
 
     def check(self) -> None:
         super().check()
@@ -108,38 +184,22 @@ class SPViTSearch(Method):
 
     def check_inputs(self) -> None:
         """The pretrained run: there, finished, a DeiT of the same shapes (the head may differ)."""
-        workdir = self.config.spvit.pretrained_workdir
-        if not workdir:
-            return
-        if not run_dir.is_finished_run(workdir):
-            raise MissingFileError(f"no finished DeiT run at config.spvit.pretrained_workdir={workdir!r} (it "
-                                   f"needs config.json and model/): convert a timm checkpoint (python -m "
-                                   f"alite_jax.convert) or train one, or leave it empty for a random init")
-        other = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
-        theirs = model_from_config(other.model, other.num_classes, image_size=other.data.image_size)
-        ours = self.dense_model()
-        shape = ("image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
-        if not isinstance(theirs, VisionTransformer) or any(getattr(theirs, k) != getattr(ours, k)
-                                                            for k in shape):
-            raise ConfigError(f"the run at {workdir} is {other.model.name} ({theirs}), not a DeiT of the "
-                              f"searched shapes {({k: getattr(ours, k) for k in shape})}")
+        if self.config.spvit.pretrained_workdir:
+            check_pretrained_run(self.config.spvit.pretrained_workdir, self.dense_model())
 
     # Models ---------------------------------------------------------------------------------------
-    def student(self) -> nn.Module:
-        d = self.dense_model()
-        return SupernetViT(d.num_classes, image_size=d.image_size, patch_size=d.patch_size, dim=d.dim,
-                           depth=d.depth, num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, dtype=d.dtype)
+    def student(self) -> SupernetViT:
+        return supernet_of(self.dense_model())
 
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
-        return {"gates": key}
+        return {**super().apply_rngs(jax.random.fold_in(key, 1)), "gates": key}
 
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
         workdir = self.config.spvit.pretrained_workdir
         if not workdir:
             return params
         if self._dense is None:  # read once (setup traces this twice: shapes, then values)
-            _, variables = run_dir.load_model(workdir, make_mesh())
-            self._dense = jax.device_get(variables["params"])
+            self._dense = read_pretrained_params(workdir)
         merged, _ = merge_pretrained(params, self._dense)
         return merged
 
@@ -180,7 +240,8 @@ class SPViTSearch(Method):
         shapes = (m.image_size, m.patch_size, m.dim, m.num_heads, self.num_classes, channels)
         dense = vit_costs.vit_arch_macs(vit_costs.dense_arch(m.depth, m.dim, m.mlp_ratio), *shapes)
         return dict(arch_gmacs=vit_costs.vit_arch_macs(arch, *shapes) / 1e9, dense_gmacs=dense / 1e9,
-                    arch_attention=[kind for kind, _ in arch], arch_ffn=[width for _, width in arch])
+                    arch_attention=[kind for kind, _ in arch], arch_ffn=[width for _, width in arch],
+                    mlp_hidden=int(m.dim * m.mlp_ratio))
 
     def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
         return state, self.architecture(state["params"])
@@ -192,3 +253,138 @@ class SPViTSearch(Method):
                     target_gflops=s.target_gflops, lambda_=s.lambda_,
                     pretrained_workdir=s.pretrained_workdir,
                     **self.architecture(state["params"], channels))
+
+    def run_files(self, state: State) -> dict[str, Any]:
+        """``architecture.json``: the found architecture (what the fine-tuning reads), with the search's
+        target and lambda."""
+        arch = spvit_compact.extract_architecture(jax.device_get(state["params"]))
+        s = self.config.spvit
+        arch["search"] = dict(target_gflops=s.target_gflops, lambda_=s.lambda_)
+        return {run_dir.ARCHITECTURE: arch}
+
+
+class SPViTFinetune(Method):
+    """SPViT's fine-tuning of a found architecture, optionally distilled and sparse (module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+        super().__init__(config, num_classes)
+        self.sparse = is_sparse(config)
+        self.hard = config.spvit.get("distill", "none") == "hard"
+        self._arch: dict[str, Any] | None = None
+        self._dense: Any = None
+        self.teacher_model = None
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        return ("ce", "hard_kd", "total") if self.hard else ("ce", "total")
+
+    # Checks ---------------------------------------------------------------------------------------
+    def dense_model(self) -> VisionTransformer:
+        return dense_vit(self.config, self.num_classes)
+
+    def check(self) -> None:
+        super().check()
+        self.dense_model()
+        s = self.config.spvit
+        if s.get("distill", "none") not in DISTILL_MODES:
+            raise ConfigError(f"config.spvit.distill must be one of {DISTILL_MODES}, got {s.distill!r}")
+        if not s.get("architecture", ""):
+            read_found_architecture("")
+        check_sparsity(self.config)
+
+    def architecture(self) -> dict[str, Any]:
+        """The found architecture (read once)."""
+        if self._arch is None:
+            self._arch = read_found_architecture(self.config.spvit.architecture)
+        return self._arch
+
+    def check_inputs(self) -> None:
+        """The architecture (of this DeiT's shapes and classes), the pretrained run, the teacher run."""
+        arch, dense = self.architecture(), self.dense_model()
+        expected = dict(image_size=dense.image_size, patch_size=dense.patch_size, dim=dense.dim,
+                        depth=dense.depth, num_heads=dense.num_heads,
+                        mlp_hidden=int(dense.dim * dense.mlp_ratio), num_classes=self.num_classes)
+        wrong = {k: arch[k] for k in expected if arch[k] != expected[k]}
+        if wrong:
+            raise ConfigError(f"the architecture at {self.config.spvit.architecture} has {wrong}, but "
+                              f"config.model and the data give {({k: expected[k] for k in wrong})}: "
+                              f"fine-tune with the model and data config the search ran with")
+        if self.config.spvit.pretrained_workdir:
+            check_pretrained_run(self.config.spvit.pretrained_workdir, dense)
+        if self.hard:
+            check_teacher_run(self.config, self.num_classes)
+
+    # Models ---------------------------------------------------------------------------------------
+    def student(self) -> nn.Module:
+        dense = self.dense_model()
+        return spvit_compact.CompactViT.from_architecture(
+            self.architecture(), dtype=dense.dtype, folded=False,
+            drop_path_rate=self.config.model.get("drop_path_rate", 0.0))
+
+    def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
+        if not self.hard:
+            return None
+        model, variables = load_teacher(self.config, mesh)
+        self.teacher_model = model
+        return model, variables
+
+    def prepare_params(self, params: Any, opt_state: Any) -> Any:
+        workdir = self.config.spvit.pretrained_workdir
+        if workdir:
+            if self._dense is None:  # read once (setup traces this twice: shapes, then values)
+                self._dense = read_pretrained_params(workdir)
+            variables, _ = spvit_compact.compact_from_dense(self._dense, self.architecture(),
+                                                            {"params": params})
+            params = variables["params"]
+        return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
+
+    # Loss and optimizer ---------------------------------------------------------------------------
+    def loss(self, logits, features, labels, teacher_out):
+        if not self.hard:
+            ce = distill.cross_entropy(logits, labels)
+            return ce, dict(ce=ce, total=ce)
+        return distill.hard_distillation_loss(logits, teacher_out[0], labels,
+                                              self.config.spvit.get("distill_alpha", 0.5))
+
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        inner = optax.adamw(learning_rate_schedule(self.config, steps_per_epoch),
+                            weight_decay=self.config.optimizer.weight_decay, mask=decay_mask)
+        return sparse_optimizer(self.config, inner) if self.sparse else inner
+
+    # End of epoch and summary ---------------------------------------------------------------------
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+        if not self.sparse:
+            return state, {}
+        return sparse_round(self.config, state, epoch, steps_per_epoch)
+
+    def masks(self, state: State) -> Any | None:
+        return sparsity.get_masks(state["opt_state"]) if self.sparse else None
+
+    def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
+                       channels: int) -> dict[str, Any]:
+        arch, dense = self.architecture(), self.dense_model()
+        blocks, shapes = spvit_compact.arch_blocks(arch), spvit_compact.arch_cost_kwargs(arch)
+        dense_macs, dense_params = dense_macs_params(dense, channels)
+        masks = self.masks(state)
+        pretrained = self.config.spvit.pretrained_workdir
+        search = arch.get("search", {})
+        fields = dict(
+            distill=self.config.spvit.get("distill", "none"),
+            structure=self.config.sparsity.structure if self.sparse else "dense",
+            per_layer_density=sparsity.layer_densities(masks) if masks is not None else {},
+            arch_attention=[kind for kind, _ in blocks], arch_ffn=[width for _, width in blocks],
+            mlp_hidden=arch["mlp_hidden"], arch_gmacs=vit_costs.vit_arch_macs(blocks, **shapes) / 1e9,
+            dense_gmacs=dense_macs / 1e9, arch_params=count_params(state["params"]),
+            arch_params_folded=vit_costs.vit_arch_params(blocks, **shapes, convention="folded"),
+            dense_params=dense_params, pretrained_workdir=pretrained,
+            dense_test_accuracy=(run_dir.read_summary(pretrained) or {}).get("test_accuracy") if pretrained
+            else None,
+            target_gflops=search.get("target_gflops"), lambda_=search.get("lambda_"))
+        if self.teacher_model is not None:
+            fields["teacher_test_accuracy"] = (run_dir.read_summary(self.config.teacher.workdir) or {}).get(
+                "test_accuracy")
+        return fields
+
+    def run_files(self, state: State) -> dict[str, Any]:
+        """``architecture.json``: the run's own copy (what :func:`alite_jax.run_dir.run_model` rebuilds)."""
+        return {run_dir.ARCHITECTURE: self.architecture()}

@@ -335,3 +335,11 @@ class SupernetViT(nn.Module):
                 None if ffn_gates is None else ffn_gates[i])
             features.append(x)
         return classify(x, self.num_classes, self.dtype), tuple(features)
+
+
+def supernet_of(dense: nn.Module) -> SupernetViT:
+    """The supernet of a dense :class:`alite_jax.models.vit.VisionTransformer`'s shapes (and dtype): what
+    SPViT's search trains, starting from that DeiT's weights."""
+    return SupernetViT(dense.num_classes, image_size=dense.image_size, patch_size=dense.patch_size,
+                       dim=dense.dim, depth=dense.depth, num_heads=dense.num_heads, mlp_ratio=dense.mlp_ratio,
+                       dtype=dense.dtype)
