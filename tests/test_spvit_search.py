@@ -188,7 +188,7 @@ def test_a_pretrained_run_of_other_shapes_or_none_is_refused(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("model.name", "deit_huge", "unknown model 'deit_huge'"),
-    ("model.name", "resnet50", "searches a DeiT"),
+    ("model.name", "resnet50", "works on a DeiT"),
     ("spvit.target_gflops", 0.0, "config.spvit.target_gflops must be > 0"),
     ("spvit.lambda_", -1.0, "config.spvit.lambda_ must be >= 0"),
 ])
