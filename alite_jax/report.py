@@ -211,7 +211,8 @@ def _attention_legend(ax: Any) -> None:
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(facecolor=ATTENTION_COLOURS[k], label=ATTENTION_LABELS[k])
-                       for k in ATTENTION_TYPES], title="attention", fontsize=8, title_fontsize=8)
+                       for k in ATTENTION_TYPES], title="attention", fontsize=8, title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it would hide bars or cells
 
 
 def architecture_figure(summary: Mapping[str, Any], title: str) -> Figure:
@@ -233,11 +234,13 @@ def architecture_figure(summary: Mapping[str, Any], title: str) -> Figure:
     if hidden <= 0 or any(not 0 <= w <= hidden for w in ffn):
         raise ReportFieldError(f"summary's arch_ffn {ffn} is not within [0, mlp_hidden={hidden}]")
     _check_attention(attention, "summary's arch_attention")
-    fig = Figure(figsize=(max(5, 0.45 * len(ffn) + 2), 4))
+    fig = Figure(figsize=(max(6, 0.45 * len(ffn) + 3), 4))
     ax = fig.add_subplot()
     ax.bar(range(len(ffn)), [w / hidden for w in ffn], color=[ATTENTION_COLOURS[k] for k in attention],
            edgecolor="black", linewidth=0.5)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    for block, (kind, width) in enumerate(zip(attention, ffn)):  # also names a block whose FFN is gone
+        ax.text(block, width / hidden + 0.02, ATTENTION_LABELS[kind], ha="center", va="bottom", fontsize=7)
     ax.set(xlabel="block", ylabel=f"FFN width kept (fraction of {hidden})", ylim=(0, 1.15), title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(axis="y", alpha=0.3)
@@ -273,7 +276,7 @@ def search_figure(metrics: Sequence[Mapping[str, Any]], title: str,
         _check_attention(m["arch_attention"], where)
     epochs = [int(_field(m, "epoch", "a metrics row")) for m in rows]
     codes = np.array([[ATTENTION_TYPES.index(m["arch_attention"][b]) for m in rows] for b in range(depth)])
-    fig = Figure(figsize=(8, 6.5))
+    fig = Figure(figsize=(9, 6.5))
     heat, cost = fig.subplots(2, 1, sharex=True, height_ratios=(max(2, 0.25 * depth), 2))
     cmap = ListedColormap([ATTENTION_COLOURS[k] for k in ATTENTION_TYPES])
     norm = BoundaryNorm(np.arange(len(ATTENTION_TYPES) + 1) - 0.5, cmap.N)
