@@ -15,19 +15,49 @@ A run directory holds:
 It writes ``table1.md`` (the Table 1 row), ``accuracy.png`` (test and train accuracy against epoch,
 paper Figs. 2-3) and, when per-layer densities were logged, ``layer_density.png`` (each layer's density
 over the epochs: where momentum moved the budget).
+
+SPViT runs (``summary["mode"]`` "spvit_search" or "spvit_finetune") get SPViT's table instead of Table 1
+(ziplab/SPViT README style: top-1, params and GMACs of the found architecture next to the dense DeiT's,
+the MACs reduction), written as ``spvit_table.md``, and besides ``accuracy.png``:
+
+* ``spvit_architecture.png`` (:func:`architecture_figure`): per block the kept FFN width as a fraction of
+  ``mlp_hidden``, coloured by the attention kept (skip / 1x1 / 3x3 / MSA), from the summary's
+  ``arch_attention``, ``arch_ffn`` and ``mlp_hidden``;
+* ``spvit_search.png`` (:func:`search_figure`, search runs whose metrics rows carry ``arch_attention``):
+  each block's attention decision per epoch, and the architecture's and the soft (``train_gmacs``) G MACs
+  against epoch with the target ``target_gflops`` (G MACs).
+
+The summary fields an SPViT table needs are ``model``, ``test_accuracy``, ``arch_gmacs``, ``dense_gmacs``
+and, for a fine-tune, ``arch_params`` and ``dense_params``; a missing one is a :class:`ReportFieldError`
+naming it. :func:`render` leaves out a figure whose data is absent.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from alite_jax import run_dir
 from alite_jax.errors import MissingFileError, UserError
+from alite_jax.vit_costs import ATTENTION_TYPES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = ("student", "dataset", "distill", "pruning", "density", "accuracy (%)", "teacher acc. (%)",
            "dense student acc. (%)", "param. reduction", "FLOPs reduction")
+
+SPVIT_MODES = ("spvit_search", "spvit_finetune")
+SPVIT_COLUMNS = ("model", "dataset", "top-1 (%)", "dense top-1 (%)", "params (M)", "dense params (M)",
+                 "GMACs", "dense GMACs", "MACs reduction", "distillation", "density")
+# One colour per attention decision of an SPViT block (ATTENTION_TYPES order), in both SPViT figures.
+ATTENTION_COLOURS = {"skip": "#bdbdbd", "1x1": "#4c72b0", "3x3": "#dd8452", "msa": "#55a868"}
+ATTENTION_LABELS = {"skip": "skip", "1x1": "1x1 conv", "3x3": "3x3 conv", "msa": "MSA"}
+
+
+class ReportFieldError(UserError, ValueError):
+    """A summary or metrics row lacks a field (or holds a bad value) that a table or figure needs."""
 
 
 def read_run(workdir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -112,19 +142,185 @@ def layer_density_figure(metrics: list[dict[str, Any]], title: str):
     return fig
 
 
+def is_spvit(summary: Mapping[str, Any]) -> bool:
+    """Whether ``summary`` is an SPViT run's (search or fine-tune), reported with SPViT's table."""
+    return summary.get("mode") in SPVIT_MODES
+
+
+def table_file(summary: Mapping[str, Any]) -> str:
+    """The name of the table :func:`render` writes: spvit_table.md for SPViT runs, else table1.md."""
+    return "spvit_table.md" if is_spvit(summary) else "table1.md"
+
+
+def _field(record: Mapping[str, Any], name: str, what: str = "the summary") -> Any:
+    """``record[name]``, or a ReportFieldError naming the field when it is absent or null."""
+    value = record.get(name)
+    if value is None:
+        mode = f" (mode {record['mode']!r})" if "mode" in record else ""
+        raise ReportFieldError(f"{what}{mode} has no {name!r}: the SPViT report needs it (was the run "
+                               f"written by an older trainer?)")
+    return value
+
+
+def _millions(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e6:.2f}"
+
+
+def _gmacs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def spvit_table_row(summary: Mapping[str, Any]) -> dict[str, str]:
+    """SPViT's table row of a search or fine-tune run, as column -> text.
+
+    Top-1 is the final ``test_accuracy``; a search run has no params of its own (the supernet's are not
+    the architecture's), so "-" there. MACs reduction = dense GMACs / architecture GMACs.
+    """
+    mode = summary.get("mode")
+    if mode not in SPVIT_MODES:
+        raise ReportFieldError(f"summary mode {mode!r} is not an SPViT run (one of {SPVIT_MODES})")
+    search = mode == "spvit_search"
+    arch, dense = float(_field(summary, "arch_gmacs")), float(_field(summary, "dense_gmacs"))
+    if arch <= 0 or dense <= 0:
+        raise ReportFieldError(f"summary has arch_gmacs={arch}, dense_gmacs={dense}: both must be > 0")
+    params = None if search else _field(summary, "arch_params")
+    dense_params = summary.get("dense_params") if search else _field(summary, "dense_params")
+    density = summary.get("density")
+    return dict(zip(SPVIT_COLUMNS, (
+        f"SPViT-{_field(summary, 'model')}" + (" (search)" if search else ""),
+        str(summary.get("dataset", "-")), _pct(_field(summary, "test_accuracy")),
+        _pct(summary.get("dense_test_accuracy")), _millions(params), _millions(dense_params),
+        _gmacs(arch), _gmacs(dense), _times(dense / arch), str(summary.get("distill") or "-"),
+        "-" if density is None else f"{density:.3g}")))
+
+
+def spvit_table_markdown(summary: Mapping[str, Any]) -> str:
+    """SPViT's table (header and the run's row) as Markdown."""
+    row = spvit_table_row(summary)
+    return "\n".join(["| " + " | ".join(SPVIT_COLUMNS) + " |", "|" + "---|" * len(SPVIT_COLUMNS),
+                      "| " + " | ".join(row[c] for c in SPVIT_COLUMNS) + " |"])
+
+
+def _check_attention(kinds: Sequence[Any], where: str) -> None:
+    bad = [k for k in kinds if k not in ATTENTION_TYPES]
+    if bad:
+        raise ReportFieldError(f"{where}: attention decision(s) {bad} not among {ATTENTION_TYPES}")
+
+
+def _attention_legend(ax: Any) -> None:
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor=ATTENTION_COLOURS[k], label=ATTENTION_LABELS[k])
+                       for k in ATTENTION_TYPES], title="attention", fontsize=8, title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it would hide bars or cells
+
+
+def architecture_figure(summary: Mapping[str, Any], title: str) -> Figure:
+    """The architecture an SPViT run found, as a Figure: one bar per block, its height the kept FFN width
+    as a fraction of the dense ``mlp_hidden`` (1 drawn as a dashed line), its colour the attention kept
+    (:data:`ATTENTION_COLOURS`), the block index on x.
+
+    Shows at a glance where the search cut: which blocks lost their MSA and how thin their FFNs became.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    attention = list(_field(summary, "arch_attention"))
+    ffn = [int(w) for w in _field(summary, "arch_ffn")]
+    hidden = int(_field(summary, "mlp_hidden"))
+    if len(attention) != len(ffn) or not ffn:
+        raise ReportFieldError(f"summary has {len(attention)} arch_attention and {len(ffn)} arch_ffn "
+                               f"entries: one of each per block (and at least one block) expected")
+    if hidden <= 0 or any(not 0 <= w <= hidden for w in ffn):
+        raise ReportFieldError(f"summary's arch_ffn {ffn} is not within [0, mlp_hidden={hidden}]")
+    _check_attention(attention, "summary's arch_attention")
+    fig = Figure(figsize=(max(6, 0.45 * len(ffn) + 3), 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(ffn)), [w / hidden for w in ffn], color=[ATTENTION_COLOURS[k] for k in attention],
+           edgecolor="black", linewidth=0.5)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    for block, (kind, width) in enumerate(zip(attention, ffn)):  # also names a block whose FFN is gone
+        ax.text(block, width / hidden + 0.02, ATTENTION_LABELS[kind], ha="center", va="bottom", fontsize=7)
+    ax.set(xlabel="block", ylabel=f"FFN width kept (fraction of {hidden})", ylim=(0, 1.15), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(axis="y", alpha=0.3)
+    _attention_legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+def search_figure(metrics: Sequence[Mapping[str, Any]], title: str,
+                  target_gmacs: float | None = None) -> Figure:
+    """An SPViT search over the epochs, as a Figure with two axes: each block's attention decision per
+    epoch (a blocks x epochs heatmap in :data:`ATTENTION_COLOURS`), and the thresholded architecture's
+    (``arch_gmacs``) and the soft (``train_gmacs``) G MACs against epoch, with ``target_gmacs`` (the
+    summary's ``target_gflops``) as a horizontal line.
+
+    Only the metrics rows that carry ``arch_attention`` are drawn (a ReportFieldError when none does).
+    """
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [m for m in metrics if m.get("arch_attention")]
+    if not rows:
+        raise ReportFieldError("no metrics row has 'arch_attention': is this an SPViT search run's "
+                               "metrics.jsonl?")
+    depth = len(rows[0]["arch_attention"])
+    for m in rows:
+        where = f"metrics row of epoch {m.get('epoch', '?')}"
+        if len(m["arch_attention"]) != depth:
+            raise ReportFieldError(f"{where} has {len(m['arch_attention'])} blocks in arch_attention, "
+                                   f"the first row {depth}")
+        _check_attention(m["arch_attention"], where)
+    epochs = [int(_field(m, "epoch", "a metrics row")) for m in rows]
+    codes = np.array([[ATTENTION_TYPES.index(m["arch_attention"][b]) for m in rows] for b in range(depth)])
+    fig = Figure(figsize=(9, 6.5))
+    heat, cost = fig.subplots(2, 1, sharex=True, height_ratios=(max(2, 0.25 * depth), 2))
+    cmap = ListedColormap([ATTENTION_COLOURS[k] for k in ATTENTION_TYPES])
+    norm = BoundaryNorm(np.arange(len(ATTENTION_TYPES) + 1) - 0.5, cmap.N)
+    heat.imshow(codes, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
+                extent=(epochs[0] - 0.5, epochs[-1] + 0.5, depth - 0.5, -0.5))
+    heat.set(ylabel="block", title=title)
+    heat.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _attention_legend(heat)
+    for key, label in (("arch_gmacs", "architecture"), ("train_gmacs", "soft (train)")):
+        if any(m.get(key) is not None for m in rows):
+            cost.plot(epochs, [np.nan if m.get(key) is None else m[key] for m in rows], marker=".",
+                      label=label)
+    if target_gmacs is not None:
+        cost.axhline(target_gmacs, color="black", linestyle="--", linewidth=0.8, label="target")
+    cost.set(xlabel="epoch", ylabel="G MACs")
+    cost.xaxis.set_major_locator(MaxNLocator(integer=True))
+    cost.grid(alpha=0.3)
+    if cost.get_legend_handles_labels()[0]:
+        cost.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def render(workdir: str) -> str:
-    """Writes table1.md and the plots into ``workdir``; returns the Table 1 row as Markdown."""
+    """Writes the table (table1.md, or spvit_table.md for an SPViT run) and the plots into ``workdir``;
+    returns the table as Markdown. A figure whose data the run did not log is left out."""
     summary, metrics = read_run(workdir)
-    table = table_markdown(summary)
-    with open(os.path.join(workdir, "table1.md"), "w") as f:
+    spvit = is_spvit(summary)
+    table = spvit_table_markdown(summary) if spvit else table_markdown(summary)
+    with open(os.path.join(workdir, table_file(summary)), "w") as f:
         f.write(table + "\n")
-    title = table_row(summary)["student"]
+    title = spvit_table_row(summary)["model"] if spvit else table_row(summary)["student"]
     if metrics:
         accuracy_figure(metrics, f"{title}: accuracy").savefig(os.path.join(workdir, "accuracy.png"),
                                                                dpi=120)
         if any(m.get("per_layer_density") for m in metrics):
             layer_density_figure(metrics, f"{title}: per-layer density").savefig(
                 os.path.join(workdir, "layer_density.png"), dpi=120)
+    if spvit and all(summary.get(k) for k in ("arch_attention", "arch_ffn", "mlp_hidden")):
+        architecture_figure(summary, f"{title}: architecture").savefig(
+            os.path.join(workdir, "spvit_architecture.png"), dpi=120)
+    if summary.get("mode") == "spvit_search" and any(m.get("arch_attention") for m in metrics):
+        search_figure(metrics, f"{title}: search", summary.get("target_gflops")).savefig(
+            os.path.join(workdir, "spvit_search.png"), dpi=120)
     return table
 
 
@@ -137,7 +333,8 @@ def main(argv: list[str]) -> None:
     except UserError as e:  # a missing or bad file: one line, exit status 2 (as alite_jax.main)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"plots and table1.md written to {flags.FLAGS.workdir}")
+    summary = run_dir.read_summary(flags.FLAGS.workdir) or {}
+    print(f"plots and {table_file(summary)} written to {flags.FLAGS.workdir}")
 
 
 if __name__ == "__main__":
