@@ -31,9 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
         name="sa_resnet26", layout="cifar", variant="hybrid", width=1.0, num_heads=8, kernel_size=7,
         scaling="paper", rel_layout="per_head", impl="auto", dtype="float32"))
     c.data = default_data_config("cifar10", image_size=32, batch_size=100)
+    # optimizer: name "sgd" (momentum, coupled weight decay: the paper's) or "adamw" (DeiT's; momentum and
+    # nesterov unused); SPViT's methods always use AdamW.
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=0.1, lr_batch=0, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
-        decay_epochs=(120, 160, 180), decay_factor=0.1, warmup_epochs=0))
+        name="sgd", lr=0.1, lr_batch=0, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
+        decay_epochs=(120, 160, 180), decay_factor=0.1, warmup_epochs=0, min_lr=0.0))
     # sparsity: see alite_jax.sparsity.sparse_learning and docs/sparse_learning.md.
     c.sparsity = ml_collections.ConfigDict(dict(
         density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
@@ -93,6 +95,28 @@ def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.num_epochs = 90
     c.optimizer.update(lr=0.1, lr_batch=256, schedule="cosine", warmup_epochs=5, weight_decay=1e-4)
     c.log_every_steps = 100
+    return c
+
+
+def spvit_imagenet(c: ml_collections.ConfigDict, mode: str, model: str, num_epochs: int
+                   ) -> ml_collections.ConfigDict:
+    """SPViT's recipe on ImageNet-1k (ziplab/SPViT ``SPViT_DeiT/config/spvit_deit_*.json`` and
+    ``params.py``): ``model`` (a DeiT) at 224, DeiT's augmentation (RandAugment, random erasing, Mixup 0.8,
+    CutMix 1.0, label smoothing 0.1), drop path 0.1, global batch 1024 (256 x 4 GPUs for DeiT-Ti, 128 x 8
+    for S and B), AdamW with weight decay 0.05 at lr 5e-5 x batch / 512, no warm-up, timm's cosine schedule
+    from there to min_lr 1e-5 (the searches set min_lr 1e-4, the scaled lr itself: constant in effect,
+    and so constant here). The dense DeiT it starts from: ``--config.spvit.pretrained_workdir``."""
+    c = imagenet(c)
+    c.mode = mode
+    c.model = ml_collections.ConfigDict(dict(name=model, dtype="float32", drop_path_rate=0.1))
+    c.data.augment = "deit"
+    c.data.update(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    c.num_epochs = num_epochs
+    c.optimizer.update(lr=5e-5, lr_batch=512, schedule="step", decay_epochs=(), warmup_epochs=0,
+                       weight_decay=0.05)
+    if mode == "spvit_finetune":
+        c.optimizer.update(schedule="cosine", min_lr=1e-5)
+    c.sparsity.density = 1.0  # AttentionLite's sparse learning on top: --config.sparsity.density=<d>
     return c
 
 
@@ -197,6 +221,7 @@ FIELD_RANGES: dict[str, Range] = {
     "optimizer.lr": _above(0, "the peak learning rate (at batch optimizer.lr_batch, if set)"),
     "optimizer.lr_batch": _at_least(0, "the batch optimizer.lr is given for; 0: no scaling"),
     "optimizer.warmup_epochs": _at_least(0, "epochs of linear lr warm-up from 0"),
+    "optimizer.min_lr": _at_least(0, "where the cosine schedule ends", integer=False),
     "optimizer.momentum": _fraction("SGD momentum", high_open=True),
     "optimizer.weight_decay": _at_least(0, "the L2 weight decay", integer=False),
     "optimizer.decay_epochs": _at_least(0, "epochs at which the lr is multiplied by decay_factor"),

@@ -28,8 +28,9 @@ def load_config(name, arg=None):
 
 
 def tiny(epochs=2):
-    """The miniature, smaller still: depth 2, 8x8 digits, 128 training images, batch 32."""
-    c = load_config("spvit_demo")
+    """The miniature's search, smaller still: depth 2, random init, 128 training images, batch 32."""
+    c = load_config("spvit_demo").phases.search
+    c.spvit.pretrained_workdir = ""
     c.num_epochs = epochs
     c.model.depth = DEPTH
     c.data.image_size = 8
@@ -205,6 +206,8 @@ def test_bad_configs_are_refused_before_anything_is_written(tmp_path, field, val
 @pytest.mark.parametrize("name", ["spvit_demo", "spvit_deit_tiny_search"])
 def test_the_configs_check(name):
     config = load_config(name)
+    if name == "spvit_demo":
+        config = config.phases.search
     assert config.mode == "spvit_search"
     SPViTSearch(config, 1000 if "imagenet" in config.data.dataset else 10).check()
     if name == "spvit_deit_tiny_search":
@@ -212,4 +215,5 @@ def test_the_configs_check(name):
         assert config.optimizer.lr * config.data.batch_size / config.optimizer.lr_batch == pytest.approx(1e-4)
         d = config.data
         assert (d.mixup_alpha, d.cutmix_alpha, d.label_smoothing, d.augment) == (0.8, 1.0, 0.1, "deit")
-    assert load_config(name, "smoke").num_epochs == 2
+    smoke = load_config(name, "smoke")
+    assert (smoke.phases.search if name == "spvit_demo" else smoke).num_epochs == 2

@@ -17,7 +17,7 @@ import optax
 
 from alite_jax import costs, distill, run_dir, sparsity
 from alite_jax.errors import ConfigError, MissingFileError
-from alite_jax.methods.base import Method, State, Teacher, sgd
+from alite_jax.methods.base import Method, State, Teacher, optimizer_from_config
 from alite_jax.models import compute_dtype
 
 
@@ -144,7 +144,7 @@ class AttentionLite(Method):
                                          alpha=d.alpha, beta=d.beta, temperature=d.temperature)
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
-        inner = sgd(self.config, steps_per_epoch)
+        inner = optimizer_from_config(self.config, steps_per_epoch)
         return sparse_optimizer(self.config, inner) if self.sparse else inner
 
     def prepare_params(self, params: Any, opt_state: Any) -> Any:

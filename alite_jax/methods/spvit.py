@@ -33,11 +33,12 @@ pretrained DeiT), from the dense DeiT run ``config.spvit.pretrained_workdir``: e
 model it has (the kept FFN units gathered), ``head_probs`` and the BatchNorms fresh. Its loss is
 cross-entropy with the data config's soft targets (label smoothing, Mixup/CutMix), or with
 ``spvit.distill = "hard"`` DeiT's hard distillation from the CNN teacher run ``config.teacher.workdir``
-(:func:`alite_jax.distill.hard_distillation_loss`, weight ``spvit.distill_alpha`` = 0.5, no
-distillation token); one AdamW group (timm's decay convention). With ``sparsity.density < 1``
-AttentionLite's sparse learning prunes it on top (:func:`alite_jax.methods.attentionlite.sparse_optimizer`
-around the AdamW, whose first moment is the momentum that regrows weights, and a prune/regrow round after
-every epoch but the last): both papers' compressions in one run.
+(:func:`alite_jax.distill.hard_distillation_loss`, weight ``spvit.distill_alpha`` = 0.5, no distillation
+token); one AdamW group (:func:`alite_jax.methods.base.adamw`, timm's decay convention). With
+``sparsity.density < 1`` AttentionLite's sparse learning prunes it on top
+(:func:`alite_jax.methods.attentionlite.sparse_optimizer` around the AdamW, whose first moment is the
+momentum that regrows weights, and a prune/regrow round after every epoch but the last): both papers'
+compressions in one run.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from alite_jax.distributed import make_mesh
 from alite_jax.errors import ConfigError, MissingFileError
 from alite_jax.methods.attentionlite import (check_sparsity, check_teacher_run, is_sparse, load_teacher,
                                              sparse_optimizer, sparse_round)
-from alite_jax.methods.base import Method, State, Teacher, learning_rate_schedule
+from alite_jax.methods.base import Method, State, Teacher, adamw, decay_mask, learning_rate_schedule
 from alite_jax.models import VisionTransformer, count_params, model_from_config
 from alite_jax.models import spvit_compact
 from alite_jax.models.spvit import SupernetViT, supernet_of
@@ -75,11 +76,6 @@ def param_groups(params: Any) -> Any:
     """"arch" for the gate logits, "weights" for everything else (``head_probs`` included)."""
     return flax.traverse_util.path_aware_map(lambda path, _: "arch" if path[-1] in GATE_NAMES else "weights",
                                              flax.core.unfreeze(params))
-
-
-def decay_mask(params: Any) -> Any:
-    """Weight decay on parameters of rank >= 2 (kernels, embeddings, ``head_probs``), as timm's AdamW."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
 def search_optimizer(weights_lr: optax.ScalarOrSchedule, weight_decay: float,
@@ -347,8 +343,7 @@ class SPViTFinetune(Method):
                                               self.config.spvit.get("distill_alpha", 0.5))
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
-        inner = optax.adamw(learning_rate_schedule(self.config, steps_per_epoch),
-                            weight_decay=self.config.optimizer.weight_decay, mask=decay_mask)
+        inner = adamw(self.config, steps_per_epoch)
         return sparse_optimizer(self.config, inner) if self.sparse else inner
 
     # End of epoch and summary ---------------------------------------------------------------------
