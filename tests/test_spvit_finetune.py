@@ -168,6 +168,17 @@ def test_miniature_search_extract_finetune_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     main.run(config, str(workdir))
     search = json.loads((workdir / "search" / "summary.json").read_text())
+    rows = [json.loads(line) for line in open(workdir / "search" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:  # per epoch: the thresholded architecture and its MACs, the loss terms
+        assert len(r["arch_attention"]) == len(r["arch_ffn"]) == 3
+        assert set(r["arch_attention"]) <= {"skip", "1x1", "3x3", "msa"}
+        assert all(0 <= w <= 128 for w in r["arch_ffn"])
+        assert 0 < r["arch_gmacs"] <= r["dense_gmacs"]
+        assert {"train_ce", "train_flops_loss", "train_gmacs", "train_total"} <= set(r)
+    for key in ("arch_attention", "arch_ffn", "arch_gmacs", "dense_gmacs"):
+        assert search[key] == rows[-1][key]
+    assert (search["mode"], search["target_gflops"], search["mlp_hidden"]) == ("spvit_search", 0.25e-3, 128)
     arch = spvit_compact.load_architecture(workdir / "search" / run_dir.ARCHITECTURE)
     assert [b["attention"] for b in arch["blocks"]] == search["arch_attention"]
     assert arch["search"] == {"target_gflops": 0.25e-3, "lambda_": 1e7}

@@ -45,22 +45,6 @@ def test_registered():
     assert "spvit_search" in train.MODES
 
 
-def test_miniature_search_runs_end_to_end(tmp_path):
-    config = tiny()
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [0, 1]
-    for r in rows:
-        assert len(r["arch_attention"]) == len(r["arch_ffn"]) == DEPTH
-        assert set(r["arch_attention"]) <= {"skip", "1x1", "3x3", "msa"}
-        assert all(0 <= w <= 128 for w in r["arch_ffn"])
-        assert 0 < r["arch_gmacs"] <= r["dense_gmacs"]
-        assert {"train_ce", "train_flops_loss", "train_gmacs", "train_total"} <= set(r)
-    for key in ("arch_attention", "arch_ffn", "arch_gmacs", "dense_gmacs", "target_gflops"):
-        assert summary[key] == (rows[-1][key] if key in rows[-1] else config.spvit.target_gflops)
-    assert summary["mode"] == "spvit_search"
-
-
 def test_optimizer_groups_on_a_handcrafted_tree():
     """Gate logits: their own lr, no weight decay; weights: the lr and weight decay (kernels only)."""
     lr, wd, arch_lr = 0.01, 0.5, 0.2
