@@ -2,7 +2,6 @@
 optimizer groups, the FLOPs term, the gates' rng, the pretrained start and the refused configs."""
 
 import importlib.util
-import json
 import os
 
 import jax
