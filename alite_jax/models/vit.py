@@ -113,7 +113,9 @@ def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.
     In training with ``rate`` > 0, each sample's branch is zeroed with probability ``rate`` and the kept
     ones are divided by keep = 1 - rate, so the expectation is unchanged; otherwise ``x`` is returned as
     is. The mask (one Bernoulli draw per sample, shared by its tokens and channels) comes from
-    ``module``'s rng stream ``"dropout"``; ValueError when that stream is missing.
+    ``module``'s rng stream ``"dropout"`` (ValueError when that stream is missing) and is sown as
+    ``intermediates/drop_path_keep`` of ``module`` (B,) bool, one entry per call (for tests and
+    diagnostics: only when ``intermediates`` is mutable).
     """
     check_drop_path_rate(rate)
     if not train or rate == 0.0:
@@ -123,6 +125,7 @@ def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.
                          f"rngs={{'dropout': key}} to apply (or set drop_path_rate=0)")
     keep = 1.0 - rate
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    module.sow("intermediates", "drop_path_keep", mask.reshape(x.shape[0]))
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
