@@ -6,14 +6,22 @@
 * :class:`CompactViT`: that architecture as a plain Linen network, each block's attention slot one of
   nothing (skip), a 1x1 conv (Linear D -> hd, BN, ReLU, Linear hd -> D), a 3x3 conv (one (3, 3, D, hd)
   kernel on the patch grid, BN, ReLU, Linear hd -> D) or MSA, and an FFN with only the kept hidden units.
-* :func:`compact_variables`: the supernet's variables -> the compact model's, folding the head mixing
-  A = softmax(head_probs / alpha) into the conv kernels, biases and projections
-  (:func:`~alite_jax.models.spvit.conv_branch_weights`) and gathering the kept FFN units (fc1's output
-  columns and fc2's input rows; ziplab/SPViT ``SPViT_DeiT/utils.py``, the ``assigned_indicator_index``
-  gather of ``fc1.weight`` rows, ``fc1.bias`` and ``fc2.weight`` columns in PyTorch's (out, in) layout).
+  Two forms of the conv slot: folded (the default; plain kernels, for inference) and unfolded
+  (``folded=False``; SPViT's fine-tuning parametrisation, ziplab/SPViT ``SPViT_DeiT/models_pruning.py``
+  ``UnifiedAttention``: the full ``v`` and ``proj``, ``head_probs`` and the branch BatchNorm, the kernel
+  mixed at run time by the supernet's own functions). Optional stochastic depth (``drop_path_rate``).
+* :func:`compact_variables`: the supernet's variables -> the compact model's, unfolded (a copy of the
+  branch's weights) or folded, and the kept FFN units gathered (:func:`gather_ffn`; ziplab/SPViT
+  ``SPViT_DeiT/utils.py``, the ``assigned_indicator_index`` gather).
+* :func:`fold_variables`: unfolded -> folded variables: A = softmax(head_probs / alpha) folded into the conv
+  kernels, biases and projections (:func:`fold_conv_attention`, i.e.
+  :func:`~alite_jax.models.spvit.conv_branch_weights`).
+* :func:`compact_from_dense`: SPViT's fine-tuning initialisation, the unfolded model started from a dense
+  DeiT's weights with fresh ``head_probs`` and BatchNorms.
 
-With the folded variables the compact model computes what the supernet computes in evaluation mode, block
-by block (tests/test_spvit_extract.py; docs/spvit_single_path.md "Extraction and the compact model"):
+With either form's variables the compact model computes what the supernet computes in evaluation mode,
+block by block (tests/test_spvit_extract.py, tests/test_spvit_finetune.py; docs/spvit_single_path.md
+"Extraction and the compact model"):
 
 * a skipped block's attention slot adds 0 (the supernet's search-time skip; ziplab/SPViT's fine-tuning
   path returns LN(x) for a skipped block instead, which this model does not do);
@@ -413,8 +421,8 @@ def compact_from_dense(dense_params: Mapping[str, Any], arch: Mapping[str, Any],
     """SPViT's fine-tuning initialisation: the unfolded :class:`CompactViT` of ``arch`` started from a dense
     DeiT's params (:class:`~alite_jax.models.vit.VisionTransformer`'s ``params`` collection).
 
-    SPViT fine-tunes the found architecture from the pretrained DeiT, not from the supernet (the public
-    fine-tuning configs ``resume`` the DeiT checkpoint), with fresh ``head_probs`` and BatchNorms. Taken from
+    SPViT fine-tunes the found architecture from the pretrained DeiT, not from the supernet, with fresh
+    ``head_probs`` and BatchNorms (docs/spvit_single_path.md). Taken from
     the dense model: ``patch_embed``, ``cls_token``, ``pos_embed``, ``norm``, each block's ``norm2`` and
     (unless skipped) ``norm1``, an MSA block's ``qk``, ``v``, ``proj``, a conv block's ``v`` and ``proj``,
     and ``fc1`` / ``fc2`` gathered at the kept units (:func:`gather_ffn`); ``head`` only when its shapes
