@@ -30,19 +30,21 @@ elsewhere from the gate logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alite_jax.models.vit import LAYER_NORM_EPSILON, classify, embed_tokens, trunc_normal
+from alite_jax.models.vit import (LAYER_NORM_EPSILON, classify, drop_path, drop_path_rates, embed_tokens,
+                                  trunc_normal)
 
 Dtype = Any
 
 GATE_INIT = 1.5  # SPViT_DeiT/config/*_search.json: "theta": 1.5 (kernel_thresholds and ffn_thresholds)
 HEAD_PROBS_ALPHA = 1e-2  # UnifiedAttention(alpha=1e-2): A = softmax(head_probs / alpha, axis=heads)
+HEAD_PROBS_INIT = nn.initializers.ones  # UnifiedAttention: head_probs = torch.ones: A uniform over the heads
 KERNEL_TAPS = 9  # the 3x3 window
 CENTRE_TAP = 4  # p = kh + 3 kw at kh = kw = 1
 BN_MOMENTUM = 0.9  # torch.nn.BatchNorm2d's momentum 0.1, in Flax's convention (1 - 0.1)
@@ -146,6 +148,46 @@ def conv_branch_weights(mix: jax.Array, v_kernel: jax.Array, v_bias: jax.Array,
             "proj3": proj.sum(0), "proj1": proj[CENTRE_TAP]}
 
 
+def branch_batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+    """A conv branch's BatchNorm (PyTorch's BatchNorm2d defaults): batch statistics when ``train``.
+
+    Created inside the calling module's ``nn.compact`` method, so it is that module's submodule ``name``.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                        name=name)
+
+
+def conv_branch(x: jax.Array, weights: Mapping[str, jax.Array], proj_bias: jax.Array, kind: str,
+                batch_norm: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """One conv branch on tokens ``x`` (B, 1 + HW, D), the HW patch tokens a square row-major grid.
+
+    ``weights``: :func:`conv_branch_weights`' dict; ``kind`` "3x3" (zero-padded 3x3 cross-correlation
+    with ``kernel3`` + ``bias3``) or "1x1" (``kernel1`` + ``bias1``); then ``batch_norm`` (hd channels),
+    ReLU and the projection (``proj3`` / ``proj1``) plus ``proj_bias``. The class token bypasses the
+    branch: its output is its input. Computed in ``x``'s dtype. Shared by the supernet and the unfolded
+    compact model, so both run the same arithmetic.
+    """
+    chex.assert_rank(x, 3)
+    b, n, d = x.shape
+    side = math.isqrt(n - 1)
+    if n < 2 or side * side != n - 1:
+        raise ValueError(f"a conv branch takes a class token and a square grid of patch tokens; "
+                         f"got {n} tokens")
+    if kind not in ("3x3", "1x1"):
+        raise ValueError(f"conv branch kind {kind!r} is not '3x3' or '1x1'")
+    tag = kind[0]
+    kernel, bias, proj = (weights[f"{k}{tag}"].astype(x.dtype) for k in ("kernel", "bias", "proj"))
+    hd = bias.shape[0]
+    grid = x[:, 1:].reshape(b, side, side, d)
+    if kind == "3x3":
+        y = jax.lax.conv_general_dilated(grid, kernel, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    else:
+        y = grid @ kernel + bias
+    y = nn.relu(batch_norm(y)).reshape(b, n - 1, hd) @ proj + proj_bias.astype(x.dtype)
+    return jnp.concatenate([x[:, :1], y], axis=1)
+
+
 def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
     """A Linear initialised as the dense ViT's (truncated normal std 0.02, zero bias)."""
     return nn.Dense(features, dtype=dtype, kernel_init=trunc_normal, bias_init=nn.initializers.zeros,
@@ -211,24 +253,13 @@ class UnifiedAttention(nn.Module):
         msa = proj_layer(jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d))
 
         # The conv branches, from v's and proj's weights mixed over the heads by A.
-        head_probs = self.param("head_probs", nn.initializers.ones, (self.num_heads, KERNEL_TAPS),
-                                jnp.float32)
+        head_probs = self.param("head_probs", HEAD_PROBS_INIT, (self.num_heads, KERNEL_TAPS), jnp.float32)
         v_params, proj_params = v_layer.variables["params"], proj_layer.variables["params"]
         w = conv_branch_weights(head_mix(head_probs, self.alpha), v_params["kernel"], v_params["bias"],
                                 proj_params["kernel"])
-        w = {name: value.astype(self.dtype) for name, value in w.items()}
-        proj_bias = proj_params["bias"].astype(self.dtype)
-        grid = x[:, 1:].reshape(b, side, side, d)
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,  # noqa: E731
-                                       epsilon=BN_EPSILON, dtype=self.dtype, name=name)
-        c3 = jax.lax.conv_general_dilated(grid, w["kernel3"], (1, 1), ((1, 1), (1, 1)),
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + w["bias3"]
-        c3 = nn.relu(bn("bn_3x3")(c3)).reshape(b, n - 1, hd) @ w["proj3"] + proj_bias
-        c1 = grid @ w["kernel1"] + w["bias1"]
-        c1 = nn.relu(bn("bn_1x1")(c1)).reshape(b, n - 1, hd) @ w["proj1"] + proj_bias
-        cls = x[:, :1]  # the class token bypasses the conv branches
-        c3 = jnp.concatenate([cls, c3], axis=1)
-        c1 = jnp.concatenate([cls, c1], axis=1)
+        bn = lambda name: branch_batch_norm(train, self.dtype, name)  # noqa: E731
+        c3 = conv_branch(x, w, proj_params["bias"], "3x3", bn("bn_3x3"))
+        c1 = conv_branch(x, w, proj_params["bias"], "1x1", bn("bn_1x1"))
 
         theta = self.param("msa_gate_logits", nn.initializers.constant(self.gate_init), (3,), jnp.float32)
         if gates is None:
@@ -276,6 +307,7 @@ class SupernetBlock(nn.Module):
     Parameter names are the dense ViT block's (``norm1``, ``attn/{qk,v,proj}``, ``norm2``, ``fc1``,
     ``fc2``; :class:`GatedMlp` shares the block's scope) plus ``attn/head_probs``,
     ``attn/msa_gate_logits``, ``ffn_gate_logits`` and the ``attn/bn_3x3``, ``attn/bn_1x1`` BatchNorms.
+    Both residual branches go through :func:`~alite_jax.models.vit.drop_path` at rate ``drop_path``.
     """
 
     num_heads: int
@@ -283,6 +315,7 @@ class SupernetBlock(nn.Module):
     alpha: float = HEAD_PROBS_ALPHA
     gate_init: float = GATE_INIT
     dtype: Dtype = jnp.float32
+    drop_path: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, msa_gates: jax.Array | None = None,
@@ -291,10 +324,10 @@ class SupernetBlock(nn.Module):
         d = x.shape[-1]
         norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name=name)  # noqa: E731
         attn = UnifiedAttention(self.num_heads, self.alpha, self.gate_init, self.dtype, name="attn")
-        x = x + attn(norm("norm1")(x), train, msa_gates)
+        x = x + drop_path(self, attn(norm("norm1")(x), train, msa_gates), self.drop_path, train)
         mlp = GatedMlp(int(d * self.mlp_ratio), self.gate_init, self.dtype, name="mlp")
         nn.share_scope(self, mlp)  # fc1, fc2 and ffn_gate_logits sit in the block, as the dense fc1, fc2
-        return x + mlp(norm("norm2")(x), train, ffn_gates)
+        return x + drop_path(self, mlp(norm("norm2")(x), train, ffn_gates), self.drop_path, train)
 
 
 class SupernetViT(nn.Module):
@@ -304,7 +337,8 @@ class SupernetViT(nn.Module):
     ``head`` as :class:`alite_jax.models.vit.VisionTransformer`. ``__call__(x, train=False,
     msa_gates=None, ffn_gates=None)`` returns ``(logits, features)``, ``features`` every block's output
     tokens; ``msa_gates`` (depth, 3) and ``ffn_gates`` (depth, hidden) override the gates of every block.
-    Training needs the ``"gates"`` rng stream and a mutable ``batch_stats``.
+    Training needs the ``"gates"`` rng stream and a mutable ``batch_stats``, and with ``drop_path_rate``
+    > 0 the ``"dropout"`` stream (stochastic depth as the dense ViT's).
     """
 
     num_classes: int
@@ -317,6 +351,7 @@ class SupernetViT(nn.Module):
     alpha: float = HEAD_PROBS_ALPHA
     gate_init: float = GATE_INIT
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, msa_gates: jax.Array | None = None,
@@ -328,8 +363,8 @@ class SupernetViT(nn.Module):
                              f"of the patch size {self.patch_size}); got {x.shape[1]}x{x.shape[2]}")
         x = embed_tokens(self, x, self.patch_size, self.dim, self.dtype)
         features = []
-        for i in range(self.depth):
-            x = SupernetBlock(self.num_heads, self.mlp_ratio, self.alpha, self.gate_init, self.dtype,
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            x = SupernetBlock(self.num_heads, self.mlp_ratio, self.alpha, self.gate_init, self.dtype, rate,
                               name=f"block{i}")(
                 x, train, None if msa_gates is None else msa_gates[i],
                 None if ffn_gates is None else ffn_gates[i])

@@ -23,9 +23,13 @@ Initialisation follows timm's ``init_weights`` ('' mode): truncated normal std 0
 kernel and ``pos_embed``; zero Linear biases; LayerNorm ones and zeros. ``cls_token`` is drawn like
 ``pos_embed`` (timm's current ``init_weights`` uses a normal of std 1e-6 for it; a converted or
 pretrained model overwrites it either way). The patch convolution keeps PyTorch's default ``Conv2d``
-init, as timm's ``PatchEmbed`` does: kernel and bias uniform in +-1 / sqrt(fan_in). Dropout, drop path
-and the distillation token are not modelled (a converted DeiT is used in inference; SPViT's search adds
-its own modules).
+init, as timm's ``PatchEmbed`` does: kernel and bias uniform in +-1 / sqrt(fan_in). Dropout and the
+distillation token are not modelled.
+
+Stochastic depth (:func:`drop_path`, timm's ``DropPath``; Huang et al., "Deep Networks with Stochastic
+Depth", 2016), as DeiT trains with it: ``drop_path_rate`` r gives block i the rate
+``np.linspace(0, r, depth)[i]`` (timm's ``dpr``) on both residual branches, in training only, drawn from
+the Linen rng stream ``"dropout"``. With r = 0 (the default) nothing is drawn and no stream is needed.
 
 ``__call__(x, train=False)`` returns ``(logits, features)``, ``features`` the tuple of every block's
 output tokens (B, N + 1, D) (the AttentionLite trainer's attention transfer is not used with ViTs; the
@@ -34,12 +38,14 @@ tokens are there for token-level distillation and for tests). There is no ``batc
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -88,6 +94,41 @@ def classify(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
     return logits
 
 
+def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
+    """Per-block drop-path rates: ``np.linspace(0, rate, depth)`` (timm's ``VisionTransformer`` ``dpr``),
+    so the first block is never dropped and the last at ``rate``. ValueError unless 0 <= rate < 1."""
+    check_drop_path_rate(rate)
+    return tuple(float(r) for r in np.linspace(0.0, rate, depth))
+
+
+def check_drop_path_rate(rate: float) -> None:
+    """Raises ValueError unless 0 <= ``rate`` < 1 (a rate of 1 would drop every sample and divide by 0)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
+
+
+def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+    """Stochastic depth on a residual branch ``x`` (B, ...): timm's ``drop_path`` (scale_by_keep).
+
+    In training with ``rate`` > 0, each sample's branch is zeroed with probability ``rate`` and the kept
+    ones are divided by keep = 1 - rate, so the expectation is unchanged; otherwise ``x`` is returned as
+    is. The mask (one Bernoulli draw per sample, shared by its tokens and channels) comes from
+    ``module``'s rng stream ``"dropout"`` (ValueError when that stream is missing) and is sown as
+    ``intermediates/drop_path_keep`` of ``module`` (B,) bool, one entry per call (for tests and
+    diagnostics: only when ``intermediates`` is mutable).
+    """
+    check_drop_path_rate(rate)
+    if not train or rate == 0.0:
+        return x
+    if not module.has_rng("dropout"):
+        raise ValueError(f"drop path (rate {rate}) in training needs the 'dropout' rng stream: pass "
+                         f"rngs={{'dropout': key}} to apply (or set drop_path_rate=0)")
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    module.sow("intermediates", "drop_path_keep", mask.reshape(x.shape[0]))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 def check_vit_image_size(height: int, width: int, patch_size: int) -> None:
     """Raises ValueError unless a ViT of ``patch_size`` can take a height x width image (positive
     multiples of the patch size: the patch embedding tiles the image without overlap or remainder)."""
@@ -122,22 +163,25 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``."""
+    """A pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``; each branch through
+    :func:`drop_path` at rate ``drop_path`` in training."""
 
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d = x.shape[-1]
         norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name=name)  # noqa: E731
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=trunc_normal,  # noqa: E731
                                                 bias_init=nn.initializers.zeros, name=name)
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
+        x = x + drop_path(self, Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x)),
+                          self.drop_path, train)
         y = dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x))
         y = nn.gelu(y, approximate=False)  # torch.nn.GELU() default: the exact erf form
-        return x + dense(d, "fc2")(y)
+        return x + drop_path(self, dense(d, "fc2")(y), self.drop_path, train)
 
 
 class VisionTransformer(nn.Module):
@@ -152,6 +196,8 @@ class VisionTransformer(nn.Module):
       num_heads: attention heads (D must be a multiple).
       mlp_ratio: the MLP's hidden width over D (4).
       dtype: computation dtype; parameters, softmax and logits stay float32.
+      drop_path_rate: stochastic depth of the last block (:func:`drop_path_rates`); training then needs
+        the ``"dropout"`` rng stream.
     """
 
     num_classes: int
@@ -162,6 +208,7 @@ class VisionTransformer(nn.Module):
     num_heads: int = 3
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
 
     @property
     def num_patches(self) -> int:
@@ -169,7 +216,6 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        del train  # no dropout, drop path or batch statistics
         chex.assert_rank(x, 4)
         check_vit_image_size(x.shape[1], x.shape[2], self.patch_size)
         if x.shape[1:3] != (self.image_size, self.image_size):
@@ -179,7 +225,7 @@ class VisionTransformer(nn.Module):
         x = embed_tokens(self, x, self.patch_size, self.dim, self.dtype,
                          torch_conv_init(self.patch_size ** 2 * x.shape[-1]))
         features = []
-        for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            x = Block(self.num_heads, self.mlp_ratio, self.dtype, rate, name=f"block{i}")(x, train)
             features.append(x)
         return classify(x, self.num_classes, self.dtype), tuple(features)

@@ -33,7 +33,7 @@ import numpy as np
 from alite_jax.models.local_attention import check_attention_options
 from alite_jax.models.resnet import (STAGE_WIDTHS, ResNet, attention_spatial, attention_stem,
                                      check_image_size, check_layout, scaled)
-from alite_jax.models.vit import VisionTransformer, check_vit_image_size
+from alite_jax.models.vit import VisionTransformer, check_drop_path_rate, check_vit_image_size
 
 STAGE_SIZES = {
     "resnet50": (3, 4, 6, 3),
@@ -48,8 +48,8 @@ VIT_CONFIGS = {
     "deit_small": dict(dim=384, num_heads=6),
     "deit_base": dict(dim=768, num_heads=12),
 }
-VIT_DEFAULTS = dict(image_size=224, patch_size=16, depth=12, mlp_ratio=4.0)
-VIT_OPTIONS = ("image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+VIT_DEFAULTS = dict(image_size=224, patch_size=16, depth=12, mlp_ratio=4.0, drop_path_rate=0.0)
+VIT_OPTIONS = ("image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "drop_path_rate")
 VITS = tuple(VIT_CONFIGS)
 MODEL_NAMES = tuple(STAGE_SIZES) + VITS
 STUDENTS = ("sa_resnet26", "sa_resnet38", "sa_resnet50")
@@ -75,11 +75,12 @@ def compute_dtype(name: Any) -> jnp.dtype:
 
 def create_vit(name: str, num_classes: int, *, dtype: Any = jnp.float32, **options: Any) -> VisionTransformer:
     """A ViT of the zoo: ``name`` one of :data:`VITS`; ``options`` override :data:`VIT_OPTIONS`
-    (``image_size`` 224, ``patch_size`` 16, ``dim``, ``depth`` 12, ``num_heads``, ``mlp_ratio`` 4), e.g.
+    (``image_size`` 224, ``patch_size`` 16, ``dim``, ``depth`` 12, ``num_heads``, ``mlp_ratio`` 4,
+    ``drop_path_rate`` 0: stochastic depth in training, :func:`~alite_jax.models.vit.drop_path`), e.g.
     ``image_size=32, patch_size=4, dim=64, depth=4`` for a miniature that runs on a CPU.
 
     Raises ValueError for an unknown name or option, an image size that is not a positive multiple of the
-    patch size, or a width that the heads do not divide."""
+    patch size, a width that the heads do not divide, or a drop-path rate outside [0, 1)."""
     dtype = compute_dtype(dtype)
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT {name!r}; choose one of {VITS}")
@@ -98,6 +99,10 @@ def create_vit(name: str, num_classes: int, *, dtype: Any = jnp.float32, **optio
     check_vit_image_size(o["image_size"], o["image_size"], o["patch_size"])
     if o["dim"] % o["num_heads"]:
         raise ValueError(f"{name}: dim {o['dim']} is not a multiple of num_heads {o['num_heads']}")
+    try:
+        check_drop_path_rate(o["drop_path_rate"])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     return VisionTransformer(num_classes, dtype=dtype, **o)
 
 
@@ -171,9 +176,9 @@ def model_from_config(model_config: Mapping[str, Any], num_classes: int, dtype: 
     """The model a config's ``model`` section describes (name, layout, width, dtype and, for the
     students, the variant and attention options); ``dtype`` overrides its compute dtype.
 
-    For a ViT: name, dtype and any of ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_ratio``
-    present in the section; ``image_size`` (the config's ``data.image_size``; None: 224) sizes its
-    position embedding. layout and width do not apply to ViTs and are not read for them."""
+    For a ViT: name, dtype and any of ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_ratio``,
+    ``drop_path_rate`` present in the section; ``image_size`` (the config's ``data.image_size``; None:
+    224) sizes its position embedding. layout and width do not apply to ViTs and are not read for them."""
     if model_config["name"] in VIT_CONFIGS:
         options = {k: model_config[k] for k in VIT_OPTIONS if k != "image_size" and k in model_config}
         if image_size is not None:
