@@ -286,6 +286,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     method = get_method(config, num_classes)
     model, tx = method.student(), method.optimizer(pipe.steps_per_epoch)
     teacher, teacher_variables = method.teacher(mesh) or (None, None)
+    method.read_inputs()
 
     def init_state(key):
         return create_train_state(method, model, tx, key, config.data.image_size, channels)

@@ -156,7 +156,8 @@ def test_architecture_agrees_with_vit_costs_and_counts(setup, scenario):
     # Parameters: vit_arch_params' folded count, less norm1 (2 D) of each skipped block: a skipped slot adds
     # 0 here (the supernet's eval), so its LayerNorm is dead and not kept; vit_costs counts two norms per
     # block whatever the slot (SPViT's fine-tuning model returns LN(x) from a skipped slot and keeps it).
-    skips = sum(kind == "skip" for kind, _ in blocks)
+    # Likewise norm2 of an FFN that kept no unit: only fc2's bias remains of it.
+    skips = sum(kind == "skip" for kind, _ in blocks) + sum(width == 0 for _, width in blocks)
     n = sc.count_params(cvars["params"])
     assert n == vit_costs.vit_arch_params(blocks, convention="folded", **kw) - 2 * D * skips
     assert n < sc.count_params(p)

@@ -165,6 +165,7 @@ def test_miniature_search_extract_finetune_end_to_end(tmp_path):
     config = load_config("spvit_demo", "smoke")
     for phase in config.phases.values():
         phase.data.train_split, phase.data.eval_split = "train[:256]", "test[:128]"
+    config.phases.search.spvit.arch_lr = 0.1  # 16 steps: fast enough gates to find something smaller
     workdir = tmp_path / "demo"
     main.run(config, str(workdir))
     search = json.loads((workdir / "search" / "summary.json").read_text())

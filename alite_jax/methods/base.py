@@ -132,6 +132,10 @@ class Method:
         """A frozen model and its variables (replicated on ``mesh``) used inside the step, or None."""
         return None
 
+    def read_inputs(self) -> None:
+        """Reads the files the initial state is built from (e.g. pretrained weights), called before the
+        state is built: :meth:`prepare_params` runs traced, where no file can be read."""
+
     # Loss ----------------------------------------------------------------------------------------
     def loss(self, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
              teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None

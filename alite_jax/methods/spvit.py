@@ -190,12 +190,16 @@ class SPViTSearch(Method):
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         return {**super().apply_rngs(jax.random.fold_in(key, 1)), "gates": key}
 
+    def read_inputs(self) -> None:
+        """The pretrained DeiT's parameters, read once before setup traces :meth:`prepare_params`."""
+        if self.config.spvit.pretrained_workdir and self._dense is None:
+            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
+
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
         workdir = self.config.spvit.pretrained_workdir
         if not workdir:
             return params
-        if self._dense is None:  # read once (setup traces this twice: shapes, then values)
-            self._dense = read_pretrained_params(workdir)
+        self.read_inputs()
         merged, _ = merge_pretrained(params, self._dense)
         return merged
 
@@ -324,11 +328,15 @@ class SPViTFinetune(Method):
         self.teacher_model = model
         return model, variables
 
+    def read_inputs(self) -> None:
+        """The pretrained DeiT's parameters, read once before setup traces :meth:`prepare_params`."""
+        if self.config.spvit.pretrained_workdir and self._dense is None:
+            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
+
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
         workdir = self.config.spvit.pretrained_workdir
         if workdir:
-            if self._dense is None:  # read once (setup traces this twice: shapes, then values)
-                self._dense = read_pretrained_params(workdir)
+            self.read_inputs()
             variables, _ = spvit_compact.compact_from_dense(self._dense, self.architecture(),
                                                             {"params": params})
             params = variables["params"]

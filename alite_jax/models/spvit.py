@@ -374,7 +374,7 @@ class SupernetViT(nn.Module):
 
 def supernet_of(dense: nn.Module) -> SupernetViT:
     """The supernet of a dense :class:`alite_jax.models.vit.VisionTransformer`'s shapes (and dtype): what
-    SPViT's search trains, starting from that DeiT's weights."""
+    SPViT's search trains, starting from that DeiT's weights (with its drop path rate)."""
     return SupernetViT(dense.num_classes, image_size=dense.image_size, patch_size=dense.patch_size,
                        dim=dense.dim, depth=dense.depth, num_heads=dense.num_heads, mlp_ratio=dense.mlp_ratio,
-                       dtype=dense.dtype)
+                       drop_path_rate=dense.drop_path_rate, dtype=dense.dtype)

@@ -235,6 +235,17 @@ class UnfoldedConvAttention(nn.Module):
         return out
 
 
+class FFNBias(nn.Module):
+    """An FFN that kept no hidden unit: what remains of it is ``fc2``'s bias (a zero-size fc1 / fc2 kernel
+    would remain otherwise, which checkpoints cannot store)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("bias", nn.initializers.zeros, (self.features,))
+
+
 class CompactBlock(nn.Module):
     """A pre-norm block of a found architecture: x + Slot(LN(x)), x + fc2(GELU(fc1(LN(x)))) at ``width``;
     the conv slot folded (:class:`ConvAttention`) or not (:class:`UnfoldedConvAttention`); both residual
@@ -264,6 +275,9 @@ class CompactBlock(nn.Module):
             x = x + drop_path(self, slot(norm("norm1")(x), train), self.drop_path, train)
         elif self.attention != "skip":  # skip: the slot adds 0 (the supernet's eval), norm1 is unused
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_TYPES}")
+        if self.width == 0:  # no hidden unit kept: the FFN adds fc2's bias alone (and LN2 is unused)
+            bias = FFNBias(d, name="fc2")()
+            return x + drop_path(self, jnp.broadcast_to(bias.astype(x.dtype), x.shape), self.drop_path, train)
         y = nn.gelu(_dense(self.width, "fc1", self.dtype)(norm("norm2")(x)), approximate=False)
         return x + drop_path(self, _dense(d, "fc2", self.dtype)(y), self.drop_path, train)
 
@@ -390,7 +404,7 @@ def compact_variables(supernet_variables: Mapping[str, Any], arch: Mapping[str, 
     for i, block in enumerate(arch["blocks"]):
         name, kind = f"block{i}", block["attention"]
         src = sp[name]
-        out: dict[str, Any] = {"norm2": src["norm2"], **gather_ffn(src, block["ffn_units"])}
+        out: dict[str, Any] = gather_ffn(src, block["ffn_units"])
         a = src["attn"]
         if kind != "skip":
             out["norm1"] = src["norm1"]
@@ -409,10 +423,13 @@ def gather_ffn(block_params: Mapping[str, Any], units: Sequence[int]) -> dict[st
     """``fc1`` and ``fc2`` of a block at the kept hidden ``units``: fc1's kernel columns and bias entries,
     fc2's kernel rows, fc2's bias whole (ziplab/SPViT ``SPViT_DeiT/utils.py``, the
     ``assigned_indicator_index`` gather of ``fc1.weight`` rows, ``fc1.bias`` and ``fc2.weight`` columns in
-    PyTorch's (out, in) layout)."""
+    PyTorch's (out, in) layout), with ``norm2``; no unit kept: ``fc2``'s bias alone (:class:`FFNBias`)."""
     u = np.asarray(units, dtype=np.int32)
     fc1, fc2 = block_params["fc1"], block_params["fc2"]
-    return {"fc1": {"kernel": jnp.take(fc1["kernel"], u, axis=1), "bias": jnp.take(fc1["bias"], u, axis=0)},
+    if not len(u):
+        return {"fc2": {"bias": fc2["bias"]}}
+    return {"norm2": block_params["norm2"],
+            "fc1": {"kernel": jnp.take(fc1["kernel"], u, axis=1), "bias": jnp.take(fc1["bias"], u, axis=0)},
             "fc2": {"kernel": jnp.take(fc2["kernel"], u, axis=0), "bias": fc2["bias"]}}
 
 
@@ -449,7 +466,7 @@ def compact_from_dense(dense_params: Mapping[str, Any], arch: Mapping[str, Any],
         if hidden != arch["mlp_hidden"]:
             raise ValueError(f"{name}: the dense FFN has {hidden} hidden units, the architecture "
                              f"{arch['mlp_hidden']}")
-        out: dict[str, Any] = {"norm2": src["norm2"], **gather_ffn(src, block["ffn_units"])}
+        out: dict[str, Any] = gather_ffn(src, block["ffn_units"])
         if kind != "skip":
             out["norm1"] = src["norm1"]
         if kind == "msa":
@@ -490,7 +507,7 @@ def supernet_gates(arch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
 
 __all__: Sequence[str] = (
     "ARCH_FORMAT", "ATTENTION_TYPES", "extract_architecture", "validate_architecture", "save_architecture",
-    "load_architecture", "arch_blocks", "arch_cost_kwargs", "ConvAttention", "LinearParams",
+    "load_architecture", "arch_blocks", "arch_cost_kwargs", "ConvAttention", "FFNBias", "LinearParams",
     "UnfoldedConvAttention", "CompactBlock", "CompactViT", "CONV_KINDS", "fold_conv_attention",
     "fold_variables", "compact_variables", "gather_ffn", "compact_from_dense", "count_params",
     "supernet_gates")
