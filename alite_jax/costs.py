@@ -10,6 +10,9 @@ output shapes. Conventions (docs/costs.md gives their sources and the tests that
   counted (as in the usual ResNet counts);
 * local self-attention: its 1x1 projections as dense layers (3 C_in C_out per pixel) plus
   3 k^2 C_out per pixel for q.k, q.r and attention.v, at the layer's input resolution (before pooling);
+* a ViT's multi-head attention: its projections as dense layers plus 2 N^2 D for q k^T and the weighted
+  sum of the values (N tokens, width D); SPViT's unfolded conv slot (its kernel mixed from v at run
+  time): (N - 1) (k^2 D D/h + D/h D) for the conv and the projection on the patch grid;
 * FLOPs = 2 x MACs;
 * under masks, weight-activation MACs (convolutions, projections, the head) scale with the density of
   that layer's kernel; activation-activation MACs (q.k, q.r, attention.v) do not (RigL convention).
@@ -32,6 +35,8 @@ import numpy as np
 
 from alite_jax.models import (LAYOUTS, MODEL_NAMES, VARIANTS, LocalSelfAttention, abstract_variables,
                               count_params, create_model)
+from alite_jax.models.spvit_compact import UnfoldedConvAttention
+from alite_jax.models.vit import Attention
 from alite_jax.sparsity.masks import path_name, prunable_tree
 
 CONVENTION = ("MACs counted analytically per image: conv H_out*W_out*kh*kw*C_in*C_out, dense C_in*C_out "
@@ -69,6 +74,8 @@ def layer_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
         module = context.module
         if context.method_name != "__call__":
             return out
+        if not args:  # a module called without inputs (e.g. a bias alone) computes nothing per image
+            return out
         name = "/".join(module.path)
         x = args[0]
         if isinstance(module, nn.Conv):
@@ -82,6 +89,14 @@ def layer_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
             params = x.shape[-1] * out.shape[-1]
             records.append(LayerCost(name, "dense", name + "/kernel", params, positions * params,
                                      out.shape[1:]))
+        elif isinstance(module, Attention):  # a ViT's q k^T and weights v (its projections are Dense)
+            n, d = x.shape[-2], x.shape[-1]
+            records.append(LayerCost(name, "attention", None, 0, 2 * n * n * d, out.shape[1:]))
+        elif isinstance(module, UnfoldedConvAttention):  # SPViT's conv slot, kernels mixed at run time
+            n, d = x.shape[-2], x.shape[-1]
+            hd, taps = d // module.num_heads, 9 if module.kind == "3x3" else 1
+            macs = (n - 1) * (taps * d * hd + hd * d)
+            records.append(LayerCost(name, "conv", None, 0, macs, out.shape[1:]))
         elif isinstance(module, LocalSelfAttention):
             pixels = int(np.prod(x.shape[1:-1]))  # the input resolution, before any pooling
             macs = pixels * 3 * module.kernel_size ** 2 * module.features

@@ -209,3 +209,23 @@ def test_miniature_search_extract_finetune_end_to_end(tmp_path):
     assert sparse["teacher_test_accuracy"] is not None
     rows = [json.loads(line) for line in open(workdir / "finetune_kd_sparse" / "metrics.jsonl")]
     assert {"train_ce", "train_hard_kd", "train_total", "prune_rate"} <= set(rows[0])
+
+
+def test_the_trainer_counts_the_fine_tuned_model_as_spvit_does_up_to_two_conventions():
+    """costs.count_costs (the summary's flops) of the unfolded compact model vs SPViT's count
+    (vit_costs.vit_arch_macs): the same MACs for every attention kind, except that SPViT runs the FFN on the
+    patch tokens only and counts the LayerNorms (2 D per token, two per block)."""
+    from alite_jax import costs, vit_costs
+
+    blocks = [{"attention": k, "ffn_units": list(range(w))}
+              for k, w in (("msa", 128), ("3x3", 40), ("1x1", 7), ("skip", 0))]
+    arch = {"format": spvit_compact.ARCH_FORMAT, "image_size": 8, "patch_size": 2, "in_chans": 1, "dim": 32,
+            "depth": 4, "num_heads": 2, "mlp_hidden": 128, "num_classes": CLASSES, "blocks": blocks}
+    model = spvit_compact.CompactViT.from_architecture(arch, folded=False)
+    ours = costs.count_costs(model, 8, 1)["macs"]
+    shapes = spvit_compact.arch_cost_kwargs(arch)
+    spvit_count = vit_costs.vit_arch_macs(spvit_compact.arch_blocks(arch), **shapes)
+    tokens, d = 17, 32
+    cls_ffn = sum(2 * d * len(b["ffn_units"]) for b in blocks)
+    norms = 4 * 2 * d * tokens
+    assert ours == spvit_count + cls_ffn - norms
