@@ -10,7 +10,7 @@ Prints, for SA-ResNet26 (hybrid, CIFAR layout, 32x32, 10 classes, random weights
    from other processes on a shared machine hits them alike; and the ratios compact / masked;
 2. the per-layer split (stem, the 1x1 convolutions and projections, the attention's neighbourhood
    computation, the head) of the compact model and of the same compact code with no row dropped;
-3. the k x k conv methods ("gather" vs "taps") on the stem and on a 3x3 64->64 conv at d = 0.5;
+3. the k x k conv methods ("gather", "taps", "conv") on the stem and on a 3x3 64->64 conv at d = 0.5;
 4. jax.experimental.sparse (BCOO) vs the dense matmul for 1x1 projections and the head at density 0.1,
    batch 1 and ``--batch``;
 5. artifact sizes: dense, compact column d = 0.5, irregular d = 0.1 stored as values + bitmask.
@@ -173,7 +173,7 @@ def kxk_methods(batch: int, reps: int) -> dict[str, dict[str, float]]:
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         dense_k = jnp.asarray(kernel, jnp.float32)
         cases = {m: (jax.jit(lambda p, x, m=m: conv_apply(p, x, 3, 1, 1, m)), (p, x))
-                 for m in ("gather", "taps")}
+                 for m in ("gather", "taps", "conv")}
         cases["lax.conv (masked dense)"] = (jax.jit(lambda k, x: jax.lax.conv_general_dilated(
             x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))), (dense_k, x))
         out[label] = interleaved(cases, reps)
@@ -202,6 +202,29 @@ def sparse_vs_dense(batch: int, reps: int, density: float = 0.1) -> dict[str, di
     return out
 
 
+def x64_check(width: float, size: int, density: float, batch: int = 4) -> None:
+    """How far the masked float32 model and the compact one are from the masked model in float64: the
+    scale of float32 rounding that the equality tolerance (docs/compaction.md) has to allow for."""
+    model, _, masked = random_student(width, size, density)
+    rng = np.random.default_rng(1)
+    # Non-trivial BN scales and shifts, so that the logits reach a few units.
+    masked = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
+        if path[-1].key == "scale" else leaf, masked)
+    compact, params = compact_student(model, masked)
+    x = jax.random.normal(jax.random.key(7), (batch, size, size, 3))
+    f32 = np.asarray(jax.jit(lambda v, x: model.apply(v, x)[0])(masked, x))
+    c32 = np.asarray(jax.jit(compact.apply)(params, x))
+    jax.config.update("jax_enable_x64", True)
+    v64 = jax.tree.map(lambda t: np.asarray(t, np.float64), masked)
+    model64 = model.clone(dtype=jnp.float64)  # float64 up to the pooled features (the head is float32)
+    f64 = np.asarray(jax.jit(lambda v, x: model64.apply(v, x)[0])(v64, np.asarray(x, np.float64)))
+    jax.config.update("jax_enable_x64", False)
+    print(f"max |logit| {np.abs(f64).max():.2f}; max |masked f32 - masked f64| "
+          f"{np.abs(f32 - f64).max():.2e}; max |compact f32 - masked f64| {np.abs(c32 - f64).max():.2e}; "
+          f"max |compact - masked| (both f32) {np.abs(c32 - f32).max():.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, default=1.0)
@@ -211,7 +234,11 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--skip-sparse", action="store_true")
     parser.add_argument("--skip-split", action="store_true")
+    parser.add_argument("--x64-check", action="store_true", help="only the float64 check of the rounding")
     args = parser.parse_args()
+    if args.x64_check:
+        x64_check(args.width, args.size, args.density)
+        return
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"SA-ResNet26 hybrid CIFAR, width {args.width}, {args.size}x{args.size}, column density "

@@ -126,7 +126,7 @@ def test_teacher_conv_spatial_and_taps():
     """The conv spatial layer (the teacher's 3x3) with both k x k methods, channels dropped around it."""
     model, variables = student("resnet50", 16, width=0.125, density=0.3, stages=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(9), (2, 16, 16, 3))
-    for kxk in ("gather", "taps"):
+    for kxk in ("gather", "taps", "conv"):
         compact, params = compact_student(model, variables, kxk=kxk)
         check_equal(model, variables, x, compact, params, eager=False)
 
@@ -149,7 +149,7 @@ def test_conv_apply_against_lax_conv():
     p = {"taps": taps, "bias": jnp.zeros(4)}
     want = jax.lax.conv_general_dilated(x, jnp.asarray(kernel, jnp.float32), (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    for method in ("gather", "taps"):
+    for method in ("gather", "taps", "conv"):
         np.testing.assert_allclose(conv_apply(p, x, 3, 2, 1, method), want, atol=1e-5)
         np.testing.assert_allclose(jax.jit(conv_apply, static_argnums=(2, 3, 4, 5))(p, x, 3, 2, 1, method),
                                    want, atol=1e-5)

@@ -9,7 +9,8 @@ variables into a smaller network that skips them, and :class:`CompactResNet` run
   gathered (``jnp.take`` on the channel axis) and multiplied by the kernel's kept rows only.
 * k x k convolutions (the hybrid stem, the teacher's spatial conv): per tap (kh, kw), the kept input
   channels of that tap; ``kxk="gather"`` concatenates the gathered taps into one im2col slab and runs one
-  GEMM, ``kxk="taps"`` runs one matmul per tap and sums (benchmarks/compaction.py measures both).
+  GEMM, ``kxk="taps"`` runs one matmul per tap and sums, ``kxk="conv"`` scatters the kept rows into a
+  dense kernel and runs XLA's convolution (benchmarks/compaction.py measures the three).
 * Whole channels, where every consumer has pruned them:
   - a bottleneck's conv1 output channel c (its kernel column and its BN entry) when the spatial layer
     reads no row of c: the attention's query, key and value all pruned row c, or the spatial conv pruned
@@ -58,7 +59,7 @@ from alite_jax.models.resnet import (ResNet, attention_spatial, attention_stem, 
 
 Params = dict[str, Any]
 
-KXK_METHODS = ("gather", "taps")
+KXK_METHODS = ("gather", "taps", "conv")
 SPATIAL_KINDS = ("attention", "conv")
 BN_EPSILON = 1e-5  # the ResNets' BatchNorm epsilon (alite_jax.models.resnet)
 ARTIFACT_FORMAT = "alite_jax.compact_resnet/1"
@@ -88,12 +89,21 @@ def conv_apply(p: Mapping[str, Any], x: jax.Array, kernel_size: int, stride: int
 
     ``p["taps"]`` maps ``"t<i>_<j>"`` to the kept channels of tap (i, j) and their kernel rows (a tap
     with no kept row is absent); ``method`` "gather" concatenates the gathered taps and runs one GEMM,
-    "taps" runs one matmul per tap."""
+    "taps" runs one matmul per tap, "conv" scatters the kept rows back into a (k, k, C_in, C_out) kernel
+    (zeros elsewhere) and runs XLA's convolution (the storage stays compact)."""
     if method not in KXK_METHODS:
         raise ValueError(f"unknown k x k method {method!r}; choose one of {KXK_METHODS}")
     b, h, w, _ = x.shape
     out_h = (h + 2 * padding - kernel_size) // stride + 1
     out_w = (w + 2 * padding - kernel_size) // stride + 1
+    if method == "conv":
+        kernel = jnp.zeros((kernel_size, kernel_size, x.shape[-1], p["bias"].shape[0]), x.dtype)
+        for name, tap in p["taps"].items():
+            i, j = (int(v) for v in name[1:].split("_"))
+            kernel = kernel.at[i, j, tap["idx"]].set(tap["kernel"])
+        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + p["bias"]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     parts, kernels = [], []
     for name in sorted(p["taps"]):
