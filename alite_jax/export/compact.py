@@ -31,7 +31,8 @@ variables into a smaller network that skips them, and :class:`CompactResNet` run
 Pruning is read from the values: a row is dropped when all its weights are zero, so the function takes
 the masked variables as exported (``model/`` of a sparse run, zeros included) and needs no masks. The
 result equals the masked model up to float32 rounding (tests/test_compaction.py holds the logits to
-1e-5). The compact model computes in float32 whatever the student's compute dtype was.
+1e-5 relative to the largest logit, absolute below 1; docs/compaction.md). The compact model computes
+in float32 whatever the student's compute dtype was.
 
 Compact parameters are a plain nested dict of arrays; a layer is ``{"idx": int32 (k,), "kernel":
 (k, C_out), "bias": (C_out,)}`` (a k x k conv: ``{"taps": {"t<i>_<j>": {"idx", "kernel"}}, "bias"}``), so
