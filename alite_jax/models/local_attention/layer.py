@@ -93,7 +93,7 @@ def check_attention_options(features: int, num_heads: int, kernel_size: int, str
         raise ValueError(f"stride must be >= 1, got {stride}")
 
 
-def _rel_tables(rel_rows: jax.Array, rel_cols: jax.Array, num_heads: int,
+def rel_tables(rel_rows: jax.Array, rel_cols: jax.Array, num_heads: int,
                 rel_layout: str) -> tuple[jax.Array, jax.Array]:
     """Lays the (k, C/2) embeddings out per channel as two (k, N, d) tables, zero where unused."""
     k, half = rel_rows.shape
@@ -155,7 +155,7 @@ class LocalSelfAttention(nn.Module):
         value = proj(name="value")(x).reshape(b, h, w, n, c // n)
         rel_rows = self.param("rel_rows", self.rel_init, (k, c // 2), self.param_dtype)
         rel_cols = self.param("rel_cols", self.rel_init, (k, c // 2), self.param_dtype)
-        rows, cols = _rel_tables(rel_rows.astype(dtype), rel_cols.astype(dtype), n, self.rel_layout)
+        rows, cols = rel_tables(rel_rows.astype(dtype), rel_cols.astype(dtype), n, self.rel_layout)
         qk_scale, qr_scale = attention_scales(self.scaling, c, n)
         y = IMPLS[self.impl](q, key, value, rows, cols, kernel_size=k, qk_scale=qk_scale,
                              qr_scale=qr_scale)
