@@ -23,9 +23,9 @@ from alite_jax import run_dir
 from alite_jax.config import base_config
 from alite_jax.data.pipeline import default_config
 from alite_jax.errors import RunDirError
-from alite_jax.export import formats, inference
+from alite_jax.export import flat_attention, formats, inference
 from alite_jax.methods import get_method
-from alite_jax.models import abstract_variables
+from alite_jax.models import IMPLS, abstract_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Max abs difference of the logits, relative to their largest magnitude: float32, but XLA (JAX), the
@@ -158,7 +158,9 @@ PLAIN_JAX = textwrap.dedent("""
     for name, path in json.load(open("artifacts.json")).items():
         exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
         x = np.load("images.npy")
-        out[name] = [np.asarray(exported.call(x)).tolist(), np.asarray(exported.call(x[:1])).tolist()]
+        out[name] = np.asarray(exported.call(x)).tolist()
+        if name == "hybrid":  # the symbolic batch: another size, same program
+            out["hybrid, batch 1"] = np.asarray(exported.call(x[:1])).tolist()
     json.dump(out, open("out.json", "w"))
 """)
 
@@ -181,15 +183,14 @@ def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = json.load(open(tmp_path / "out.json"))
     for kind in KINDS:
-        batch, single = np.asarray(out[kind][0]), np.asarray(out[kind][1])
-        diff = relative_difference(batch, references[kind])
+        diff = relative_difference(np.asarray(out[kind]), references[kind])
         print(f"\nstablehlo {kind}: max relative difference {diff:.2e}")
         assert diff < RTOL, (kind, diff)
-        assert relative_difference(single, references[kind][:1]) < RTOL  # the symbolic batch: any size
+    assert relative_difference(np.asarray(out["hybrid, batch 1"]), references["hybrid"][:1]) < RTOL
 
 
 # --------------------------------------------------------------------------------------------------
-# tflite: LiteRT's interpreter against JAX; the local self-attention is refused, naming the layer.
+# tflite: LiteRT's interpreter against JAX; a layer TFLite cannot represent is named.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +209,7 @@ def tflite_outputs(path, images):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["resnet", "deit"])
+@pytest.mark.parametrize("kind", ["resnet", "hybrid", "deit"])
 def test_tflite_matches_jax(runs, images, tmp_path, kind):
     fn, variables, meta, logits = reference(runs[kind], images)
     path = formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=3,
@@ -221,7 +222,8 @@ def test_tflite_matches_jax(runs, images, tmp_path, kind):
 
 @pytest.mark.slow
 def test_tflite_names_the_local_attention_it_cannot_represent(runs, tmp_path):
-    fn, variables, meta = inference.inference_function(runs["hybrid"])
+    # impl="patches" (rank-6 einsums), not the default "flat": TFLite's BATCH_MATMUL takes rank <= 5.
+    fn, variables, meta = inference.inference_function(runs["hybrid"], impl="patches")
     with pytest.raises(formats.ExportError) as error:
         formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=1)
     message = str(error.value)
@@ -229,6 +231,17 @@ def test_tflite_names_the_local_attention_it_cannot_represent(runs, tmp_path):
     assert "LocalSelfAttention (models/local_attention/patches.py:" in message
     assert "tfl.batch_matmul" in message and "\n" not in message
     assert not os.path.exists(tmp_path / "tflite")  # nothing written
+
+
+def test_flat_attention_computes_what_patches_computes():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 6, 3, 4)).astype(np.float32) for _ in range(3))
+    rel_rows, rel_cols = (rng.standard_normal((7, 3, 4)).astype(np.float32) for _ in range(2))
+    options = dict(kernel_size=7, qk_scale=0.5, qr_scale=0.25)
+    flat = flat_attention.flat_local_attention(q, k, v, rel_rows, rel_cols, **options)
+    patches = IMPLS["patches"](q, k, v, rel_rows, rel_cols, **options)
+    np.testing.assert_allclose(np.asarray(flat), np.asarray(patches), rtol=1e-5, atol=1e-5)
+    assert IMPLS[flat_attention.IMPL] is flat_attention.flat_local_attention
 
 
 def test_converter_messages_name_ops_and_layers():
@@ -246,8 +259,11 @@ def test_converter_messages_name_ops_and_layers():
 
 
 def test_missing_optional_package_and_unknown_format_are_refused(monkeypatch):
-    monkeypatch.setitem(formats.NEEDS, "onnx", (("no_such_module_for_the_test", "no-such-pkg"),))
-    with pytest.raises(formats.ExportError, match="pip install no-such-pkg"):
+    monkeypatch.setitem(formats.NEEDS, "tflite", (("no_such_module_for_the_test", "no-such-pkg"),))
+    with pytest.raises(formats.ExportError, match="--format=tflite needs no-such-pkg, which is not installed "
+                                                  "here: pip install no-such-pkg"):
+        formats.check_format("tflite")
+    with pytest.raises(formats.ExportError, match="--format=onnx is not supported: no maintained"):
         formats.check_format("onnx")
     with pytest.raises(formats.ExportError, match="unknown format 'savedmodel'; choose one of stablehlo"):
         formats.check_format("savedmodel")
@@ -271,7 +287,7 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {out}/model.jax_export" in result.stdout
     meta = json.load(open(out / formats.METADATA))
-    assert meta["input"]["shape"] == [3, 8, 8, 1] and meta["model"]["impl"] == "patches"
+    assert meta["input"]["shape"] == [3, 8, 8, 1] and meta["model"]["impl"] == "flat"
     exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
     _, _, _, logits = reference(runs["homogeneous"], images)
     assert relative_difference(np.asarray(exported.call(images)), logits) < RTOL
@@ -282,6 +298,8 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
             ((f"--workdir={unfinished}", "--format=stablehlo"),
              "holds no finished model (no config.json and no model)"),
             ((f"--workdir={runs['deit']}", "--format=savedmodel"), "unknown format 'savedmodel'"),
+            ((f"--workdir={runs['deit']}", "--format=onnx"), "--format=onnx is not supported: no maintained"),
+            ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
             ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
             ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
         result = run_cli(*flags)

@@ -26,12 +26,12 @@ EXIT_USER_ERROR = 2
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (config.json and model/).")
 _FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
 _BATCH = flags.DEFINE_string("batch", "", "A fixed batch size N, or 'dynamic' (any batch size). Default: "
-                             "dynamic for stablehlo and onnx, 1 for tflite.")
+                             "dynamic for stablehlo, 1 for tflite.")
 _OUT = flags.DEFINE_string("out", None, "The artifact directory (default <workdir>/export/<format>).")
 _COMPACT = flags.DEFINE_string("compact", AS_TRAINED, "How to compact the model before export: "
                                "as_trained (the model as it is, dense or masked).")
-_IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: patches, "
-                            "which also takes a dynamic batch).")
+_IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: flat, "
+                            "which TFLite converts and which takes a dynamic batch).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the run's data set is prepared, when "
                                 "data.normalization='dataset' (its statistics are recomputed).")
 _NO_SELECT = flags.DEFINE_bool("builtins_only", False, "tflite: refuse a model that needs Select TF ops "

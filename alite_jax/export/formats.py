@@ -10,7 +10,8 @@ Formats (docs/export.md says how to load each in a few lines):
   ``tf.lite.TFLiteConverter``. Built-in TFLite ops only when possible; otherwise the ops that need
   ``SELECT_TF_OPS`` (the Flex delegate) are named in the metadata, with the layers that use them, or
   the export is refused with that list when Select TF ops are not allowed.
-* ``onnx``: ``model.onnx``, through the same TensorFlow graph and tf2onnx (an optional package).
+* ``onnx``: refused, with the reason (:data:`UNSUPPORTED`): no maintained converter handles these models
+  with the packages alite_jax needs (docs/export.md has the measurements).
 
 Every artifact directory also holds ``metadata.json`` (input shape, dtype and range, the folded
 normalisation, logits count, source run, what the conversion needed). The directory is written next to
@@ -34,13 +35,19 @@ import numpy as np
 from alite_jax.errors import UserError
 
 FORMATS = ("stablehlo", "tflite", "onnx")
-FILES = {"stablehlo": "model.jax_export", "tflite": "model.tflite", "onnx": "model.onnx"}
+FILES = {"stablehlo": "model.jax_export", "tflite": "model.tflite"}
 METADATA = "metadata.json"
 DEFAULT_PLATFORMS = ("cpu", "cuda")
-ONNX_OPSET = 17
-# Optional packages each format needs beyond alite_jax's own (tensorflow-cpu is one of those), and how
-# to install them.
-NEEDS = {"onnx": (("tf2onnx", "tf2onnx"), ("onnx", "onnx"))}
+# Optional packages each format needs beyond alite_jax's own (tensorflow-cpu, which tflite uses, is one of
+# those): (module, pip package). None at present; a format that gains one names it here.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {}
+# Formats the CLI knows but refuses, and why (measured with tf2onnx 1.17.0, jax2onnx 0.17.1, onnx 1.23.2).
+UNSUPPORTED = {"onnx": (
+    "no maintained JAX-to-ONNX converter handles these models here: tf2onnx 1.17 (from jax2tf's graph) "
+    "fails on every model with onnx 1.23 ('Could not infer the attribute type'), and jax2onnx 0.17 "
+    "requires orbax-checkpoint < 0.11.37 (alite_jax needs 0.12) and, installed beside it, converts the "
+    "DeiT but not the ResNet's convolutions (NCHW and NHWC shapes mixed up: ONNX Runtime rejects the "
+    "graph) nor the SA-ResNet's average pooling (an error in its plugin); export stablehlo or tflite")}
 
 
 class ExportError(UserError):
@@ -52,6 +59,8 @@ def check_format(fmt: str) -> None:
     """Raises :class:`ExportError` for an unknown format or a missing optional package, before any work."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in UNSUPPORTED:
+        raise ExportError(f"--format={fmt} is not supported: {UNSUPPORTED[fmt]}")
     missing = [pip for module, pip in NEEDS.get(fmt, ()) if importlib.util.find_spec(module) is None]
     if missing:
         raise ExportError(f"--format={fmt} needs {', '.join(missing)}, which is not installed here: "
@@ -86,7 +95,7 @@ def stablehlo_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: i
 
 
 # --------------------------------------------------------------------------------------------------
-# TensorFlow graph (jax2tf), TFLite, ONNX
+# TensorFlow graph (jax2tf), TFLite
 # --------------------------------------------------------------------------------------------------
 
 
@@ -163,24 +172,6 @@ def tflite_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int 
     return flat, {"select_tf_ops": ops, "select_tf_layers": layers}
 
 
-def onnx_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = None,
-               opset: int = ONNX_OPSET) -> tuple[bytes, dict[str, Any]]:
-    """(ONNX model, what to add to the metadata), converted from the jax2tf graph by tf2onnx."""
-    import tf2onnx
-
-    function = tf_function(fn, variables, meta, batch)
-    try:
-        model, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature,
-                                                 opset=opset)
-    except Exception as e:
-        ops, layers = ops_and_layers(str(e))
-        raise ExportError(f"ONNX (tf2onnx, opset {opset}) cannot represent {meta['model']['name']}: "
-                          f"{', '.join(ops) or ' '.join(str(e).split())[:300]}"
-                          f"{' in ' + ', '.join(layers[:8]) if layers else ''}; export stablehlo "
-                          f"instead") from e
-    return model.SerializeToString(), {"opset": opset, "converter": f"tf2onnx {tf2onnx.__version__}"}
-
-
 # --------------------------------------------------------------------------------------------------
 # The artifact directory
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +209,7 @@ def export(fn: Callable, variables: Any, meta: dict[str, Any], fmt: str, out_dir
     artifact file's path. ``batch``: a fixed batch size, or None for any (tflite: None is kept dynamic
     too; LiteRT then needs ``resize_tensor_input`` before ``allocate_tensors``)."""
     check_format(fmt)
-    convert = {"stablehlo": stablehlo_bytes, "tflite": tflite_bytes, "onnx": onnx_bytes}[fmt]
+    convert = {"stablehlo": stablehlo_bytes, "tflite": tflite_bytes}[fmt]
     payload, info = convert(fn, variables, meta, batch, **options)
     meta = dict(meta, format=fmt, file=FILES[fmt], conversion=info)
     meta["input"] = dict(meta["input"], shape=input_shape(meta, batch))

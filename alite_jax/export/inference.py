@@ -32,7 +32,8 @@ import orbax.checkpoint as ocp
 from alite_jax import run_dir
 from alite_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from alite_jax.data.sources import default_splits, open_split, shard_range
-from alite_jax.errors import MissingFileError, RunDirError, UserError
+from alite_jax.export import flat_attention  # noqa: F401  (registers impl="flat")
+from alite_jax.errors import MissingFileError, RunDirError, UserError, user_input
 from alite_jax.models import STUDENTS, abstract_variables
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -40,9 +41,10 @@ Compactor = Callable[[Any, Any, "dict[str, Any] | None"], "tuple[ApplyFn, Any]"]
 InferenceFn = Callable[[Any, jax.Array], jax.Array]
 
 AS_TRAINED = "as_trained"
-# The local-attention implementation exported by default: pure JAX (Pallas lowers to one GPU's kernel)
-# and, unlike "halo" (whose chunking needs a concrete batch), exportable with a symbolic batch size.
-PORTABLE_IMPL = "patches"
+# The local-attention implementation exported by default (alite_jax.export.flat_attention): pure JAX
+# (Pallas lowers to one GPU's kernel), exportable with a symbolic batch size (halo's chunking needs a
+# concrete one), and in tensors of rank <= 4, which TFLite converts (patches' rank-6 einsums it does not).
+PORTABLE_IMPL = "flat"
 COMPACTORS: dict[str, Compactor] = {}
 
 
@@ -153,7 +155,8 @@ def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dt
     if data_dir:
         config.data.data_dir = data_dir
     mean, std = normalization_stats(config)
-    model = build_model(config, dtype, impl)
+    with user_input(f"{workdir}'s model"):  # e.g. an unknown --impl
+        model = build_model(config, dtype, impl)
     variables = load_variables(workdir, model, config)
     apply_fn, variables = compactor(model, variables, run_dir.read_summary(workdir))
     mean32, inv_std32 = np.asarray(mean, np.float32), (1.0 / np.asarray(std, np.float32)).astype(np.float32)
