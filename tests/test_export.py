@@ -30,9 +30,10 @@ from alite_jax.models import IMPLS, abstract_variables
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Max abs difference of the logits, relative to their largest magnitude: float32, but XLA (JAX), the
 # deserialized StableHLO and LiteRT's kernels fuse and order the sums differently. Measured (pytest -s
-# prints them): StableHLO 0 to 1e-6, TFLite about 1e-6.
+# prints them): StableHLO 0 to 3.5e-7, TFLite 2.8e-7 to 6.8e-7.
 RTOL = 1e-5
 KINDS = ("resnet", "hybrid", "homogeneous", "deit")
+PLAIN_JAX_KINDS = ("resnet", "hybrid", "deit")
 
 
 def make_run(workdir: str, kind: str, normalization: str = "dataset") -> None:
@@ -113,7 +114,7 @@ def test_inference_function_folds_the_pipelines_normalisation(runs, images):
     # The digits' training split (dark background): the statistics the pipeline computed, not 0 and 1.
     assert 0.1 < mean[0] < 0.5 and 0.2 < std[0] < 0.5
     model = get_method(ml_collections.ConfigDict(run_dir.read_run_config(runs["resnet"])), 10).student()
-    direct, _ = model.apply(variables, (images - mean) / std, train=False)
+    direct, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, (images - mean) / std)
     np.testing.assert_allclose(logits, np.asarray(direct), rtol=1e-5, atol=1e-5 * np.abs(direct).max())
     assert meta["input"] == {**meta["input"], "shape": [None, 8, 8, 1], "dtype": "float32",
                              "range": [0.0, 1.0]}
@@ -166,8 +167,9 @@ PLAIN_JAX = textwrap.dedent("""
 
 
 def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
+    # The homogeneous student (attention stem) is exported by the CLI's test.
     artifacts, references = {}, {}
-    for kind in KINDS:
+    for kind in PLAIN_JAX_KINDS:
         fn, variables, meta, references[kind] = reference(runs[kind], images)
         artifacts[kind] = formats.export(fn, variables, meta, "stablehlo", str(tmp_path / kind))
         written = json.load(open(tmp_path / kind / formats.METADATA))
@@ -182,7 +184,7 @@ def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = json.load(open(tmp_path / "out.json"))
-    for kind in KINDS:
+    for kind in PLAIN_JAX_KINDS:
         diff = relative_difference(np.asarray(out[kind]), references[kind])
         print(f"\nstablehlo {kind}: max relative difference {diff:.2e}")
         assert diff < RTOL, (kind, diff)
