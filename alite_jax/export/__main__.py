@@ -1,0 +1,83 @@
+"""``python -m alite_jax.export --workdir=<run> --format=stablehlo|tflite|onnx [--batch=N|dynamic]``
+
+Writes an inference artifact of a finished run's model, its normalisation folded in (it takes float32
+images in [0, 1], NHWC, the run's size and channels, and returns logits), into ``<workdir>/export/<format>/``
+or ``--out``: the artifact file and ``metadata.json``. docs/export.md says how to load each format.
+
+Exit status: 0 when the artifact is written; 2 for a user error (a directory without a finished model,
+an unknown format, a missing optional package, a layer the format cannot represent): one line
+``error: <what and how to fix it>`` on stderr; 1 for a bug, with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from alite_jax.errors import UserError
+from alite_jax.export.formats import FORMATS, check_format, export
+from alite_jax.export.inference import AS_TRAINED, COMPACTORS, check_finished_run, inference_function
+
+EXIT_USER_ERROR = 2
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (config.json and model/).")
+_FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
+_BATCH = flags.DEFINE_string("batch", "", "A fixed batch size N, or 'dynamic' (any batch size). Default: "
+                             "dynamic for stablehlo, 1 for tflite.")
+_OUT = flags.DEFINE_string("out", None, "The artifact directory (default <workdir>/export/<format>).")
+_COMPACT = flags.DEFINE_string("compact", AS_TRAINED, "How to compact the model before export: "
+                               "as_trained (the model as it is, dense or masked).")
+_IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: flat, "
+                            "which TFLite converts and which takes a dynamic batch).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the run's data set is prepared, when "
+                                "data.normalization='dataset' (its statistics are recomputed).")
+_NO_SELECT = flags.DEFINE_bool("builtins_only", False, "tflite: refuse a model that needs Select TF ops "
+                               "(the Flex delegate), naming them, instead of including them.")
+
+
+def _exit_with_user_error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def parse_batch(text: str, fmt: str) -> int | None:
+    """--batch: None for 'dynamic', else a positive integer; '' is the format's default."""
+    if not text:
+        return 1 if fmt == "tflite" else None
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--batch must be a positive integer or 'dynamic', got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    if not _WORKDIR.value or not _FORMAT.value:
+        _exit_with_user_error(f"give --workdir=<a finished run> and --format=<{'|'.join(FORMATS)}>")
+    fmt = _FORMAT.value
+    start = time.perf_counter()
+    try:  # every check that reads no model comes first
+        check_format(fmt)
+        batch = parse_batch(_BATCH.value, fmt)
+        check_finished_run(_WORKDIR.value)
+        if _COMPACT.value not in COMPACTORS:
+            raise UserError(f"unknown --compact={_COMPACT.value!r}; choose one of {sorted(COMPACTORS)}")
+        fn, variables, meta = inference_function(_WORKDIR.value, _COMPACT.value, impl=_IMPL.value,
+                                                 data_dir=_DATA_DIR.value)
+        out = _OUT.value or os.path.join(_WORKDIR.value, "export", fmt)
+        options = {"allow_select_tf_ops": not _NO_SELECT.value} if fmt == "tflite" else {}
+        path = export(fn, variables, meta, fmt, out, batch, **options)
+    except UserError as e:  # the user's to fix: one line, no traceback
+        _exit_with_user_error(str(e))
+    print(f"wrote {path} ({os.path.getsize(path):,} bytes) and its metadata.json in "
+          f"{time.perf_counter() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

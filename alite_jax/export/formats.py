@@ -1,0 +1,217 @@
+"""Writes an inference function (:mod:`alite_jax.export.inference`) as a deployable artifact.
+
+Formats (docs/export.md says how to load each in a few lines):
+
+* ``stablehlo``: ``model.jax_export``, a serialized :func:`jax.export.export` of the function with the
+  variables baked in as constants; plain JAX (no alite_jax, no flax) deserializes and calls it. The
+  batch dimension is symbolic unless a batch size is given.
+* ``tflite``: ``model.tflite`` for LiteRT, through :mod:`jax.experimental.jax2tf` (graph serialization:
+  TFLite's converter cannot read the XlaCallModule op of native serialization) and
+  ``tf.lite.TFLiteConverter``. Built-in TFLite ops only when possible; otherwise the ops that need
+  ``SELECT_TF_OPS`` (the Flex delegate) are named in the metadata, with the layers that use them, or
+  the export is refused with that list when Select TF ops are not allowed.
+* ``onnx``: refused, with the reason (:data:`UNSUPPORTED`): no maintained converter handles these models
+  with the packages alite_jax needs (docs/export.md has the measurements).
+
+Every artifact directory also holds ``metadata.json`` (input shape, dtype and range, the folded
+normalisation, logits count, source run, what the conversion needed). The directory is written next to
+its destination and renamed into place, so a failed or killed export leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from alite_jax.errors import UserError
+
+FORMATS = ("stablehlo", "tflite", "onnx")
+FILES = {"stablehlo": "model.jax_export", "tflite": "model.tflite"}
+METADATA = "metadata.json"
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+# Optional packages each format needs beyond alite_jax's own (tensorflow-cpu, which tflite uses, is one of
+# those): (module, pip package). None at present; a format that gains one names it here.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {}
+# Formats the CLI knows but refuses, and why (measured with tf2onnx 1.17.0, jax2onnx 0.17.1, onnx 1.23.2).
+UNSUPPORTED = {"onnx": (
+    "no maintained JAX-to-ONNX converter handles these models here: tf2onnx 1.17 (from jax2tf's graph) "
+    "fails on every model with onnx 1.23 ('Could not infer the attribute type'), and jax2onnx 0.17 "
+    "requires orbax-checkpoint < 0.11.37 (alite_jax needs 0.12) and, installed beside it, converts the "
+    "DeiT but not the ResNet's convolutions (NCHW and NHWC shapes mixed up: ONNX Runtime rejects the "
+    "graph) nor the SA-ResNet's average pooling (an error in its plugin); export stablehlo or tflite")}
+
+
+class ExportError(UserError):
+    """A format cannot represent the model (the message names the layers and ops), or a package it
+    needs is missing (the message names the pip command)."""
+
+
+def check_format(fmt: str) -> None:
+    """Raises :class:`ExportError` for an unknown format or a missing optional package, before any work."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in UNSUPPORTED:
+        raise ExportError(f"--format={fmt} is not supported: {UNSUPPORTED[fmt]}")
+    missing = [pip for module, pip in NEEDS.get(fmt, ()) if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ExportError(f"--format={fmt} needs {', '.join(missing)}, which is not installed here: "
+                          f"pip install {' '.join(missing)}")
+
+
+def _closed(fn: Callable, variables: Any) -> Callable:
+    return lambda images: fn(variables, images)
+
+
+def input_shape(meta: dict[str, Any], batch: int | None) -> list[int | None]:
+    """The artifact's input shape: (batch or None for any, H, W, C)."""
+    return [batch] + list(meta["input"]["shape"][1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# StableHLO (jax.export)
+# --------------------------------------------------------------------------------------------------
+
+
+def stablehlo_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = None,
+                    platforms: tuple[str, ...] = DEFAULT_PLATFORMS) -> tuple[bytes, dict[str, Any]]:
+    """(serialized jax.export artifact, what to add to the metadata). ``batch`` None: symbolic."""
+    shape = input_shape(meta, batch)
+    if batch is None:
+        shape[0] = jax.export.symbolic_shape("batch")[0]
+    spec = jax.ShapeDtypeStruct(tuple(shape), np.float32)
+    exported = jax.export.export(jax.jit(_closed(fn, variables)), platforms=platforms)(spec)
+    info = {"platforms": list(exported.platforms), "calling_convention_version":
+            exported.calling_convention_version, "jax_version": jax.__version__}
+    return bytes(exported.serialize()), info
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow graph (jax2tf), TFLite
+# --------------------------------------------------------------------------------------------------
+
+
+def tf_function(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = None) -> Any:
+    """A ``tf.function`` of the inference function (jax2tf's graph serialization, TF ops
+    named after the flax modules that made them)."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    shape = input_shape(meta, batch)
+    poly = None if batch is not None else ["(b, " + ", ".join(str(d) for d in shape[1:]) + ")"]
+    with warnings.catch_warnings():  # graph serialization is deprecated in jax2tf, yet TFLite needs it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tf_fn = jax2tf.convert(_closed(fn, variables), native_serialization=False, with_gradient=False,
+                               polymorphic_shapes=poly)
+    spec = tf.TensorSpec(shape, tf.float32, name="images")
+    return tf.function(tf_fn, input_signature=[spec], autograph=False, jit_compile=False)
+
+
+# A converter's error names the ops it could not lower ("failed to legalize operation 'tfl.mul'", or the
+# list after "TF Select ops:") and the source lines that made them (".../models/local_attention/halo.py:
+# 121:9: error: ..."); the layer is the model file's (a local-attention implementation: the
+# LocalSelfAttention layer).
+_OP = re.compile(r"operation '([a-z]+\.[A-Za-z0-9_]+)'")
+_SELECT_OPS = re.compile(r"TF Select ops: ([A-Za-z0-9_, ]+)")
+_SOURCE = re.compile(r"alite_jax/(models/[A-Za-z0-9_/]+\.py):(\d+):\d+: error")
+LAYERS_OF_SOURCES = {"models/local_attention/": "LocalSelfAttention", "models/vit.py": "ViT block",
+                     "models/spvit": "SPViT block", "models/resnet.py": "ResNet block"}
+
+
+def ops_and_layers(message: str) -> tuple[list[str], list[str]]:
+    """The ops a converter's error names, and the layers (with the model source line) they come from."""
+    ops = set(_OP.findall(message))
+    for listed in _SELECT_OPS.findall(message):
+        ops.update(f"tf.{op.strip()}" for op in listed.split(",") if op.strip())
+    layers = set()
+    for path, line in _SOURCE.findall(message):
+        layer = next((name for prefix, name in LAYERS_OF_SOURCES.items() if path.startswith(prefix)), "layer")
+        layers.add(f"{layer} ({path}:{line})")
+    return sorted(ops), sorted(layers)
+
+
+def tflite_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = 1,
+                 allow_select_tf_ops: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """(TFLite flatbuffer, what to add to the metadata): built-in ops only when the model allows it, else
+    with the Select TF ops the message of the built-ins-only attempt names (refused when not allowed)."""
+    import tensorflow as tf
+
+    concrete = tf_function(fn, variables, meta, batch).get_concrete_function()
+
+    def convert(ops: list[Any]) -> bytes:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter.target_spec.supported_ops = ops
+        return converter.convert()
+
+    try:
+        return convert([tf.lite.OpsSet.TFLITE_BUILTINS]), {"select_tf_ops": [], "select_tf_layers": []}
+    except Exception as e:  # the converter raises ConverterError (or others) with the ops in its text
+        error = e
+    ops, layers = ops_and_layers(str(error))
+    where = f" in {', '.join(layers[:8])}" if layers else ""
+    if not allow_select_tf_ops:
+        raise ExportError(f"TFLite's built-in ops cannot represent {meta['model']['name']}: it needs the "
+                          f"Select TF ops {', '.join(ops) or '(unnamed)'}{where}; allow Select TF ops "
+                          f"(the Flex delegate), or export stablehlo")
+    try:
+        flat = convert([tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS])
+    except Exception as e:
+        ops, layers = ops_and_layers(f"{error}\n{e}")
+        raise ExportError(
+            f"TFLite cannot represent {meta['model']['name']}, even with Select TF ops: the converter cannot "
+            f"lower {', '.join(ops) or ' '.join(str(e).split())[:300]}"
+            f"{' in ' + ', '.join(layers[:8]) if layers else ''}; export stablehlo instead") from e
+    return flat, {"select_tf_ops": ops, "select_tf_layers": layers}
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact directory
+# --------------------------------------------------------------------------------------------------
+
+
+def write_artifact(out_dir: str, fmt: str, payload: bytes, meta: dict[str, Any]) -> str:
+    """Writes ``<out_dir>/<FILES[fmt]>`` and ``metadata.json`` atomically (a new directory renamed into
+    place; the previous export, if any, is replaced only once the new one is complete). Returns the
+    artifact file's path."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, FILES[fmt]), "wb") as f:
+            f.write(payload)
+        with open(os.path.join(tmp, METADATA), "w") as f:
+            json.dump(meta, f, indent=2)
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.join(out_dir, FILES[fmt])
+
+
+def export(fn: Callable, variables: Any, meta: dict[str, Any], fmt: str, out_dir: str,
+           batch: int | None = None, **options: Any) -> str:
+    """Converts the inference function to ``fmt`` and writes the artifact into ``out_dir``; returns the
+    artifact file's path. ``batch``: a fixed batch size, or None for any (tflite: None is kept dynamic
+    too; LiteRT then needs ``resize_tensor_input`` before ``allocate_tensors``)."""
+    check_format(fmt)
+    convert = {"stablehlo": stablehlo_bytes, "tflite": tflite_bytes}[fmt]
+    payload, info = convert(fn, variables, meta, batch, **options)
+    meta = dict(meta, format=fmt, file=FILES[fmt], conversion=info)
+    meta["input"] = dict(meta["input"], shape=input_shape(meta, batch))
+    meta["output"] = dict(meta["output"], shape=[batch] + meta["output"]["shape"][1:])
+    return write_artifact(out_dir, fmt, payload, meta)

@@ -1,0 +1,191 @@
+"""The function an inference artifact holds: raw images -> logits, with the run's preprocessing folded in.
+
+:func:`inference_function` reads a finished run directory (``config.json`` + ``model/``) and returns
+``fn(variables, images) -> logits`` where ``images`` are what a camera or an image file gives after
+resizing: float32 in [0, 1], NHWC, the run's image size and channel count. ``fn`` first normalises
+them exactly as the training and evaluation pipeline did (``data.normalization``: "imagenet", ImageNet's
+channel mean and std; "dataset", the training split's own channel statistics, recomputed here with the
+pipeline's :func:`~alite_jax.data.pipeline.channel_stats`), then runs the model in eval mode (BatchNorm's
+running statistics, no dropout, no gate sampling). A deployment then needs no copy of those constants.
+
+A *compactor* (:data:`Compactor`) may replace the trained model by an equivalent smaller one before
+export: a column-pruned student without its zero columns, or SPViT's supernet folded into its compact
+ViT. It takes ``(model, variables, summary)`` (``summary``: the run's summary.json, or None) and returns
+``(apply_fn, variables)`` with ``apply_fn(variables, normalised_images) -> logits``. Compactors are
+registered by name (:func:`register_compactor`); :data:`AS_TRAINED` (the default) exports the run's
+model as it is, dense or masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from alite_jax import run_dir
+from alite_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, channel_stats
+from alite_jax.data.sources import default_splits, open_split, shard_range
+from alite_jax.export import flat_attention  # noqa: F401  (registers impl="flat")
+from alite_jax.errors import MissingFileError, RunDirError, UserError, user_input
+from alite_jax.models import STUDENTS, abstract_variables
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+Compactor = Callable[[Any, Any, "dict[str, Any] | None"], "tuple[ApplyFn, Any]"]
+InferenceFn = Callable[[Any, jax.Array], jax.Array]
+
+AS_TRAINED = "as_trained"
+# The local-attention implementation exported by default (alite_jax.export.flat_attention): pure JAX
+# (Pallas lowers to one GPU's kernel), exportable with a symbolic batch size (halo's chunking needs a
+# concrete one), and in tensors of rank <= 4, which TFLite converts (patches' rank-6 einsums it does not).
+PORTABLE_IMPL = "flat"
+COMPACTORS: dict[str, Compactor] = {}
+
+
+def register_compactor(name: str) -> Callable[[Compactor], Compactor]:
+    """Decorator: makes a compactor selectable by ``name`` (``inference_function(compactor=name)``,
+    ``python -m alite_jax.export --compact=name``)."""
+
+    def wrap(fn: Compactor) -> Compactor:
+        COMPACTORS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_compactor(AS_TRAINED)
+def as_trained(model: Any, variables: Any, summary: dict[str, Any] | None) -> tuple[ApplyFn, Any]:
+    """The run's model as it was trained (dense, or masked with its zeros in place), in eval mode."""
+    del summary
+    return (lambda v, x: model.apply(v, x, train=False)[0]), variables
+
+
+def check_finished_run(workdir: str) -> dict[str, Any]:
+    """The run's config.json; raises :class:`RunDirError` when ``workdir`` holds no finished model."""
+    if not os.path.isdir(workdir):
+        raise RunDirError(f"{workdir} is not a directory: give --workdir=<a finished run directory>")
+    if not run_dir.is_finished_run(workdir):
+        missing = [name for name in (run_dir.CONFIG, run_dir.MODEL)
+                   if not os.path.exists(os.path.join(workdir, name))]
+        raise RunDirError(f"{workdir} holds no finished model (no {' and no '.join(missing)}): a run writes "
+                          f"{run_dir.MODEL}/ when its last epoch ends; export a finished run, or finish "
+                          f"this one first")
+    return run_dir.read_run_config(workdir)
+
+
+def normalization_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (mean, std) the run's pipeline normalised images with (pixel values in [0, 1]).
+
+    "imagenet": ImageNet's constants. "dataset": the training split's statistics, recomputed the way
+    :func:`~alite_jax.data.pipeline.build_input_pipeline` computes them (the split's ``data_shards``
+    shards, one process); this reads the data set, which must be prepared here (``download`` is off).
+    """
+    data = config.data
+    if data.get("normalization", "dataset") == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    split = data.get("train_split") or default_splits(data.dataset)[0]
+    try:
+        source = open_split(data.dataset, split, data_dir=data.get("data_dir"), download=False,
+                            manual_dir=data.get("manual_dir"))
+    except (UserError, OSError, ValueError) as e:
+        raise MissingFileError(
+            f"data.normalization='dataset' folds the training split's channel statistics into the artifact, "
+            f"and {data.dataset!r} ({split}) cannot be read here ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}): prepare the data set here, or give --data_dir") from e
+    num_shards = data.get("data_shards", 0) or 1
+    shards = []
+    for shard in range(num_shards):
+        start, end = shard_range(len(source), shard, num_shards, drop_remainder=True)
+        shards.append(dataclasses.replace(source, records=grain.MapDataset.source(source.records)[start:end]))
+    return channel_stats(shards)
+
+
+def build_model(config: ml_collections.ConfigDict, dtype: str = "float32", impl: str | None = None) -> Any:
+    """The module the run trained (the method's student: a supernet for an SPViT search), computing in
+    ``dtype``; a student's local attention uses ``impl`` (None: the run's, Pallas replaced by the
+    portable :data:`PORTABLE_IMPL`, since a Pallas kernel is compiled for one GPU, not serialised)."""
+    from alite_jax.methods import get_method  # the trainer's methods: heavy, needed only here
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = dtype
+    if config.model.name in STUDENTS:
+        config.model.impl = build_impl_name(config, impl)
+    return get_method(config, config.num_classes).student()
+
+
+def load_variables(workdir: str, model: Any, config: ml_collections.ConfigDict) -> Any:
+    """The run's exported variables (``model/``) on this process's first device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract_variables(model, config.data.image_size, config.channels))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(os.path.abspath(os.path.join(workdir, run_dir.MODEL)), abstract)
+    except Exception as e:  # a model/ that does not fit config.json: the user's files, not a bug
+        raise RunDirError(f"{workdir}/{run_dir.MODEL} cannot be read as the model its config.json describes "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+
+
+def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dtype: str = "float32",
+                       impl: str | None = None, data_dir: str | None = None,
+                       ) -> tuple[InferenceFn, Any, dict[str, Any]]:
+    """``(fn, variables, meta)`` of a finished run: ``fn(variables, images) -> logits``.
+
+    ``images``: float32 in [0, 1], (batch, image_size, image_size, channels) (NHWC) of the run; ``fn``
+    normalises them as the run's pipeline did, then applies the (compacted) model in eval mode;
+    logits are float32 (batch, num_classes). ``meta`` describes input, output, normalisation and source
+    (what an artifact's metadata file records). ``compactor``: a name in :data:`COMPACTORS` or a
+    function; ``dtype``: the compute dtype ("float32": portable; the run's may have been bfloat16);
+    ``impl``: a student's local-attention implementation (:func:`build_model`); ``data_dir`` overrides
+    the config's data directory for the "dataset" statistics.
+    """
+    config = ml_collections.ConfigDict(check_finished_run(workdir))
+    if isinstance(compactor, str):
+        if compactor not in COMPACTORS:
+            raise UserError(f"unknown compactor {compactor!r}; choose one of {sorted(COMPACTORS)}")
+        compactor_name, compactor = compactor, COMPACTORS[compactor]
+    else:
+        compactor_name = getattr(compactor, "__name__", "custom")
+    if data_dir:
+        config.data.data_dir = data_dir
+    mean, std = normalization_stats(config)
+    with user_input(f"{workdir}'s model"):  # e.g. an unknown --impl
+        model = build_model(config, dtype, impl)
+    variables = load_variables(workdir, model, config)
+    apply_fn, variables = compactor(model, variables, run_dir.read_summary(workdir))
+    mean32, inv_std32 = np.asarray(mean, np.float32), (1.0 / np.asarray(std, np.float32)).astype(np.float32)
+
+    def fn(variables: Any, images: jax.Array) -> jax.Array:
+        x = (images.astype(jnp.float32) - mean32) * inv_std32
+        return apply_fn(variables, x).astype(jnp.float32)
+
+    size, channels = config.data.image_size, config.channels
+    meta = {
+        "source_run": os.path.abspath(workdir),
+        "model": {"name": config.model.name, "mode": config.mode, "compactor": compactor_name,
+                  "compute_dtype": dtype},
+        "input": {"shape": [None, size, size, channels], "dtype": "float32", "layout": "NHWC",
+                  "range": [0.0, 1.0], "meaning": "RGB or grayscale pixel values / 255, resized (and "
+                  "centre-cropped) to the run's image size; no normalisation: it is folded in"},
+        "output": {"shape": [None, config.num_classes], "dtype": "float32", "meaning": "logits"},
+        "normalization": {"kind": config.data.get("normalization", "dataset"), "folded": True,
+                          "mean": np.ravel(mean).astype(float).tolist(),
+                          "std": np.ravel(std).astype(float).tolist(),
+                          "formula": "(images - mean) / std, per channel"},
+        "num_classes": config.num_classes, "dataset": config.data.dataset,
+    }
+    if config.model.name in STUDENTS:
+        meta["model"]["impl"] = build_impl_name(config, impl)
+    return fn, variables, meta
+
+
+def build_impl_name(config: ml_collections.ConfigDict, impl: str | None) -> str:
+    """The local-attention implementation :func:`build_model` uses for a student."""
+    run_impl = config.model.get("impl", "auto")
+    return impl or (PORTABLE_IMPL if run_impl in ("auto", "pallas") else run_impl)

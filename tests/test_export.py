@@ -1,0 +1,311 @@
+"""alite_jax.export: inference artifacts of finished runs, their outputs against JAX's, and the refusals.
+
+Tiny finished runs (config.json + model/, written directly) of a ResNet teacher (width 0.125), the
+SA-ResNet26 students (width 0.25, hybrid and homogeneous) and a 2-block DeiT, on the 8x8 digits. Their
+BatchNorm running statistics are perturbed so that eval mode is not the identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from alite_jax import run_dir
+from alite_jax.config import base_config
+from alite_jax.data.pipeline import default_config
+from alite_jax.errors import RunDirError
+from alite_jax.export import flat_attention, formats, inference
+from alite_jax.methods import get_method
+from alite_jax.models import IMPLS, abstract_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Max abs difference of the logits, relative to their largest magnitude: float32, but XLA (JAX), the
+# deserialized StableHLO and LiteRT's kernels fuse and order the sums differently. Measured (pytest -s
+# prints them): StableHLO 0 to 3.5e-7, TFLite 2.8e-7 to 6.8e-7.
+RTOL = 1e-5
+KINDS = ("resnet", "hybrid", "homogeneous", "deit")
+PLAIN_JAX_KINDS = ("resnet", "hybrid", "deit")
+
+
+def make_run(workdir: str, kind: str, normalization: str = "dataset") -> None:
+    """A finished run directory of a tiny model on the 8x8 digits (1 channel, 10 classes)."""
+    c = base_config()
+    c.data = default_config("digits", image_size=8, batch_size=32)
+    c.data.update(train_split="train[:128]", eval_split="test[:64]", normalization=normalization)
+    if kind == "resnet":
+        c.mode, c.model = "teacher", dict(name="resnet50", layout="cifar", width=0.125, dtype="float32")
+    elif kind in ("hybrid", "homogeneous"):
+        c.mode = "baseline"
+        c.model.update(width=0.25, variant=kind)
+    else:
+        c.mode = "teacher"
+        c.model = dict(name="deit_tiny", dtype="float32", patch_size=4, dim=16, depth=2, num_heads=2)
+    model = get_method(c, 10).student()
+    variables = random_variables(abstract_variables(model, 8, 1), np.random.default_rng(1))
+    os.makedirs(workdir, exist_ok=True)
+    run_dir.write_run_config(workdir, c, 10, 1)
+    run_dir.export_model(workdir, variables)
+
+
+def random_variables(abstract, rng):
+    """Variables of the abstract tree's shapes, drawn without initialising (compiling) the model: weights
+    scaled by 1/sqrt(fan-in), BatchNorm scales near 1, running means near 0 and variances near 1, so
+    the logits are O(1) and eval mode is not the identity."""
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name == "var":
+            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        if name == "scale":
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 100
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for kind in KINDS:
+        make_run(str(root / kind), kind)
+    return {kind: str(root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).uniform(size=(3, 8, 8, 1)).astype(np.float32)
+
+
+REFERENCES = {}
+
+
+def reference(workdir, images):
+    """(fn, variables, meta, JAX's logits on ``images``) of a run, computed once per run."""
+    if workdir not in REFERENCES:
+        fn, variables, meta = inference.inference_function(workdir)
+        REFERENCES[workdir] = fn, variables, meta, np.asarray(jax.jit(fn)(variables, images))
+    return REFERENCES[workdir]
+
+
+def relative_difference(out, ref):
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------------------------------
+# The inference function: normalisation folded in, eval mode.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_inference_function_folds_the_pipelines_normalisation(runs, images):
+    fn, variables, meta, logits = reference(runs["resnet"], images)
+    mean, std = np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"])
+    # The digits' training split (dark background): the statistics the pipeline computed, not 0 and 1.
+    assert 0.1 < mean[0] < 0.5 and 0.2 < std[0] < 0.5
+    model = get_method(ml_collections.ConfigDict(run_dir.read_run_config(runs["resnet"])), 10).student()
+    direct, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, (images - mean) / std)
+    np.testing.assert_allclose(logits, np.asarray(direct), rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+    assert meta["input"] == {**meta["input"], "shape": [None, 8, 8, 1], "dtype": "float32",
+                             "range": [0.0, 1.0]}
+    assert meta["output"]["shape"] == [None, 10] and meta["normalization"]["folded"]
+
+    config = ml_collections.ConfigDict(dict(data=dict(normalization="imagenet", dataset="imagenet2012")))
+    mean, std = inference.normalization_stats(config)
+    assert mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert std.tolist() == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_a_compactor_replaces_the_model(runs, images):
+    calls = []
+
+    def halve(model, variables, summary):
+        calls.append(summary)
+        return (lambda v, x: 0.5 * model.apply(v, x, train=False)[0]), variables
+
+    fn, variables, meta = inference.inference_function(runs["deit"], compactor=halve)
+    _, _, _, logits = reference(runs["deit"], images)
+    np.testing.assert_allclose(np.asarray(fn(variables, images)), 0.5 * logits, rtol=1e-6, atol=1e-7)
+    assert calls == [None] and meta["model"]["compactor"] == "halve"
+
+
+# --------------------------------------------------------------------------------------------------
+# stablehlo: plain JAX runs it where alite_jax cannot be imported.
+# --------------------------------------------------------------------------------------------------
+
+PLAIN_JAX = textwrap.dedent("""
+    import sys
+    sys.path[:] = [p for p in sys.path if p] + [{site!r}]  # site-packages without its .pth files
+    try:
+        import alite_jax
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("alite_jax is importable: " + alite_jax.__file__)
+    import json
+    import jax
+    import numpy as np
+    out = {{}}
+    for name, path in json.load(open("artifacts.json")).items():
+        exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+        x = np.load("images.npy")
+        out[name] = np.asarray(exported.call(x)).tolist()
+        if name == "hybrid":  # the symbolic batch: another size, same program
+            out["hybrid, batch 1"] = np.asarray(exported.call(x[:1])).tolist()
+    json.dump(out, open("out.json", "w"))
+""")
+
+
+def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
+    # The homogeneous student (attention stem) is exported by the CLI's test.
+    artifacts, references = {}, {}
+    for kind in PLAIN_JAX_KINDS:
+        fn, variables, meta, references[kind] = reference(runs[kind], images)
+        artifacts[kind] = formats.export(fn, variables, meta, "stablehlo", str(tmp_path / kind))
+        written = json.load(open(tmp_path / kind / formats.METADATA))
+        assert written["input"]["shape"] == [None, 8, 8, 1] and written["format"] == "stablehlo"
+        assert written["source_run"] == os.path.abspath(runs[kind])
+    (tmp_path / "artifacts.json").write_text(json.dumps(artifacts))
+    np.save(tmp_path / "images.npy", images)
+    site = os.path.dirname(os.path.dirname(jax.__file__))
+    assert site == sysconfig.get_paths()["purelib"] or os.path.isdir(site)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", PLAIN_JAX.format(site=site)], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = json.load(open(tmp_path / "out.json"))
+    for kind in PLAIN_JAX_KINDS:
+        diff = relative_difference(np.asarray(out[kind]), references[kind])
+        print(f"\nstablehlo {kind}: max relative difference {diff:.2e}")
+        assert diff < RTOL, (kind, diff)
+    assert relative_difference(np.asarray(out["hybrid, batch 1"]), references["hybrid"][:1]) < RTOL
+
+
+# --------------------------------------------------------------------------------------------------
+# tflite: LiteRT's interpreter against JAX; a layer TFLite cannot represent is named.
+# --------------------------------------------------------------------------------------------------
+
+
+def tflite_outputs(path, images):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # TensorFlow's own copy (deprecated in favour of ai-edge-litert)
+        import tensorflow as tf
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["resnet", "hybrid", "deit"])
+def test_tflite_matches_jax(runs, images, tmp_path, kind):
+    fn, variables, meta, logits = reference(runs[kind], images)
+    path = formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=3,
+                          allow_select_tf_ops=False)  # built-in ops only
+    diff = relative_difference(tflite_outputs(path, images), logits)
+    print(f"\ntflite {kind}: max relative difference {diff:.2e}")
+    assert diff < RTOL, diff
+    assert json.load(open(tmp_path / "tflite" / formats.METADATA))["conversion"]["select_tf_ops"] == []
+
+
+@pytest.mark.slow
+def test_tflite_names_the_local_attention_it_cannot_represent(runs, tmp_path):
+    # impl="patches" (rank-6 einsums), not the default "flat": TFLite's BATCH_MATMUL takes rank <= 5.
+    fn, variables, meta = inference.inference_function(runs["hybrid"], impl="patches")
+    with pytest.raises(formats.ExportError) as error:
+        formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=1)
+    message = str(error.value)
+    print(f"\n{message}")
+    assert "LocalSelfAttention (models/local_attention/patches.py:" in message
+    assert "tfl.batch_matmul" in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "tflite")  # nothing written
+
+
+def test_flat_attention_computes_what_patches_computes():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 6, 3, 4)).astype(np.float32) for _ in range(3))
+    rel_rows, rel_cols = (rng.standard_normal((7, 3, 4)).astype(np.float32) for _ in range(2))
+    options = dict(kernel_size=7, qk_scale=0.5, qr_scale=0.25)
+    flat = flat_attention.flat_local_attention(q, k, v, rel_rows, rel_cols, **options)
+    patches = IMPLS["patches"](q, k, v, rel_rows, rel_cols, **options)
+    np.testing.assert_allclose(np.asarray(flat), np.asarray(patches), rtol=1e-5, atol=1e-5)
+    assert IMPLS[flat_attention.IMPL] is flat_attention.flat_local_attention
+
+
+def test_converter_messages_name_ops_and_layers():
+    message = ("/x/alite_jax/models/local_attention/halo.py:121:9: error: failed to legalize operation "
+               "'tfl.mul' that was explicitly marked illegal\n/x/alite_jax/models/local_attention/halo.py:"
+               "236:13: note: called from\nSome ops are not supported by the native TFLite runtime\n"
+               "TF Select ops: XlaGather, Einsum\n")
+    assert formats.ops_and_layers(message) == (
+        ["tf.Einsum", "tf.XlaGather", "tfl.mul"], ["LocalSelfAttention (models/local_attention/halo.py:121)"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals and the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_missing_optional_package_and_unknown_format_are_refused(monkeypatch):
+    monkeypatch.setitem(formats.NEEDS, "tflite", (("no_such_module_for_the_test", "no-such-pkg"),))
+    with pytest.raises(formats.ExportError, match="--format=tflite needs no-such-pkg, which is not installed "
+                                                  "here: pip install no-such-pkg"):
+        formats.check_format("tflite")
+    with pytest.raises(formats.ExportError, match="--format=onnx is not supported: no maintained"):
+        formats.check_format("onnx")
+    with pytest.raises(formats.ExportError, match="unknown format 'savedmodel'; choose one of stablehlo"):
+        formats.check_format("savedmodel")
+
+
+def test_unfinished_run_is_refused(runs, tmp_path):
+    (tmp_path / "config.json").write_text(open(os.path.join(runs["deit"], "config.json")).read())
+    with pytest.raises(RunDirError, match="holds no finished model \\(no model\\)"):
+        inference.inference_function(str(tmp_path))
+
+
+def run_cli(*flags):
+    return subprocess.run([sys.executable, "-m", "alite_jax.export", *flags], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
+    out = tmp_path / "artifact"
+    result = run_cli(f"--workdir={runs['homogeneous']}", "--format=stablehlo", "--batch=3", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}/model.jax_export" in result.stdout
+    meta = json.load(open(out / formats.METADATA))
+    assert meta["input"]["shape"] == [3, 8, 8, 1] and meta["model"]["impl"] == "flat"
+    exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
+    _, _, _, logits = reference(runs["homogeneous"], images)
+    assert relative_difference(np.asarray(exported.call(images)), logits) < RTOL
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for flags, expected in [
+            ((f"--workdir={unfinished}", "--format=stablehlo"),
+             "holds no finished model (no config.json and no model)"),
+            ((f"--workdir={runs['deit']}", "--format=savedmodel"), "unknown format 'savedmodel'"),
+            ((f"--workdir={runs['deit']}", "--format=onnx"), "--format=onnx is not supported: no maintained"),
+            ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
+            ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
+            ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
+        result = run_cli(*flags)
+        assert result.returncode == 2, (flags, result.stderr[-2000:])
+        assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert not os.path.exists(os.path.join(runs["deit"], "export"))
