@@ -44,6 +44,7 @@ from typing import Any, Callable
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -122,10 +123,15 @@ def read_run_config(workdir: str) -> dict[str, Any] | None:
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
-                     channels: int) -> None:
-    """``workdir/config.json``: the run's config with the data's class and channel counts (process 0)."""
+                     channels: int, input_stats: tuple[Any, Any] | None = None) -> None:
+    """``workdir/config.json``: the run's config with the data's class and channel counts (process 0) and,
+    when given, the per-channel (mean, std) its images were normalised with (``input_mean``,
+    ``input_std``: what an exported model folds in without reading the data again)."""
     if is_leader():
-        text = json.dumps(dict(config.to_dict(), num_classes=num_classes, channels=channels), indent=2)
+        extra = {} if input_stats is None else dict(input_mean=[float(v) for v in np.ravel(input_stats[0])],
+                                                    input_std=[float(v) for v in np.ravel(input_stats[1])])
+        text = json.dumps(dict(config.to_dict(), num_classes=num_classes, channels=channels, **extra),
+                          indent=2)
         _write_atomically(os.path.join(workdir, CONFIG), text)
 
 

@@ -305,7 +305,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
         state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
     epoch = int(state["step"]) // pipe.steps_per_epoch
     history = run_dir.resume_metrics(workdir, epoch, int(state["step"]))
-    run_dir.write_run_config(workdir, config, num_classes, channels)
+    run_dir.write_run_config(workdir, config, num_classes, channels, (pipe.mean, pipe.std))
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
         multihost_utils.sync_global_devices("alite_jax: metrics read")
     run_dir.write_metrics(workdir, history)

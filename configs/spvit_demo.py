@@ -5,10 +5,11 @@ Five phases run in order in subfolders of the workdir:
 
 * ``teacher``: the demo's ResNet-50 (width 0.25, 30 epochs; configs/demo.py), the CNN teacher;
 * ``dense``: the dense miniature DeiT (dim 32, depth 3, 2 heads, patch 2: 16 patches; 0.663 M MACs by
-  SPViT's count) trained with AdamW, the "pretrained" model SPViT starts from;
-* ``search``: the supernet from ``dense``'s weights, searched for 8 epochs towards 0.25 M MACs; it writes
+  SPViT's count) trained with AdamW for 100 epochs, the "pretrained" model SPViT starts from;
+* ``search``: the supernet from ``dense``'s weights, searched for 20 epochs towards 0.25 M MACs; it writes
   architecture.json;
-* ``finetune``: the found architecture from ``dense``'s weights, cross-entropy with label smoothing 0.1;
+* ``finetune``: the found architecture from ``dense``'s weights, 50 epochs of cross-entropy with label
+  smoothing 0.1;
 * ``finetune_kd_sparse``: the same with DeiT's hard distillation from ``teacher`` (weight 0.5) and
   AttentionLite's sparse learning on top (irregular, density 0.5): both papers' compressions in one run.
 
@@ -24,11 +25,13 @@ DEIT = dict(name="deit_tiny", dtype="float32", patch_size=2, dim=32, depth=3, nu
 
 
 def deit_phase(mode: str, num_epochs: int, lr: float) -> ml_collections.ConfigDict:
-    """A phase on the miniature DeiT: the digits at 8x8, batch 64, AdamW (weight decay 0.05)."""
+    """A phase on the miniature DeiT: the digits at 8x8, batch 64, AdamW (weight decay 0.05) at ``lr`` x
+    batch / 64 (DeiT's linear rule), cosine."""
     c = digits_demo(base_config(), num_epochs=num_epochs)
     c.mode = mode
     c.model = ml_collections.ConfigDict(DEIT)
-    c.optimizer.update(name="adamw", lr=lr, schedule="cosine", weight_decay=0.05, decay_epochs=())
+    c.optimizer.update(name="adamw", lr=lr, lr_batch=64, schedule="cosine", weight_decay=0.05,
+                       decay_epochs=())
     c.sparsity.density = 1.0
     return c
 
@@ -37,11 +40,12 @@ def get_config(arg=None):
     """``spvit_demo.py:smoke``: every phase shrunk to 2 epochs on 512 training digits, a quick check."""
     teacher = digits_demo(teacher_config("digits"))
     teacher.optimizer.lr = 0.02  # as configs/demo.py
-    dense = deit_phase("baseline", 30, 2e-3)
-    search = deit_phase("spvit_search", 8, 1e-3)
+    dense = deit_phase("baseline", 100, 5e-3)
+    dense.optimizer.warmup_epochs = 5
+    search = deit_phase("spvit_search", 20, 1e-3)
     search.optimizer.schedule = "step"  # constant, as SPViT's search
     search.spvit.update(pretrained_workdir="dense", lambda_=1e7, target_gflops=0.25e-3, arch_lr=5e-2)
-    finetune = deit_phase("spvit_finetune", 20, 1e-3)
+    finetune = deit_phase("spvit_finetune", 50, 2e-3)
     finetune.data.label_smoothing = 0.1
     finetune.spvit.update(pretrained_workdir="dense", architecture="search")
     sparse = finetune.copy_and_resolve_references()

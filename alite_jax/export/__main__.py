@@ -19,7 +19,8 @@ from absl import app, flags, logging
 
 from alite_jax.errors import UserError
 from alite_jax.export.formats import FORMATS, check_format, export
-from alite_jax.export.inference import AS_TRAINED, COMPACTORS, check_finished_run, inference_function
+from alite_jax.export.compactors import AUTO
+from alite_jax.export.inference import COMPACTORS, check_finished_run, inference_function
 
 EXIT_USER_ERROR = 2
 
@@ -28,8 +29,9 @@ _FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
 _BATCH = flags.DEFINE_string("batch", "", "A fixed batch size N, or 'dynamic' (any batch size). Default: "
                              "dynamic for stablehlo, 1 for tflite.")
 _OUT = flags.DEFINE_string("out", None, "The artifact directory (default <workdir>/export/<format>).")
-_COMPACT = flags.DEFINE_string("compact", AS_TRAINED, "How to compact the model before export: "
-                               "as_trained (the model as it is, dense or masked).")
+_COMPACT = flags.DEFINE_string("compact", AUTO, "How to compact the model before export: auto (column for a "
+                               "column-pruned student, spvit for an SPViT fine-tuning, else as trained), "
+                               "column, spvit, as_trained (the model as it is, dense or masked).")
 _IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: flat, "
                             "which TFLite converts and which takes a dynamic batch).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the run's data set is prepared, when "

@@ -82,13 +82,16 @@ def check_finished_run(workdir: str) -> dict[str, Any]:
 def normalization_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel (mean, std) the run's pipeline normalised images with (pixel values in [0, 1]).
 
-    "imagenet": ImageNet's constants. "dataset": the training split's statistics, recomputed the way
-    :func:`~alite_jax.data.pipeline.build_input_pipeline` computes them (the split's ``data_shards``
+    "imagenet": ImageNet's constants. "dataset": the training split's statistics as the trainer recorded
+    them in config.json (``input_mean``, ``input_std``) or, for a run written before it did, recomputed
+    the way :func:`~alite_jax.data.pipeline.build_input_pipeline` computes them (the split's ``data_shards``
     shards, one process); this reads the data set, which must be prepared here (``download`` is off).
     """
     data = config.data
     if data.get("normalization", "dataset") == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
+    if "input_mean" in config and "input_std" in config:  # recorded by the trainer since issue 20
+        return np.asarray(config.input_mean, np.float32), np.asarray(config.input_std, np.float32)
     split = data.get("train_split") or default_splits(data.dataset)[0]
     try:
         source = open_split(data.dataset, split, data_dir=data.get("data_dir"), download=False,
@@ -106,17 +109,16 @@ def normalization_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, 
     return channel_stats(shards)
 
 
-def build_model(config: ml_collections.ConfigDict, dtype: str = "float32", impl: str | None = None) -> Any:
-    """The module the run trained (the method's student: a supernet for an SPViT search), computing in
-    ``dtype``; a student's local attention uses ``impl`` (None: the run's, Pallas replaced by the
-    portable :data:`PORTABLE_IMPL`, since a Pallas kernel is compiled for one GPU, not serialised)."""
-    from alite_jax.methods import get_method  # the trainer's methods: heavy, needed only here
-
+def build_model(config: ml_collections.ConfigDict, workdir: str, dtype: str = "float32",
+                impl: str | None = None) -> Any:
+    """The module the run trained (:func:`alite_jax.run_dir.run_model`: the zoo's, an SPViT search's
+    supernet or fine-tuned architecture), computing in ``dtype``; a student's local attention uses
+    ``impl`` (None: the run's, Pallas replaced by the portable :data:`PORTABLE_IMPL`, since a Pallas kernel
+    is compiled for one GPU, not serialised)."""
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model.dtype = dtype
     if config.model.name in STUDENTS:
         config.model.impl = build_impl_name(config, impl)
-    return get_method(config, config.num_classes).student()
+    return run_dir.run_model(config, workdir, dtype)
 
 
 def load_variables(workdir: str, model: Any, config: ml_collections.ConfigDict) -> Any:
@@ -156,7 +158,7 @@ def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dt
         config.data.data_dir = data_dir
     mean, std = normalization_stats(config)
     with user_input(f"{workdir}'s model"):  # e.g. an unknown --impl
-        model = build_model(config, dtype, impl)
+        model = build_model(config, workdir, dtype, impl)
     variables = load_variables(workdir, model, config)
     apply_fn, variables = compactor(model, variables, run_dir.read_summary(workdir))
     mean32, inv_std32 = np.asarray(mean, np.float32), (1.0 / np.asarray(std, np.float32)).astype(np.float32)
