@@ -309,3 +309,67 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
         assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
     assert not os.path.exists(os.path.join(runs["deit"], "export"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Compaction in the export: "auto" picks the compact form, which computes what the trained model does.
+# --------------------------------------------------------------------------------------------------
+
+
+def column_pruned_run(workdir):
+    """The hybrid student's run with random column masks at density 0.5 applied (zeros in model/), and a
+    summary that says so."""
+    from alite_jax import sparsity
+
+    make_run(workdir, "hybrid")
+    model = get_method(ml_collections.ConfigDict(run_dir.read_run_config(workdir)), 10).student()
+    variables = random_variables(abstract_variables(model, 8, 1), np.random.default_rng(3))
+    masks, _ = sparsity.init_masks(variables["params"], 0.5, "column", seed=0)
+    variables = dict(variables, params=sparsity.apply_masks(variables["params"], masks))
+    run_dir.export_model(workdir, variables)
+    run_dir.write_summary(workdir, {"structure": "column", "density": 0.5})
+
+
+def spvit_finetune_run(workdir):
+    """A fine-tuned SPViT miniature's run: a 1x1, a 3x3 and an MSA block (unfolded, random weights)."""
+    from alite_jax.models import spvit_compact
+
+    c = base_config()
+    c.data = default_config("digits", image_size=8, batch_size=32)
+    c.mode = "spvit_finetune"
+    c.model = dict(name="deit_tiny", dtype="float32", patch_size=2, dim=16, depth=3, num_heads=2)
+    blocks = [{"attention": k, "ffn_units": list(range(0, 64, s))} for k, s in (("1x1", 3), ("3x3", 1),
+                                                                               ("msa", 5))]
+    arch = {"format": spvit_compact.ARCH_FORMAT, "image_size": 8, "patch_size": 2, "in_chans": 1, "dim": 16,
+            "depth": 3, "num_heads": 2, "mlp_hidden": 64, "num_classes": 10, "blocks": blocks}
+    os.makedirs(workdir, exist_ok=True)
+    spvit_compact.save_architecture(os.path.join(workdir, run_dir.ARCHITECTURE), arch)
+    model = spvit_compact.CompactViT.from_architecture(arch, folded=False)
+    variables = random_variables(abstract_variables(model, 8, 1), np.random.default_rng(4))
+    run_dir.write_run_config(workdir, c, 10, 1, (np.array([0.3]), np.array([0.4])))
+    run_dir.export_model(workdir, variables)
+
+
+@pytest.mark.parametrize("kind", ["column", "spvit"])
+def test_auto_exports_the_compact_model_computing_the_same(tmp_path, images, kind):
+    from alite_jax.export import compactors
+
+    workdir = str(tmp_path / kind)
+    (column_pruned_run if kind == "column" else spvit_finetune_run)(workdir)
+    trained_fn, trained_vars, _ = inference.inference_function(workdir, inference.AS_TRAINED)
+    fn, variables, meta = inference.inference_function(workdir, compactors.AUTO)
+    assert meta["model"]["compactor"] == "auto"
+    trained = np.asarray(jax.jit(trained_fn)(trained_vars, images))
+    compact = np.asarray(jax.jit(fn)(variables, images))
+    assert relative_difference(compact, trained) < RTOL
+    sizes = {}
+    pairs = {"trained": (trained_fn, trained_vars), "compact": (fn, variables)}
+    for name, (f, v) in pairs.items():
+        path = formats.export(f, v, meta, "stablehlo", str(tmp_path / f"{kind}_{name}"))
+        exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+        assert relative_difference(np.asarray(exported.call(images)), trained) < RTOL
+        sizes[name] = os.path.getsize(path)
+    if kind == "column":  # the pruned rows are gone from the artifact (BatchNorm folded too)
+        assert sizes["compact"] < 0.62 * sizes["trained"], sizes
+    else:  # the folded kernels are smaller than v and proj (D x D each) they were mixed from
+        assert sizes["compact"] < sizes["trained"], sizes
