@@ -137,18 +137,13 @@ def test_no_rngs_for_a_method_that_asks_none():
     assert METHODS["distill"].apply_rngs(None, jax.random.key(0)) == {}
 
 
-def init_jit(model, key, image_size, channels=1):
-    """init_model under jit: one compiled program (eagerly, every op of the init compiles on its own)."""
-    return jax.jit(lambda k: init_model(model, k, image_size, channels))(key)
-
-
 def dense_run(tmp_path, config, **changes):
     """A finished dense DeiT run directory of the miniature's shapes (random weights)."""
     dense = config.copy_and_resolve_references()
     dense.mode = "baseline"
     dense.model.update(changes)
     model = model_from_config(dense.model, 10, image_size=dense.data.image_size)
-    variables = init_jit(model, jax.random.key(7), dense.data.image_size)
+    variables = init_model(model, jax.random.key(7), dense.data.image_size, 1)
     workdir = str(tmp_path / "dense")
     os.makedirs(workdir)
     run_dir.write_run_config(workdir, dense, 10, 1)
@@ -162,7 +157,7 @@ def test_pretrained_dense_weights_start_the_supernet(tmp_path):
     method = SPViTSearch(config, 10)
     method.check_inputs()
     model = method.student()
-    fresh = init_jit(model, jax.random.key(0), 8)["params"]
+    fresh = init_model(model, jax.random.key(0), 8, 1)["params"]
     params = method.prepare_params(fresh, None)
     merged, taken = merge_pretrained(fresh, dense)
     dense_leaves = len(jax.tree.leaves(dense))
