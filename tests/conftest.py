@@ -25,8 +25,12 @@ if "jax" in sys.modules:  # imported before this file (by a plugin): set what th
 # The files that take longest (minutes of compiling and end-to-end runs on 2 cores), longest first.
 # pytest-xdist's --dist loadfile hands out whole files in collection order; started last (they sort late
 # by name), the longest would run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_notebook.py", "test_mixed_precision.py",
-                 "test_models.py", "test_sparsity.py", "test_attention.py", "test_attention_impls.py")
+# Measured with -n 0 on a loaded 2-core machine: test_multihost 930 s (its two processes wait on
+# each other, so it suffers most when the cores are shared), test_train 545 s, test_notebook 330 s,
+# test_spvit_search 134-260 s.
+LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_notebook.py", "test_spvit_search.py",
+                 "test_mixed_precision.py", "test_models.py", "test_sparsity.py", "test_attention.py",
+                 "test_attention_impls.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

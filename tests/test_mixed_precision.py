@@ -22,24 +22,38 @@ from alite_jax.models import compute_dtype, create_model, init_model, model_from
 pytestmark = pytest.mark.slow  # two full sparse-distillation steps compile for minutes on 2 cores
 
 
-def _step(dtype: str):
+def _configs():
     cfg = config_lib.base_config()
     cfg.model.width = 0.25
     cfg.sparsity.density = 0.5
     cfg.data.image_size = 16
     teacher_cfg = config_lib.teacher_config("cifar10")
     teacher_cfg.model.width = 0.25
+    return cfg, teacher_cfg
+
+
+def _initial():
+    """The float32 state both steps start from, built once by the float32 models (the compute dtype does
+    not change the parameters; this also saves compiling the bfloat16 initialisers). Eagerly: under jit
+    the whole initialisation compiles as one program, which costs more CPU time (measured)."""
+    cfg, teacher_cfg = _configs()
+    method = AttentionLite(cfg, 10)
+    teacher_variables = init_model(model_from_config(teacher_cfg.model, 10), jax.random.key(1), 16)
+    state = train.create_train_state(method, model_from_config(cfg.model, 10), method.optimizer(10),
+                                     jax.random.key(0), 16)
+    return teacher_variables, state
+
+
+def _step(dtype: str, initial):
+    cfg, teacher_cfg = _configs()
     rng = np.random.default_rng(0)
     batch = dict(image=jnp.asarray(rng.normal(size=(16, 16, 16, 3)), jnp.float32),
                  label=jnp.asarray(rng.integers(0, 10, 16)))
     student = model_from_config(cfg.model, 10, dtype)
     teacher = model_from_config(teacher_cfg.model, 10, dtype)
-    # Both steps start from the same float32 state, built by the float32 models (the compute dtype
-    # does not change the parameters; this also saves compiling the bfloat16 initialisers).
-    teacher_variables = init_model(model_from_config(teacher_cfg.model, 10), jax.random.key(1), 16)
+    teacher_variables, state = initial  # both steps start from the same float32 state
     method = AttentionLite(cfg, 10)
     tx = method.optimizer(10)
-    state = train.create_train_state(method, model_from_config(cfg.model, 10), tx, jax.random.key(0), 16)
     new_state, metrics = jax.jit(train.make_train_step(method, student, teacher, tx, steps_per_epoch=10))(
         state, batch, teacher_variables)
     # The stage outputs' dtypes, from the traced forward (nothing to compile).
@@ -51,7 +65,8 @@ def _step(dtype: str):
 
 @pytest.fixture(scope="module")
 def steps():
-    return {dtype: _step(dtype) for dtype in ("float32", "bfloat16")}
+    initial = _initial()
+    return {dtype: _step(dtype, initial) for dtype in ("float32", "bfloat16")}
 
 
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(steps):

@@ -11,9 +11,28 @@ import pytest
 from alite_jax.data.mixup import mix_batch, mix_params, smooth_one_hot
 
 B, H, W, C, K = 6, 16, 20, 3, 10
-# The hyperparameters are traced: one compiled program per shape serves every setting below.
-jit_mix = jax.jit(mix_batch, static_argnums=3)
+# The hyperparameters are traced: one compiled program per shape serves every setting below, provided
+# every call passes all of them (a call with other keyword arguments would compile another program).
+FULL = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, correct_lam=True)
+_jit_mix = jax.jit(mix_batch, static_argnums=3)
+_jit_params = jax.jit(lambda k, kw: mix_params(k, H, W, **kw))
 _vmap_params = jax.jit(jax.vmap(lambda k, kw: mix_params(k, H, W, **kw), in_axes=(0, None)))
+
+
+def _full(kw, **extra):
+    """Every hyperparameter, the floats as floats (the same traced types in every call)."""
+    kw = {**FULL, **extra, **kw}
+    return {k: v if isinstance(v, bool) else float(v) for k, v in kw.items()}
+
+
+def jit_mix(key, x, y, num_classes, **kw):
+    """mix_batch under jit (one compiled program per shape and dtype, whatever the settings)."""
+    return _jit_mix(key, x, y, num_classes, **_full(kw, label_smoothing=0.1))
+
+
+def jit_params(key, **kw):
+    """mix_params for an H x W image under jit (one compiled program for every setting)."""
+    return _jit_params(key, _full(kw))
 
 
 def _batch(dtype=jnp.float32):
@@ -23,8 +42,7 @@ def _batch(dtype=jnp.float32):
 
 def _params(n, **kw):
     keys = jax.random.split(jax.random.key(1), n)
-    full = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, correct_lam=True)
-    return _vmap_params(keys, {**full, **kw})
+    return _vmap_params(keys, _full(kw))
 
 
 def test_smooth_one_hot():
@@ -53,7 +71,7 @@ def test_mixup_lam_is_beta_and_images_are_the_convex_combination():
     x, y = _batch()
     key = jax.random.key(3)
     mixed, t = jit_mix(key, x, y, K, cutmix_alpha=0.0, label_smoothing=0.0)
-    lam = mix_params(key, H, W, cutmix_alpha=0.0).lam
+    lam = jit_params(key, cutmix_alpha=0.0).lam
     np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(t[0, 0], lam, rtol=1e-6)
     np.testing.assert_allclose(t[0, 5], 1 - lam, rtol=1e-5, atol=1e-6)
@@ -63,7 +81,7 @@ def test_cutmix_box_area_is_one_minus_lam_and_the_box_holds_the_flipped_batch():
     x, y = _batch()
     for seed in range(30):
         key = jax.random.key(seed)
-        p = mix_params(key, H, W, mixup_alpha=0.0)
+        p = jit_params(key, mixup_alpha=0.0)
         assert bool(p.use_cutmix)
         yl, yh, xl, xh = (int(v) for v in p.box)
         assert 0 <= yl <= yh <= H and 0 <= xl <= xh <= W
@@ -78,7 +96,7 @@ def test_cutmix_box_area_is_one_minus_lam_and_the_box_holds_the_flipped_batch():
 
 def test_cutmix_box_follows_rand_bbox():
     """Without lam correction the box has timm's rand_bbox sides before clipping: int(side * sqrt(1-lam))."""
-    p = _params(2000, mixup_alpha=0.0, correct_lam=False)
+    p = _params(4000, mixup_alpha=0.0, correct_lam=False)  # 4000 as elsewhere: one program
     yl, yh, xl, xh = (np.asarray(v) for v in p.box)
     cut_h = np.floor(H * np.sqrt(1 - np.asarray(p.lam))).astype(int)
     cut_w = np.floor(W * np.sqrt(1 - np.asarray(p.lam))).astype(int)
@@ -88,7 +106,7 @@ def test_cutmix_box_follows_rand_bbox():
     assert np.all((yh - yl)[interior] == cut_h[interior]) and np.all((xh - xl)[interior] == cut_w[interior])
     lam = np.asarray(p.lam)
     assert abs(lam.mean() - 0.5) < 4 * math.sqrt(1 / 12 / len(lam))  # Beta(1, 1) before correction
-    corrected = np.asarray(_params(2000, mixup_alpha=0.0).lam)
+    corrected = np.asarray(_params(4000, mixup_alpha=0.0).lam)
     assert corrected.mean() > lam.mean()  # clipping only shrinks the box
 
 

@@ -1,5 +1,7 @@
 """The model zoo: parameter counts, feature shapes, image-size checks, BatchNorm modes, options."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,13 @@ EXPECTED_PARAMS = {
 # 10.3M / 14.1M / 18.0M for the conv-stem SA-ResNet-26/38/50 (docs/architectures.md compares).
 IMAGENET_PARAMS = {"resnet50": 25_557_032, "sa_resnet26": 10_342_632, "sa_resnet38": 14_190_632,
                    "sa_resnet50": 18_038_632}
+
+
+@functools.cache
+def _variables_at_32(name, **opts):
+    """init_model(create_model(name, 10, width=0.25, **opts), key 0, 32x32), once per model: the tests
+    that run the same model share it."""
+    return init_model(create_model(name, 10, width=0.25, **opts), jax.random.key(0), 32)
 
 
 def _make(name, variant, num_classes, **kw):
@@ -159,7 +168,7 @@ def test_imagenet_layout_takes_multiples_of_32():
                          ids=lambda x: x if isinstance(x, str) else x.get("variant", ""))
 def test_forward_and_gradient_run(name, opts):
     model = create_model(name, 10, width=0.25, **opts)
-    variables = init_model(model, jax.random.key(0), 32)
+    variables = _variables_at_32(name, **opts)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     labels = jnp.arange(4) % 10
 
@@ -181,7 +190,7 @@ def test_forward_and_gradient_run(name, opts):
 @pytest.mark.slow  # full-width ResNet-50
 def test_batchnorm_train_and_eval_modes():
     model = create_model("sa_resnet26", 10, width=0.25)
-    variables = init_model(model, jax.random.key(0), 32)
+    variables = _variables_at_32("sa_resnet26", variant="hybrid")  # the default variant
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
 
     # Eval mode uses running statistics: an example's output does not depend on the rest of the batch.
@@ -219,7 +228,7 @@ def test_width_multiplier_and_grayscale_input():
 def test_bfloat16_compute_agrees_with_float32():
     f32 = create_model("sa_resnet26", 10, width=0.25)
     bf16 = create_model("sa_resnet26", 10, width=0.25, dtype=jnp.bfloat16)
-    variables = init_model(f32, jax.random.key(0), 32)
+    variables = _variables_at_32("sa_resnet26", variant="hybrid")  # the default variant
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     # Under jit: op by op, CPU bfloat16 arithmetic is emulated and the eager forward takes minutes.
     ref, ref_feats = jax.jit(f32.apply)(variables, x)
