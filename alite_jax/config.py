@@ -120,6 +120,22 @@ def spvit_imagenet(c: ml_collections.ConfigDict, mode: str, model: str, num_epoc
     return c
 
 
+def spvit_finetune(model: str, arg: str | None) -> ml_collections.ConfigDict:
+    """SPViT's fine-tuning of ``model``'s found architecture on ImageNet (:func:`spvit_imagenet`): 130
+    epochs (``config/spvit_deit_*_ft.json``), or with the ``distill`` switch 200 epochs of DeiT's hard
+    distillation from ``teacher.workdir`` (``_ft_dist.json``; SPViT's teacher RegNetY-16GF is not in the
+    zoo: e.g. torchvision's ResNet-50 converted with python -m alite_jax.convert); ``arg``: "distill",
+    "smoke" or "distill,smoke". Pass the search's run directory (or its architecture.json) and the dense
+    DeiT it started from: ``--config.spvit.architecture=<dir> --config.spvit.pretrained_workdir=<dir>``;
+    ``--config.sparsity.density=<d>`` adds AttentionLite's sparse learning on top."""
+    switches = set((arg or "").split(",")) - {""}
+    c = spvit_imagenet(base_config(), "spvit_finetune", model, num_epochs=130)
+    if "distill" in switches:
+        c.spvit.distill = "hard"
+        c.num_epochs = 200
+    return apply_switch(c, ",".join(sorted(switches - {"distill"})) or None)
+
+
 def digits_demo(c: ml_collections.ConfigDict, num_epochs: int = 30) -> ml_collections.ConfigDict:
     """The method in miniature: scikit-learn's embedded 8x8 digits (no download) at width 0.25, batch 64
     (22 steps per epoch), lr 0.05 decayed x0.1 at 1/2 and 3/4 of ``num_epochs`` (the demo config, the

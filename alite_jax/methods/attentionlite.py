@@ -103,7 +103,34 @@ def sparse_round(config: ml_collections.ConfigDict, state: State, epoch: int,
     return state, row
 
 
-class AttentionLite(Method):
+class SparseLearning:
+    """What a method shares when it prunes with AttentionLite's sparse learning (``self.sparse``): its
+    optimizer (:meth:`inner_optimizer`) wrapped in :func:`sparse_optimizer`, the prune/regrow round after
+    each epoch (:func:`sparse_round`) and the masks. Mixed into :class:`AttentionLite` and SPViT's
+    fine-tuning, before :class:`Method`."""
+
+    config: ml_collections.ConfigDict
+    sparse: bool
+
+    def inner_optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        """The optimizer the sparse wrapper wraps (it must keep a momentum / first moment)."""
+        return optimizer_from_config(self.config, steps_per_epoch)
+
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        inner = self.inner_optimizer(steps_per_epoch)
+        return sparse_optimizer(self.config, inner) if self.sparse else inner
+
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+        """A prune/regrow round (:func:`sparse_round`) when sparse."""
+        if not self.sparse:
+            return state, {}
+        return sparse_round(self.config, state, epoch, steps_per_epoch)
+
+    def masks(self, state: State) -> Any | None:
+        return sparsity.get_masks(state["opt_state"]) if self.sparse else None
+
+
+class AttentionLite(SparseLearning, Method):
     """Distillation from a CNN teacher (CE + KD + attention transfer) with sparse learning."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -143,21 +170,8 @@ class AttentionLite(Method):
         return distill.distillation_loss(logits, t_logits, labels, features, t_features, mode=d.loss,
                                          alpha=d.alpha, beta=d.beta, temperature=d.temperature)
 
-    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
-        inner = optimizer_from_config(self.config, steps_per_epoch)
-        return sparse_optimizer(self.config, inner) if self.sparse else inner
-
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
         return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
-
-    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
-        """A prune/regrow round (:func:`sparse_round`) when sparse."""
-        if not self.sparse:
-            return state, {}
-        return sparse_round(self.config, state, epoch, steps_per_epoch)
-
-    def masks(self, state: State) -> Any | None:
-        return sparsity.get_masks(state["opt_state"]) if self.sparse else None
 
     def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
                        channels: int) -> dict[str, Any]:

@@ -57,8 +57,8 @@ import optax
 from alite_jax import distill, run_dir, sparsity, vit_costs
 from alite_jax.distributed import make_mesh
 from alite_jax.errors import ConfigError, MissingFileError
-from alite_jax.methods.attentionlite import (check_sparsity, check_teacher_run, is_sparse, load_teacher,
-                                             sparse_optimizer, sparse_round)
+from alite_jax.methods.attentionlite import (SparseLearning, check_sparsity, check_teacher_run, is_sparse,
+                                             load_teacher)
 from alite_jax.methods.base import Method, State, Teacher, adamw, decay_mask, learning_rate_schedule
 from alite_jax.models import VisionTransformer, count_params, model_from_config
 from alite_jax.models import spvit_compact
@@ -263,7 +263,7 @@ class SPViTSearch(Method):
         return {run_dir.ARCHITECTURE: arch}
 
 
-class SPViTFinetune(Method):
+class SPViTFinetune(SparseLearning, Method):
     """SPViT's fine-tuning of a found architecture, optionally distilled and sparse (module docstring)."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -350,19 +350,10 @@ class SPViTFinetune(Method):
         return distill.hard_distillation_loss(logits, teacher_out[0], labels,
                                               self.config.spvit.get("distill_alpha", 0.5))
 
-    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
-        inner = adamw(self.config, steps_per_epoch)
-        return sparse_optimizer(self.config, inner) if self.sparse else inner
+    def inner_optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        return adamw(self.config, steps_per_epoch)
 
-    # End of epoch and summary ---------------------------------------------------------------------
-    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
-        if not self.sparse:
-            return state, {}
-        return sparse_round(self.config, state, epoch, steps_per_epoch)
-
-    def masks(self, state: State) -> Any | None:
-        return sparsity.get_masks(state["opt_state"]) if self.sparse else None
-
+    # Summary --------------------------------------------------------------------------------------
     def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
                        channels: int) -> dict[str, Any]:
         arch, dense = self.architecture(), self.dense_model()
