@@ -253,7 +253,6 @@ FIELD_RANGES: dict[str, Range] = {
     "spvit.target_gflops": _above(0, "SPViT's FLOPs target T in G MACs"),
     "spvit.arch_lr": _above(0, "the gate logits' AdamW learning rate"),
     "spvit.distill_alpha": _fraction("the weight of the teacher's hard labels in SPViT's fine-tuning"),
-    "model.drop_path_rate": Range(0, 1, high_open=True, meaning="the last block's stochastic depth rate"),
 }
 
 
