@@ -8,6 +8,7 @@ writers would do the same job but add a dependency pinned to its own JAX range; 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
@@ -21,6 +22,37 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+class ScalarEventWriter:
+    """TensorBoard scalars in an event file (``events.out.tfevents.<time>.<host>``), written with the
+    ``tensorboard`` package's protos and record writer on a plain file: TensorBoard reads them as it
+    reads ``tf.summary`` scalars, and no TensorFlow is imported (flax's ``SummaryWriter`` imports it, about
+    4 s at every start of the trainer)."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self.event_pb2, self.summary_pb2 = event_pb2, summary_pb2
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+        self.file = open(os.path.join(logdir, name), "wb")
+        self.records = RecordWriter(self.file)
+        self.records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+                           .SerializeToString())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        summary = self.summary_pb2.Summary(value=[self.summary_pb2.Summary.Value(tag=tag,
+                                                                                 simple_value=float(value))])
+        self.records.write(self.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+                           .SerializeToString())
+
+    def flush(self) -> None:
+        self.records.flush()
+
+    def close(self) -> None:
+        self.records.close()
+
+
 class MetricWriter:
     """Writes one row per epoch to the console, ``workdir/metrics.jsonl`` and ``workdir/tensorboard``,
     and progress lines to the console (process 0 only)."""
@@ -28,9 +60,7 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.workdir, self.tensorboard = workdir, None
         if is_leader():
-            from flax.metrics import tensorboard  # loads TensorBoard's writer only where it writes
-
-            self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tensorboard = ScalarEventWriter(os.path.join(workdir, "tensorboard"))
 
     def write_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         run_dir.append_metrics(self.workdir, row)

@@ -72,7 +72,13 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
     assert rows[0]["prune_rate"] == pytest.approx(0.1) and rows[1]["prune_rate"] == pytest.approx(0.05)
     for name in ("table1.md", "accuracy.png", "layer_density.png", "config.json"):
         assert os.path.exists(os.path.join(workdir, name)), name
-    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+    events.Reload()  # TensorBoard's own reader: one scalar per epoch of each metric
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    accuracy = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert accuracy == [(r["epoch"], pytest.approx(r["test_accuracy"])) for r in rows]
     # The export holds exactly the student's variables (no teacher inside), pruned to 20%.
     exported = final_params(workdir)
     config = tiny_config("distill", teacher=teacher_dir)
