@@ -362,14 +362,16 @@ def test_auto_exports_the_compact_model_computing_the_same(tmp_path, images, kin
     trained = np.asarray(jax.jit(trained_fn)(trained_vars, images))
     compact = np.asarray(jax.jit(fn)(variables, images))
     assert relative_difference(compact, trained) < RTOL
-    sizes = {}
-    pairs = {"trained": (trained_fn, trained_vars), "compact": (fn, variables)}
-    for name, (f, v) in pairs.items():
-        path = formats.export(f, v, meta, "stablehlo", str(tmp_path / f"{kind}_{name}"))
-        exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
-        assert relative_difference(np.asarray(exported.call(images)), trained) < RTOL
-        sizes[name] = os.path.getsize(path)
-    if kind == "column":  # the pruned rows are gone from the artifact (BatchNorm folded too)
+    # The compact artifact through plain JAX; the weights it holds against the trained model's (the
+    # artifacts' own sizes, overhead included, are measured by benchmarks/inference.py).
+    path = formats.export(fn, variables, meta, "stablehlo", str(tmp_path / f"{kind}_compact"))
+    exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+    assert relative_difference(np.asarray(exported.call(images)), trained) < RTOL
+    sizes = {name: sum(np.asarray(x).nbytes for x in jax.tree.leaves(v))
+             for name, v in (("compact", variables), ("trained", trained_vars))}
+    if kind == "column":  # the pruned rows are gone (BatchNorm folded too)
         assert sizes["compact"] < 0.62 * sizes["trained"], sizes
-    else:  # the folded kernels are smaller than v and proj (D x D each) they were mixed from
-        assert sizes["compact"] < sizes["trained"], sizes
+    else:  # folded: plain conv kernels, no v / head_probs left (a 3x3 kernel of 9 D D/h can outgrow them)
+        attn = [variables["params"][f"block{i}"]["attn"] for i in range(2)]
+        assert set(attn[0]) == {"conv_1x1", "bn_1x1", "proj"}
+        assert set(attn[1]) == {"conv_3x3", "bn_3x3", "proj"}
