@@ -56,11 +56,9 @@ def interleaved(cases: dict[str, tuple[Callable[..., Any], tuple]], reps: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def random_student(width: float, size: int, density: float, seed: int = 0):
-    """SA-ResNet26 (hybrid, CIFAR) with random weights, random BN statistics, and column masks."""
-    model = create_model("sa_resnet26", 10, width=width)
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
-    rng = np.random.default_rng(seed)
+def random_batch_stats(batch_stats: Any, rng: np.random.Generator) -> Any:
+    """BatchNorm running statistics drawn away from init's (mean 0, var 1), so that eval mode is not
+    the identity and folding them is exercised: variances in [0.5, 2], means N(0, 0.2)."""
 
     def perturb(path, leaf):
         name = path[-1].key
@@ -70,8 +68,15 @@ def random_student(width: float, size: int, density: float, seed: int = 0):
             return jnp.asarray(rng.normal(0, 0.2, leaf.shape), jnp.float32)
         return leaf
 
+    return jax.tree_util.tree_map_with_path(perturb, batch_stats)
+
+
+def random_student(width: float, size: int, density: float, seed: int = 0):
+    """SA-ResNet26 (hybrid, CIFAR) with random weights, random BN statistics, and column masks."""
+    model = create_model("sa_resnet26", 10, width=width)
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
     dense = {"params": variables["params"],
-             "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables["batch_stats"])}
+             "batch_stats": random_batch_stats(variables["batch_stats"], np.random.default_rng(seed))}
     masks, _ = init_masks(dense["params"], density, "column", seed=seed)
     masked = {"params": apply_masks(dense["params"], masks), "batch_stats": dense["batch_stats"]}
     return model, dense, masked

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compaction import random_batch_stats  # benchmarks/compaction.py, beside this script
+
 from alite_jax.export import formats
 from alite_jax.export.compact import compact_student
 from alite_jax.export import flat_attention  # noqa: F401  (registers impl="flat")
@@ -46,18 +48,8 @@ RELEASED_TI_FFN = (744, 758, 764, 767, 766, 764, 756, 659, 633, 473, 179, 145)  
 
 def random_variables(model: Any, seed: int) -> dict[str, Any]:
     variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 3)))
-    rng = np.random.default_rng(seed)
-
-    def perturb(path, leaf):
-        name = path[-1].key
-        if name == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
-        if name == "mean":
-            return jnp.asarray(rng.normal(0, 0.2, leaf.shape), jnp.float32)
-        return leaf
-
-    return {"params": variables["params"],
-            "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables.get("batch_stats", {}))}
+    return {"params": variables["params"], "batch_stats": random_batch_stats(
+        variables.get("batch_stats", {}), np.random.default_rng(seed))}
 
 
 def masked(variables: dict[str, Any], density: float, structure: str) -> dict[str, Any]:

@@ -156,23 +156,40 @@ def dense_macs_params(dense: VisionTransformer, in_chans: int) -> tuple[int, int
     return vit_costs.vit_arch_macs(arch, **shapes), vit_costs.vit_arch_params(arch, **shapes)
 
 
-class SPViTSearch(Method):
-    """SPViT's search of a DeiT supernet (see the module docstring)."""
-
-    loss_terms = ("ce", "flops_loss", "gmacs", "total")
+class SPViTMethod(Method):
+    """What SPViT's search and fine-tuning share: the dense DeiT ``config.model`` names (whose shapes the
+    supernet and the found architecture take) and its pretrained parameters
+    (``spvit.pretrained_workdir``), read once before setup traces :meth:`prepare_params`."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         super().__init__(config, num_classes)
         self._dense: Any = None
 
-    # Checks ---------------------------------------------------------------------------------------
     def dense_model(self) -> VisionTransformer:
-        """The dense DeiT ``config.model`` names (the supernet takes its shapes)."""
         return dense_vit(self.config, self.num_classes)
 
     def check(self) -> None:
         super().check()
         self.dense_model()
+
+    def read_inputs(self) -> None:
+        if self.config.spvit.pretrained_workdir and self._dense is None:
+            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
+
+    def pretrained_params(self) -> Any:
+        """The dense run's parameters on the host (None without ``spvit.pretrained_workdir``)."""
+        self.read_inputs()
+        return self._dense
+
+
+class SPViTSearch(SPViTMethod):
+    """SPViT's search of a DeiT supernet (see the module docstring)."""
+
+    loss_terms = ("ce", "flops_loss", "gmacs", "total")
+
+    # Checks ---------------------------------------------------------------------------------------
+    def check(self) -> None:
+        super().check()
         s = self.config.spvit
         if not s.target_gflops > 0 or s.lambda_ < 0 or not s.arch_lr > 0:  # also in config.FIELD_RANGES
             raise ConfigError(f"config.spvit needs target_gflops > 0, lambda_ >= 0 and arch_lr > 0; got "
@@ -190,18 +207,9 @@ class SPViTSearch(Method):
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         return {**super().apply_rngs(jax.random.fold_in(key, 1)), "gates": key}
 
-    def read_inputs(self) -> None:
-        """The pretrained DeiT's parameters, read once before setup traces :meth:`prepare_params`."""
-        if self.config.spvit.pretrained_workdir and self._dense is None:
-            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
-
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        workdir = self.config.spvit.pretrained_workdir
-        if not workdir:
-            return params
-        self.read_inputs()
-        merged, _ = merge_pretrained(params, self._dense)
-        return merged
+        dense = self.pretrained_params()
+        return params if dense is None else merge_pretrained(params, dense)[0]
 
     # Loss -----------------------------------------------------------------------------------------
     def macs(self, params: Any) -> jax.Array:
@@ -263,7 +271,7 @@ class SPViTSearch(Method):
         return {run_dir.ARCHITECTURE: arch}
 
 
-class SPViTFinetune(SparseLearning, Method):
+class SPViTFinetune(SparseLearning, SPViTMethod):
     """SPViT's fine-tuning of a found architecture, optionally distilled and sparse (module docstring)."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -271,7 +279,6 @@ class SPViTFinetune(SparseLearning, Method):
         self.sparse = is_sparse(config)
         self.hard = config.spvit.get("distill", "none") == "hard"
         self._arch: dict[str, Any] | None = None
-        self._dense: Any = None
         self.teacher_model = None
 
     @property
@@ -279,12 +286,8 @@ class SPViTFinetune(SparseLearning, Method):
         return ("ce", "hard_kd", "total") if self.hard else ("ce", "total")
 
     # Checks ---------------------------------------------------------------------------------------
-    def dense_model(self) -> VisionTransformer:
-        return dense_vit(self.config, self.num_classes)
-
     def check(self) -> None:
         super().check()
-        self.dense_model()
         s = self.config.spvit
         if s.get("distill", "none") not in DISTILL_MODES:
             raise ConfigError(f"config.spvit.distill must be one of {DISTILL_MODES}, got {s.distill!r}")
@@ -328,17 +331,10 @@ class SPViTFinetune(SparseLearning, Method):
         self.teacher_model = model
         return model, variables
 
-    def read_inputs(self) -> None:
-        """The pretrained DeiT's parameters, read once before setup traces :meth:`prepare_params`."""
-        if self.config.spvit.pretrained_workdir and self._dense is None:
-            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
-
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        workdir = self.config.spvit.pretrained_workdir
-        if workdir:
-            self.read_inputs()
-            variables, _ = spvit_compact.compact_from_dense(self._dense, self.architecture(),
-                                                            {"params": params})
+        dense = self.pretrained_params()
+        if dense is not None:
+            variables, _ = spvit_compact.compact_from_dense(dense, self.architecture(), {"params": params})
             params = variables["params"]
         return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
 
