@@ -1,9 +1,10 @@
 """The fast local-attention implementations: halo plans, block and chunk choices, "auto", and Pallas.
 
-tests/test_attention.py checks every natively running impl ("patches", "halo") against two independent
-naive references (values, gradients, eager and jit, bf16, locality, equivariance). Here: the halo
-bookkeeping by hand, every block shape and chunking against "patches" (itself checked against the naive
-references), the "auto" dispatch, and the Pallas kernel in interpret mode.
+tests/test_attention.py checks every natively running impl ("patches", "halo", "blocked") against two
+independent naive references (values, gradients, eager and jit, bf16, locality, equivariance). Here: the
+halo bookkeeping by hand, every block shape and chunking of "halo" and "blocked" (and
+"blocked_unchunked") against "patches" (itself checked against the naive references), "blocked"'s
+symbolic batch and per-platform chunking, the "auto" dispatch, and the Pallas kernel in interpret mode.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from alite_jax.models import LocalSelfAttention
 from alite_jax.models import local_attention as A
-from alite_jax.models.local_attention import halo
+from alite_jax.models.local_attention import blocked, halo
 
 
 def _inputs(b, h, w, n, d, k, seed=0, dtype=jnp.float32):
@@ -94,6 +95,57 @@ def test_halo_rejects_chunk_not_dividing_batch():
     with pytest.raises(ValueError, match="chunk 4 must divide the batch 6"):
         A.halo_local_attention(*_inputs(6, 5, 5, 1, 2, 3), kernel_size=3, qk_scale=1.0,
                                qr_scale=1.0, chunk=4)
+
+
+@pytest.mark.parametrize("impl,block,chunk,hw,k", [
+    ("blocked", None, None, (6, 5), 3), ("blocked", (2, 3), 2, (12, 10), 5),
+    ("blocked", (4, 4), 1, (9, 7), 7),
+    ("blocked_unchunked", None, None, (12, 10), 5), ("blocked_unchunked", (3, 2), None, (9, 7), 7)])
+def test_blocked_matches_patches(impl, block, chunk, hw, k):
+    # eager and jit values, and gradients: "blocked" is for inference, but JAX differentiates it
+    args = _inputs(4, *hw, 2, 3, k, seed=5)
+    kw = dict(kernel_size=k, qk_scale=0.3, qr_scale=0.7)
+    options = dict(block=block) if chunk is None else dict(block=block, chunk=chunk)
+    fn = functools.partial(A.IMPLS[impl], **options, **kw)
+    _assert_same(jax.jit(fn), functools.partial(A.patches_local_attention, **kw), args)
+    np.testing.assert_allclose(fn(*args), A.patches_local_attention(*args, **kw), atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_chunks_the_batch_on_the_cpu_only():
+    # A concrete batch whose logits outgrow the CPU's cache budget runs in chunks there (a loop), and
+    # whole elsewhere: lax.platform_dependent, so an artifact lowered for both takes the right one.
+    args = _inputs(8, 32, 32, 1, 2, 7)
+    kw = dict(kernel_size=7, qk_scale=0.3, qr_scale=0.7)
+    per_image = 8 * 8 * 16 * 10 * 10  # blocks of 4x4, windows of 10x10
+    assert blocked.cpu_chunk(8, per_image) < 8
+    assert blocked.cpu_chunk(jax.export.symbolic_shape("b")[0], 1) == 1
+    exported = jax.export.export(jax.jit(lambda q, k, v: A.IMPLS["blocked"](q, k, v, *args[3:], **kw)),
+                                 platforms=("cpu", "cuda"))(*args[:3])
+    text = exported.mlir_module()
+    assert "stablehlo.while" in text and "stablehlo.case" in text
+    unchunked = jax.jit(lambda q, k, v: A.IMPLS["blocked_unchunked"](q, k, v, *args[3:], **kw))
+    assert "while" not in unchunked.lower(*args[:3]).as_text()
+
+
+def test_blocked_takes_a_symbolic_batch():
+    args = _inputs(3, 9, 8, 2, 4, 5, seed=2)
+    kw = dict(kernel_size=5, qk_scale=0.4, qr_scale=0.6)
+    spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("b")[0],) + args[0].shape[1:], jnp.float32)
+    for impl in ("blocked", "blocked_unchunked"):
+        fn = jax.jit(lambda q, k, v, impl=impl: A.IMPLS[impl](q, k, v, *args[3:], **kw))
+        exported = jax.export.export(fn)(spec, spec, spec)
+        for batch in (1, 3):
+            sub = tuple(a[:batch] for a in args[:3])
+            np.testing.assert_allclose(exported.call(*sub), A.patches_local_attention(*sub, *args[3:], **kw),
+                                       atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_rejects_bad_chunk_and_kernel():
+    args = _inputs(6, 5, 5, 1, 2, 3)
+    with pytest.raises(ValueError, match="chunk 4 must divide the batch 6"):
+        A.IMPLS["blocked"](*args, kernel_size=3, qk_scale=1.0, qr_scale=1.0, chunk=4)
+    with pytest.raises(ValueError, match="rel_rows has 3 offsets for kernel_size 5"):
+        A.IMPLS["blocked"](*args, kernel_size=5, qk_scale=1.0, qr_scale=1.0)
 
 
 def test_auto_dispatches_per_backend():

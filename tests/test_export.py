@@ -23,9 +23,9 @@ from alite_jax import run_dir
 from alite_jax.config import base_config
 from alite_jax.data.pipeline import default_config
 from alite_jax.errors import RunDirError
-from alite_jax.export import flat_attention, formats, inference
+from alite_jax.export import formats, inference
 from alite_jax.methods import get_method
-from alite_jax.models import IMPLS, abstract_variables
+from alite_jax.models import abstract_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Max abs difference of the logits, relative to their largest magnitude: float32, but XLA (JAX), the
@@ -211,9 +211,23 @@ def tflite_outputs(path, images):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["resnet", "hybrid", "deit"])
+@pytest.mark.parametrize("kind", ["resnet", "hybrid", "deit", "column"])
 def test_tflite_matches_jax(runs, images, tmp_path, kind):
-    fn, variables, meta, logits = reference(runs[kind], images)
+    # The students as the CLI exports them for TFLite: impl="blocked_unchunked"; "column": the compact form
+    # of a column-pruned student.
+    if kind == "column":
+        from alite_jax.export import compactors
+
+        column_pruned_run(str(tmp_path / "run"))
+        trained_fn, trained_vars, _ = inference.inference_function(str(tmp_path / "run"))
+        logits = np.asarray(jax.jit(trained_fn)(trained_vars, images))
+        fn, variables, meta = inference.inference_function(str(tmp_path / "run"), compactors.AUTO,
+                                                           impl=inference.TFLITE_IMPL)
+    elif kind == "hybrid":
+        fn, variables, meta = inference.inference_function(runs[kind], impl=inference.TFLITE_IMPL)
+        logits = reference(runs[kind], images)[3]
+    else:
+        fn, variables, meta, logits = reference(runs[kind], images)
     path = formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=3,
                           allow_select_tf_ops=False)  # built-in ops only
     diff = relative_difference(tflite_outputs(path, images), logits)
@@ -223,27 +237,28 @@ def test_tflite_matches_jax(runs, images, tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_tflite_names_the_local_attention_it_cannot_represent(runs, tmp_path):
-    # impl="patches" (rank-6 einsums), not the default "flat": TFLite's BATCH_MATMUL takes rank <= 5.
-    fn, variables, meta = inference.inference_function(runs["hybrid"], impl="patches")
-    with pytest.raises(formats.ExportError) as error:
-        formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"), batch=1)
-    message = str(error.value)
-    print(f"\n{message}")
-    assert "LocalSelfAttention (models/local_attention/patches.py:" in message
-    assert "tfl.batch_matmul" in message and "\n" not in message
-    assert not os.path.exists(tmp_path / "tflite")  # nothing written
+def test_tflite_names_the_layer_it_cannot_represent_and_the_fix(runs, tmp_path):
+    # impl="patches": rank-6 einsums (TFLite's BATCH_MATMUL takes rank <= 5); impl="blocked" with a
+    # dynamic batch: its chunk loop; the compact column student with a dynamic batch: its channel gathers.
+    from alite_jax.export import compactors
 
-
-def test_flat_attention_computes_what_patches_computes():
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 5, 6, 3, 4)).astype(np.float32) for _ in range(3))
-    rel_rows, rel_cols = (rng.standard_normal((7, 3, 4)).astype(np.float32) for _ in range(2))
-    options = dict(kernel_size=7, qk_scale=0.5, qr_scale=0.25)
-    flat = flat_attention.flat_local_attention(q, k, v, rel_rows, rel_cols, **options)
-    patches = IMPLS["patches"](q, k, v, rel_rows, rel_cols, **options)
-    np.testing.assert_allclose(np.asarray(flat), np.asarray(patches), rtol=1e-5, atol=1e-5)
-    assert IMPLS[flat_attention.IMPL] is flat_attention.flat_local_attention
+    column_pruned_run(str(tmp_path / "column"))
+    for workdir, compactor, impl, expected in [
+            (runs["hybrid"], inference.AS_TRAINED, "patches", "tfl.batch_matmul in LocalSelfAttention "
+             "(models/local_attention/patches.py:"),
+            (runs["hybrid"], inference.AS_TRAINED, "blocked", "LocalSelfAttention (models/local_attention/"
+             "blocked.py:"),
+            (str(tmp_path / "column"), compactors.AUTO, inference.TFLITE_IMPL, "give a fixed batch size")]:
+        fn, variables, meta = inference.inference_function(workdir, compactor, impl=impl)
+        with pytest.raises(formats.ExportError) as error:
+            formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"),
+                           batch=1 if impl == "patches" else None)
+        message = str(error.value)
+        print(f"\n{message}")
+        assert expected in message and "\n" not in message
+        if impl == "blocked":
+            assert "impl='blocked_unchunked' (the CLI's default" in message
+        assert not os.path.exists(tmp_path / "tflite")  # nothing written
 
 
 def test_converter_messages_name_ops_and_layers():
@@ -289,7 +304,7 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {out}/model.jax_export" in result.stdout
     meta = json.load(open(out / formats.METADATA))
-    assert meta["input"]["shape"] == [3, 8, 8, 1] and meta["model"]["impl"] == "flat"
+    assert meta["input"]["shape"] == [3, 8, 8, 1] and meta["model"]["impl"] == "blocked"
     exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
     _, _, _, logits = reference(runs["homogeneous"], images)
     assert relative_difference(np.asarray(exported.call(images)), logits) < RTOL

@@ -20,7 +20,8 @@ from absl import app, flags, logging
 from alite_jax.errors import UserError
 from alite_jax.export.formats import FORMATS, check_format, export
 from alite_jax.export.compactors import AUTO
-from alite_jax.export.inference import COMPACTORS, check_finished_run, inference_function
+from alite_jax.export.inference import (COMPACTORS, PORTABLE_IMPL, TFLITE_IMPL, check_finished_run,
+                                        inference_function)
 
 EXIT_USER_ERROR = 2
 
@@ -32,8 +33,8 @@ _OUT = flags.DEFINE_string("out", None, "The artifact directory (default <workdi
 _COMPACT = flags.DEFINE_string("compact", AUTO, "How to compact the model before export: auto (column for a "
                                "column-pruned student, spvit for an SPViT fine-tuning, else as trained), "
                                "column, spvit, as_trained (the model as it is, dense or masked).")
-_IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: flat, "
-                            "which TFLite converts and which takes a dynamic batch).")
+_IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implementation (default: blocked, "
+                            "or blocked_unchunked for tflite; both take a dynamic batch).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the run's data set is prepared, when "
                                 "data.normalization='dataset' (its statistics are recomputed).")
 _NO_SELECT = flags.DEFINE_bool("builtins_only", False, "tflite: refuse a model that needs Select TF ops "
@@ -70,7 +71,8 @@ def main(argv: list[str]) -> None:
         check_finished_run(_WORKDIR.value)
         if _COMPACT.value not in COMPACTORS:
             raise UserError(f"unknown --compact={_COMPACT.value!r}; choose one of {sorted(COMPACTORS)}")
-        fn, variables, meta = inference_function(_WORKDIR.value, _COMPACT.value, impl=_IMPL.value,
+        impl = _IMPL.value or (TFLITE_IMPL if fmt == "tflite" else PORTABLE_IMPL)
+        fn, variables, meta = inference_function(_WORKDIR.value, _COMPACT.value, impl=impl,
                                                  data_dir=_DATA_DIR.value)
         out = _OUT.value or os.path.join(_WORKDIR.value, "export", fmt)
         options = {"allow_select_tf_ops": not _NO_SELECT.value} if fmt == "tflite" else {}

@@ -138,6 +138,18 @@ def ops_and_layers(message: str) -> tuple[list[str], list[str]]:
     return sorted(ops), sorted(layers)
 
 
+def conversion_hint(meta: dict[str, Any], batch: int | None, message: str) -> str:
+    """What to do about a model TFLite's converter refused (the end of the error's sentence)."""
+    if meta["model"].get("impl") == "blocked" and "dynamic_slice" in message:
+        return ("; its local attention impl='blocked' runs the batch in chunks by a loop TFLite cannot "
+                "lower: build the inference function with impl='blocked_unchunked' (the CLI's default for "
+                "tflite)")
+    if batch is None and "dynamic_gather" in message:
+        return ("; with a dynamic batch TFLite cannot lower its gathers (a compact model's kept channels): "
+                "give a fixed batch size (--batch=N), or export stablehlo")
+    return "; export stablehlo instead"
+
+
 def tflite_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = 1,
                  allow_select_tf_ops: bool = True) -> tuple[bytes, dict[str, Any]]:
     """(TFLite flatbuffer, what to add to the metadata): built-in ops only when the model allows it, else
@@ -165,10 +177,11 @@ def tflite_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int 
         flat = convert([tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS])
     except Exception as e:
         ops, layers = ops_and_layers(f"{error}\n{e}")
+        hint = conversion_hint(meta, batch, f"{error}\n{e}")
         raise ExportError(
             f"TFLite cannot represent {meta['model']['name']}, even with Select TF ops: the converter cannot "
             f"lower {', '.join(ops) or ' '.join(str(e).split())[:300]}"
-            f"{' in ' + ', '.join(layers[:8]) if layers else ''}; export stablehlo instead") from e
+            f"{' in ' + ', '.join(layers[:8]) if layers else ''}{hint}") from e
     return flat, {"select_tf_ops": ops, "select_tf_layers": layers}
 
 

@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from alite_jax import run_dir
 from alite_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from alite_jax.data.sources import default_splits, open_split, shard_range
-from alite_jax.export import flat_attention  # noqa: F401  (registers impl="flat")
 from alite_jax.errors import MissingFileError, RunDirError, UserError, user_input
 from alite_jax.models import STUDENTS, abstract_variables
 
@@ -41,10 +40,12 @@ Compactor = Callable[[Any, Any, "dict[str, Any] | None"], "tuple[ApplyFn, Any]"]
 InferenceFn = Callable[[Any, jax.Array], jax.Array]
 
 AS_TRAINED = "as_trained"
-# The local-attention implementation exported by default (alite_jax.export.flat_attention): pure JAX
-# (Pallas lowers to one GPU's kernel), exportable with a symbolic batch size (halo's chunking needs a
-# concrete one), and in tensors of rank <= 4, which TFLite converts (patches' rank-6 einsums it does not).
-PORTABLE_IMPL = "flat"
+# The local-attention implementation exported by default (alite_jax.models.local_attention.blocked): halo's
+# blocked matmuls in tensors of rank <= 4 (TFLite converts them; halo's rank-7 einsums it does not), with
+# a symbolic batch size allowed (halo's chunking needs a concrete one); Pallas is compiled for one GPU.
+PORTABLE_IMPL = "blocked"
+# What TFLite's converter takes: the same with no chunk loop (it cannot lower the loop's dynamic slices).
+TFLITE_IMPL = "blocked_unchunked"
 COMPACTORS: dict[str, Compactor] = {}
 
 

@@ -6,6 +6,8 @@
   ``impl="auto"`` policy (:data:`AUTO_IMPLS`, :func:`select_impl`).
 * :mod:`.patches`: ``impl="patches"``, the k^2-gather reference implementation.
 * :mod:`.halo`: ``impl="halo"``, blocked attention (plans, blocks and windows, the custom VJP).
+* :mod:`.blocked`: ``impl="blocked"``, halo's blocking in rank-4 tensors with a symbolic batch, for
+  export (TFLite, ``jax.export``); inference only (no custom VJP).
 * :mod:`.pallas`: ``impl="pallas"``, the halo forward as a fused Pallas kernel; imported the first time
   it is used, so importing the models does not import ``jax.experimental.pallas``.
 """
@@ -17,13 +19,15 @@ from alite_jax.models.local_attention.patches import (extract_patches, fold_neig
                                                       patches_local_attention)
 from alite_jax.models.local_attention.halo import (HALO_CHUNK_BYTES, HaloPlan, default_halo_block,
                                                    default_halo_chunk, halo_local_attention, halo_plan)
+from alite_jax.models.local_attention.blocked import blocked_local_attention
 from alite_jax.models.local_attention.layer import (REL_LAYOUTS, SCALINGS, LocalSelfAttention,
                                                     attention_scales, check_attention_options)
 
 register_lazy_impl("pallas", "alite_jax.models.local_attention.pallas")
 
 __all__ = ["AUTO_IMPLS", "HALO_CHUNK_BYTES", "IMPLS", "REL_LAYOUTS", "SCALINGS", "HaloPlan",
-           "LocalAttentionFn", "LocalSelfAttention", "attention_scales", "check_attention_options",
+           "LocalAttentionFn", "LocalSelfAttention", "attention_scales", "blocked_local_attention",
+           "check_attention_options",
            "default_halo_block", "default_halo_chunk", "extract_patches", "fold_neighbourhoods",
            "gather_neighbourhoods", "halo_local_attention", "halo_plan", "neighbourhood_mask",
            "patches_local_attention", "register_impl", "register_lazy_impl", "select_impl"]
