@@ -11,7 +11,7 @@ import pytest
 
 from alite_jax.export.compact import (CompactResNet, compact_run, compact_student, conv_apply, count_values,
                                       load_compact, save_compact)
-from alite_jax.export.sparse_store import load_sparse, save_sparse, stored_bytes
+from alite_jax.export.sparse_store import decode, densify, encode, load_sparse, save_sparse, stored_bytes
 from alite_jax.models import create_model
 from alite_jax.sparsity import apply_masks, init_masks
 
@@ -225,3 +225,23 @@ def test_sparse_store_round_trip(tmp_path, density):
     np.savez(str(tmp_path / "plain.npz"), a=np.zeros(3))
     with pytest.raises(ValueError, match="not an alite_jax sparse store"):
         load_sparse(str(tmp_path / "plain.npz"))
+
+
+def test_densify_is_decode_in_jax():
+    # Sizes that are not multiples of 8 (the bitmask's padding), an all-zero kernel, a fully dense one,
+    # negative zeros (stored as zeros, restored as +0.0), eager and under jit.
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    kernel[rng.uniform(size=kernel.shape) < 0.9] = 0.0
+    kernel[0, 0, :2] = -0.0
+    flat = {"a/kernel": kernel, "b/zeros": np.zeros((9, 3), np.float32),
+            "c/full": rng.standard_normal((4, 4)).astype(np.float32), "d/ints": np.arange(5, dtype=np.int32)}
+    encoded = encode(flat)
+    assert "a/kernel::bits" in encoded and "b/zeros::bits" in encoded and "c/full" in encoded
+    reference = decode(encoded)
+    for out in (densify(encoded), jax.jit(lambda: densify(encoded))()):
+        assert set(out) == set(flat)
+        for key in flat:
+            np.testing.assert_array_equal(np.asarray(out[key]), reference[key])
+            np.testing.assert_array_equal(np.asarray(out[key]), flat[key])
+            assert np.asarray(out[key]).dtype == flat[key].dtype

@@ -155,11 +155,16 @@ PLAIN_JAX = textwrap.dedent("""
     import json
     import jax
     import numpy as np
+    import os
     out = {{}}
     for name, path in json.load(open("artifacts.json")).items():
         exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+        weights_file = os.path.join(os.path.dirname(path), "weights.jax_export")
+        weights = ()  # sparse weights: a second program returns them, once
+        if os.path.exists(weights_file):
+            weights = (jax.export.deserialize(bytearray(open(weights_file, "rb").read())).call(),)
         x = np.load("images.npy")
-        out[name] = np.asarray(exported.call(x)).tolist()
+        out[name] = np.asarray(exported.call(*weights, x)).tolist()
         if name == "hybrid":  # the symbolic batch: another size, same program
             out["hybrid, batch 1"] = np.asarray(exported.call(x[:1])).tolist()
     json.dump(out, open("out.json", "w"))
@@ -167,14 +172,25 @@ PLAIN_JAX = textwrap.dedent("""
 
 
 def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
-    # The homogeneous student (attention stem) is exported by the CLI's test.
+    # The homogeneous student (attention stem) is exported by the CLI's test. "irregular": an irregularly
+    # pruned student (d = 0.1), whose weights the export stores as non-zeros in a second program.
+    irregular_run(str(tmp_path / "irregular_run"))
+    runs = dict(runs, irregular=str(tmp_path / "irregular_run"))
     artifacts, references = {}, {}
-    for kind in PLAIN_JAX_KINDS:
+    for kind in PLAIN_JAX_KINDS + ("irregular",):
         fn, variables, meta, references[kind] = reference(runs[kind], images)
         artifacts[kind] = formats.export(fn, variables, meta, "stablehlo", str(tmp_path / kind))
         written = json.load(open(tmp_path / kind / formats.METADATA))
         assert written["input"]["shape"] == [None, 8, 8, 1] and written["format"] == "stablehlo"
         assert written["source_run"] == os.path.abspath(runs[kind])
+        assert written["weights"] == ("sparse" if kind == "irregular" else "embedded")
+    # The same model with its weights embedded (dense): the sparse pair is much smaller.
+    fn, variables, meta, _ = reference(runs["irregular"], images)
+    dense = formats.export(fn, variables, meta, "stablehlo", str(tmp_path / "dense"), sparse_weights=False)
+    sparse = os.path.getsize(artifacts["irregular"]) + os.path.getsize(tmp_path / "irregular" /
+                                                                       formats.WEIGHTS_FILE)
+    print(f"\nirregular d=0.1: sparse artifact {sparse:,} bytes, dense {os.path.getsize(dense):,}")
+    assert sparse < 0.45 * os.path.getsize(dense)
     (tmp_path / "artifacts.json").write_text(json.dumps(artifacts))
     np.save(tmp_path / "images.npy", images)
     site = os.path.dirname(os.path.dirname(jax.__file__))
@@ -184,7 +200,7 @@ def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = json.load(open(tmp_path / "out.json"))
-    for kind in PLAIN_JAX_KINDS:
+    for kind in PLAIN_JAX_KINDS + ("irregular",):
         diff = relative_difference(np.asarray(out[kind]), references[kind])
         print(f"\nstablehlo {kind}: max relative difference {diff:.2e}")
         assert diff < RTOL, (kind, diff)
@@ -318,6 +334,8 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
             ((f"--workdir={runs['deit']}", "--format=onnx"), "--format=onnx is not supported: no maintained"),
             ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
             ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
+            ((f"--workdir={runs['deit']}", "--format=tflite", "--sparse_weights=on"),
+             "sparse weights are for --format=stablehlo"),
             ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
         result = run_cli(*flags)
         assert result.returncode == 2, (flags, result.stderr[-2000:])
@@ -343,6 +361,20 @@ def column_pruned_run(workdir):
     variables = dict(variables, params=sparsity.apply_masks(variables["params"], masks))
     run_dir.export_model(workdir, variables)
     run_dir.write_summary(workdir, {"structure": "column", "density": 0.5})
+
+
+def irregular_run(workdir, density=0.1):
+    """The hybrid student's run with random irregular masks applied (zeros in model/), and a summary that
+    says so."""
+    from alite_jax import sparsity
+
+    make_run(workdir, "hybrid")
+    model = get_method(ml_collections.ConfigDict(run_dir.read_run_config(workdir)), 10).student()
+    variables = random_variables(abstract_variables(model, 8, 1), np.random.default_rng(5))
+    masks, _ = sparsity.init_masks(variables["params"], density, "irregular", seed=0)
+    variables = dict(variables, params=sparsity.apply_masks(variables["params"], masks))
+    run_dir.export_model(workdir, variables)
+    run_dir.write_summary(workdir, {"structure": "irregular", "density": density})
 
 
 def spvit_finetune_run(workdir):

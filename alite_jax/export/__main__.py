@@ -1,4 +1,5 @@
-"""``python -m alite_jax.export --workdir=<run> --format=stablehlo|tflite|onnx [--batch=N|dynamic]``
+"""``python -m alite_jax.export --workdir=<run> --format=stablehlo|tflite|onnx [--batch=N|dynamic]
+[--sparse_weights=auto|on|off]``
 
 Writes an inference artifact of a finished run's model, its normalisation folded in (it takes float32
 images in [0, 1], NHWC, the run's size and channels, and returns logits), into ``<workdir>/export/<format>/``
@@ -18,7 +19,7 @@ import time
 from absl import app, flags, logging
 
 from alite_jax.errors import UserError
-from alite_jax.export.formats import FORMATS, check_format, export
+from alite_jax.export.formats import FORMATS, WEIGHTS_FILE, check_format, export
 from alite_jax.export.compactors import AUTO
 from alite_jax.export.inference import (COMPACTORS, PORTABLE_IMPL, TFLITE_IMPL, check_finished_run,
                                         inference_function)
@@ -37,6 +38,10 @@ _IMPL = flags.DEFINE_string("impl", None, "A student's local-attention implement
                             "or blocked_unchunked for tflite; both take a dynamic batch).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the run's data set is prepared, when "
                                 "data.normalization='dataset' (its statistics are recomputed).")
+_SPARSE = flags.DEFINE_enum("sparse_weights", "auto", ["auto", "on", "off"],
+                            "stablehlo: store the weights as non-zero values plus bitmasks, in a second "
+                            "program (weights.jax_export) that returns them at load; auto: for an "
+                            "irregularly pruned run.")
 _NO_SELECT = flags.DEFINE_bool("builtins_only", False, "tflite: refuse a model that needs Select TF ops "
                                "(the Flex delegate), naming them, instead of including them.")
 
@@ -65,8 +70,9 @@ def main(argv: list[str]) -> None:
         _exit_with_user_error(f"give --workdir=<a finished run> and --format=<{'|'.join(FORMATS)}>")
     fmt = _FORMAT.value
     start = time.perf_counter()
+    sparse = {"auto": None, "on": True, "off": False}[_SPARSE.value]
     try:  # every check that reads no model comes first
-        check_format(fmt)
+        check_format(fmt, sparse)
         batch = parse_batch(_BATCH.value, fmt)
         check_finished_run(_WORKDIR.value)
         if _COMPACT.value not in COMPACTORS:
@@ -76,10 +82,12 @@ def main(argv: list[str]) -> None:
                                                  data_dir=_DATA_DIR.value)
         out = _OUT.value or os.path.join(_WORKDIR.value, "export", fmt)
         options = {"allow_select_tf_ops": not _NO_SELECT.value} if fmt == "tflite" else {}
-        path = export(fn, variables, meta, fmt, out, batch, **options)
+        path = export(fn, variables, meta, fmt, out, batch, sparse, **options)
     except UserError as e:  # the user's to fix: one line, no traceback
         _exit_with_user_error(str(e))
-    print(f"wrote {path} ({os.path.getsize(path):,} bytes) and its metadata.json in "
+    weights = os.path.join(os.path.dirname(path), WEIGHTS_FILE)
+    also = f", {weights} ({os.path.getsize(weights):,} bytes)" if os.path.exists(weights) else ""
+    print(f"wrote {path} ({os.path.getsize(path):,} bytes){also} and its metadata.json in "
           f"{time.perf_counter() - start:.0f}s", flush=True)
 
 

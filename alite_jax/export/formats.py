@@ -33,9 +33,11 @@ import jax
 import numpy as np
 
 from alite_jax.errors import UserError
+from alite_jax.export import compact, sparse_store
 
 FORMATS = ("stablehlo", "tflite", "onnx")
 FILES = {"stablehlo": "model.jax_export", "tflite": "model.tflite"}
+WEIGHTS_FILE = "weights.jax_export"  # stablehlo with sparse_weights: the program that returns the weights
 METADATA = "metadata.json"
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 # Optional packages each format needs beyond alite_jax's own (tensorflow-cpu, which tflite uses, is one of
@@ -55,8 +57,12 @@ class ExportError(UserError):
     needs is missing (the message names the pip command)."""
 
 
-def check_format(fmt: str) -> None:
-    """Raises :class:`ExportError` for an unknown format or a missing optional package, before any work."""
+def check_format(fmt: str, sparse_weights: bool | None = None) -> None:
+    """Raises :class:`ExportError` for an unknown format, a missing optional package or sparse weights
+    asked of a format that cannot store them, before any work."""
+    if sparse_weights and fmt != "stablehlo":
+        raise ExportError(f"--format={fmt} stores the weights as constants of its graph, dense: sparse "
+                          f"weights are for --format=stablehlo")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt in UNSUPPORTED:
@@ -84,14 +90,45 @@ def input_shape(meta: dict[str, Any], batch: int | None) -> list[int | None]:
 def stablehlo_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = None,
                     platforms: tuple[str, ...] = DEFAULT_PLATFORMS) -> tuple[bytes, dict[str, Any]]:
     """(serialized jax.export artifact, what to add to the metadata). ``batch`` None: symbolic."""
+    exported = jax.export.export(jax.jit(_closed(fn, variables)),
+                                 platforms=platforms)(image_spec(meta, batch))
+    return bytes(exported.serialize()), stablehlo_info(exported)
+
+
+def image_spec(meta: dict[str, Any], batch: int | None) -> jax.ShapeDtypeStruct:
+    """The images argument: (batch, H, W, C) float32, the batch symbolic when ``batch`` is None."""
     shape = input_shape(meta, batch)
     if batch is None:
         shape[0] = jax.export.symbolic_shape("batch")[0]
-    spec = jax.ShapeDtypeStruct(tuple(shape), np.float32)
-    exported = jax.export.export(jax.jit(_closed(fn, variables)), platforms=platforms)(spec)
-    info = {"platforms": list(exported.platforms), "calling_convention_version":
+    return jax.ShapeDtypeStruct(tuple(shape), np.float32)
+
+
+def stablehlo_info(exported: Any) -> dict[str, Any]:
+    return {"platforms": list(exported.platforms), "calling_convention_version":
             exported.calling_convention_version, "jax_version": jax.__version__}
-    return bytes(exported.serialize()), info
+
+
+def stablehlo_sparse_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int | None = None,
+                           platforms: tuple[str, ...] = DEFAULT_PLATFORMS
+                           ) -> tuple[bytes, bytes, dict[str, Any]]:
+    """(model program, weights program, what to add to the metadata) for an irregularly pruned model.
+
+    Weights baked into one program as constants are stored dense, zeros and all. Here the model program
+    takes the weights as its first argument (``model.call(weights, images)``), and a second program with
+    no arguments returns them (``weights = weights_program.call()``, once, at load): it holds each sparse
+    kernel as its non-zero values plus a bitmask (:func:`~alite_jax.export.sparse_store.encode`) and
+    expands them (:func:`~alite_jax.export.sparse_store.densify`). Decoding inside the model program
+    instead would run at every call: XLA does not fold it (it doubled the batch-1 latency measured).
+    """
+    encoded = sparse_store.encode(compact.flatten(variables))
+    weights_exported = jax.export.export(jax.jit(lambda: compact.unflatten(sparse_store.densify(encoded))),
+                                         platforms=platforms)()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), variables)
+    model_exported = jax.export.export(jax.jit(fn), platforms=platforms)(abstract, image_spec(meta, batch))
+    stored = [k for k in encoded if k.endswith(f"{sparse_store.SEP}values")]
+    info = dict(stablehlo_info(model_exported), weights_file=WEIGHTS_FILE, sparse_leaves=len(stored),
+                nonzero_weights=int(sum(np.asarray(encoded[k]).size for k in stored)))
+    return bytes(model_exported.serialize()), bytes(weights_exported.serialize()), info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,17 +227,17 @@ def tflite_bytes(fn: Callable, variables: Any, meta: dict[str, Any], batch: int 
 # --------------------------------------------------------------------------------------------------
 
 
-def write_artifact(out_dir: str, fmt: str, payload: bytes, meta: dict[str, Any]) -> str:
-    """Writes ``<out_dir>/<FILES[fmt]>`` and ``metadata.json`` atomically (a new directory renamed into
-    place; the previous export, if any, is replaced only once the new one is complete). Returns the
-    artifact file's path."""
+def write_artifact(out_dir: str, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+    """Writes ``files`` ({name: bytes}) and ``metadata.json`` into ``out_dir`` atomically (a new directory
+    renamed into place; the previous export, if any, is replaced only once the new one is complete)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        with open(os.path.join(tmp, FILES[fmt]), "wb") as f:
-            f.write(payload)
+        for name, payload in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(payload)
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=2)
         old = None
@@ -213,18 +250,34 @@ def write_artifact(out_dir: str, fmt: str, payload: bytes, meta: dict[str, Any])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return os.path.join(out_dir, FILES[fmt])
+
+
+def wants_sparse_weights(meta: dict[str, Any], sparse_weights: bool | None) -> bool:
+    """``sparse_weights`` None ("auto"): stored sparse when the run was irregularly pruned."""
+    if sparse_weights is None:
+        return meta["model"].get("structure") == "irregular"
+    return sparse_weights
 
 
 def export(fn: Callable, variables: Any, meta: dict[str, Any], fmt: str, out_dir: str,
-           batch: int | None = None, **options: Any) -> str:
+           batch: int | None = None, sparse_weights: bool | None = None, **options: Any) -> str:
     """Converts the inference function to ``fmt`` and writes the artifact into ``out_dir``; returns the
     artifact file's path. ``batch``: a fixed batch size, or None for any (tflite: None is kept dynamic
-    too; LiteRT then needs ``resize_tensor_input`` before ``allocate_tensors``)."""
-    check_format(fmt)
-    convert = {"stablehlo": stablehlo_bytes, "tflite": tflite_bytes}[fmt]
-    payload, info = convert(fn, variables, meta, batch, **options)
-    meta = dict(meta, format=fmt, file=FILES[fmt], conversion=info)
+    too; LiteRT then needs ``resize_tensor_input`` before ``allocate_tensors``). ``sparse_weights``
+    (stablehlo only): store the weights as non-zeros plus bitmasks in a second program
+    (:func:`stablehlo_sparse_bytes`); None: when the run was irregularly pruned."""
+    check_format(fmt, sparse_weights)
+    sparse = wants_sparse_weights(meta, sparse_weights)
+    files: dict[str, bytes] = {}
+    if fmt == "stablehlo" and sparse:
+        files[FILES[fmt]], files[WEIGHTS_FILE], info = stablehlo_sparse_bytes(fn, variables, meta, batch,
+                                                                             **options)
+    else:
+        convert = {"stablehlo": stablehlo_bytes, "tflite": tflite_bytes}[fmt]
+        files[FILES[fmt]], info = convert(fn, variables, meta, batch, **options)
+    meta = dict(meta, format=fmt, file=FILES[fmt], conversion=info,
+                weights="sparse" if WEIGHTS_FILE in files else "embedded")
     meta["input"] = dict(meta["input"], shape=input_shape(meta, batch))
     meta["output"] = dict(meta["output"], shape=[batch] + meta["output"]["shape"][1:])
-    return write_artifact(out_dir, fmt, payload, meta)
+    write_artifact(out_dir, files, meta)
+    return os.path.join(os.path.abspath(out_dir), FILES[fmt])

@@ -161,7 +161,8 @@ def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dt
     with user_input(f"{workdir}'s model"):  # e.g. an unknown --impl
         model = build_model(config, workdir, dtype, impl)
     variables = load_variables(workdir, model, config)
-    apply_fn, variables = compactor(model, variables, run_dir.read_summary(workdir))
+    summary = run_dir.read_summary(workdir)
+    apply_fn, variables = compactor(model, variables, summary)
     mean32, inv_std32 = np.asarray(mean, np.float32), (1.0 / np.asarray(std, np.float32)).astype(np.float32)
 
     def fn(variables: Any, images: jax.Array) -> jax.Array:
@@ -172,7 +173,8 @@ def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dt
     meta = {
         "source_run": os.path.abspath(workdir),
         "model": {"name": config.model.name, "mode": config.mode, "compactor": compactor_name,
-                  "compute_dtype": dtype},
+                  "compute_dtype": dtype, "structure": (summary or {}).get("structure"),
+                  "density": (summary or {}).get("density")},
         "input": {"shape": [None, size, size, channels], "dtype": "float32", "layout": "NHWC",
                   "range": [0.0, 1.0], "meaning": "RGB or grayscale pixel values / 255, resized (and "
                   "centre-cropped) to the run's image size; no normalisation: it is folded in"},

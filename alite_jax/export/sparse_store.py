@@ -11,7 +11,8 @@ non-zeros: :func:`save_sparse` writes every float leaf whose encoding is smaller
 
 and every other leaf as it is (``<path>``), in one uncompressed .npz. At density d a float32 kernel
 takes (4 d + 1/8) bytes per weight instead of 4, e.g. 13% at d = 0.1. :func:`load_sparse` restores the
-dense masked arrays exactly (a stored zero comes back as +0.0).
+dense masked arrays exactly (a stored zero comes back as +0.0); :func:`densify` does the same in JAX
+(jittable: the StableHLO export's weights program runs it, :mod:`alite_jax.export.formats`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import os
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from alite_jax.export.compact import flatten, unflatten
@@ -67,6 +69,30 @@ def decode(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: {values.size} values for {int(nonzero.sum())} set bits")
         dense = np.zeros(size, values.dtype)
         dense[nonzero] = values
+        flat[path] = dense.reshape(shape)
+    return flat
+
+
+def densify(data: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """:func:`decode` in JAX ops (static shapes; traceable), the flat {path: dense array} of
+    :func:`encode`'s arrays: the bits unpacked (most significant first, as ``np.packbits``), each set
+    bit's rank (a cumulative sum) indexing the values."""
+    flat: dict[str, Any] = {}
+    for key in data:
+        if key.startswith("__") or (SEP in key and not key.endswith(f"{SEP}values")):
+            continue
+        if SEP not in key:
+            flat[key] = jnp.asarray(data[key])
+            continue
+        path = key[:-len(f"{SEP}values")]
+        shape = tuple(int(s) for s in np.asarray(data[f"{path}{SEP}shape"]))
+        values = jnp.asarray(data[key])
+        size = int(np.prod(shape))
+        bits = jnp.asarray(data[f"{path}{SEP}bits"]).astype(jnp.int32)
+        nonzero = ((bits[:, None] >> jnp.arange(7, -1, -1, dtype=jnp.int32)) & 1).reshape(-1)[:size]
+        rank = jnp.cumsum(nonzero) - 1
+        dense = jnp.where(nonzero == 1, values[jnp.clip(rank, 0, max(values.size - 1, 0))],
+                          jnp.zeros((), values.dtype)) if values.size else jnp.zeros(size, values.dtype)
         flat[path] = dense.reshape(shape)
     return flat
 
