@@ -11,8 +11,13 @@ Rows (random weights and BatchNorm statistics, 32x32 CIFAR-shaped inputs, 10 cla
 * a DeiT-Ti-shaped ViT at 32x32 (patch 4: 64 patches, 12 blocks, D 192) and the SPViT model of the
   released SPViT-DeiT-Ti architecture (two 1x1 conv blocks, then MSA; the released FFN widths) in its
   fine-tuning (unfolded) and inference (folded) forms;
-* each JAX row's StableHLO artifact (``jax.export``, deserialized and called) and TFLite artifact (LiteRT
-  interpreter, 2 threads), batch 1 latency and batch ``--batch`` images/s, with the artifact's size.
+* each JAX row's StableHLO artifact (``jax.export``, deserialized, its ``call`` jitted; the irregular
+  student's as the export writes it, its weights stored sparse in a second program run once beforehand)
+  and TFLite artifact (LiteRT interpreter, 2 threads), batch 1 latency and batch ``--batch`` images/s,
+  with the artifact's size.
+
+The students' local attention is the export's: ``impl="blocked"`` in JAX and StableHLO,
+``"blocked_unchunked"`` in TFLite (``alite_jax/models/local_attention/blocked.py``).
 
 Within each batch size every JAX row runs interleaved with the others (one call of each per round, the
 median over rounds), so load from other processes hits them alike; the artifacts are timed after them in
@@ -37,7 +42,7 @@ from compaction import random_batch_stats  # benchmarks/compaction.py, beside th
 
 from alite_jax.export import formats
 from alite_jax.export.compact import compact_student
-from alite_jax.export import flat_attention  # noqa: F401  (registers impl="flat")
+from alite_jax.export.inference import PORTABLE_IMPL, TFLITE_IMPL
 from alite_jax.models import create_model
 from alite_jax.models.spvit_compact import ARCH_FORMAT, CompactViT, fold_variables
 from alite_jax.sparsity import apply_masks, init_masks
@@ -115,17 +120,35 @@ def tflite_runner(payload: bytes, x: np.ndarray) -> Callable[[], Any]:
     return run
 
 
-def artifact_runner(fmt: str, fn: Callable, variables: Any, meta: dict[str, Any],
-                    x: np.ndarray) -> tuple[Callable[[], Any], int]:
-    """(a call of ``fmt``'s artifact of the function on ``x`` through its runtime, the artifact's bytes)."""
+def artifact_runner(fmt: str, fn: Callable, variables: Any, meta: dict[str, Any], x: np.ndarray,
+                    sparse_weights: bool = False) -> tuple[Callable[[], Any], int]:
+    """(a call of ``fmt``'s artifact of the function on ``x`` through its runtime, the artifact's bytes).
+    ``sparse_weights``: the StableHLO pair of an irregular model (weights program run once, beforehand)."""
+    if fmt == "stablehlo" and sparse_weights:
+        model, weights, _ = formats.stablehlo_sparse_bytes(fn, variables, meta, batch=None,
+                                                           platforms=("cpu",))
+        call = jax.jit(jax.export.deserialize(bytearray(model)).call)  # jit: one dispatch, not one per leaf
+        dense = jax.export.deserialize(bytearray(weights)).call()
+        return (lambda: call(dense, x)), len(model) + len(weights)
     if fmt == "stablehlo":
         payload, _ = formats.stablehlo_bytes(fn, variables, meta, batch=None, platforms=("cpu",))
-        exported = jax.export.deserialize(bytearray(payload))
-        return (lambda: exported.call(x)), len(payload)
+        call = jax.jit(jax.export.deserialize(bytearray(payload)).call)
+        return (lambda: call(x)), len(payload)
     payload, info = formats.tflite_bytes(fn, variables, meta, batch=x.shape[0])
     if info["select_tf_ops"]:
         print(f"  tflite needs Select TF ops {info['select_tf_ops']}", flush=True)
     return tflite_runner(payload, x), len(payload)
+
+
+def student_rows(width: float, impl: str, variables: Any, column: Any, irregular: Any
+                 ) -> dict[str, tuple[Callable, Any]]:
+    """The student's rows with local attention ``impl`` (the same weights for every impl)."""
+    student = create_model("sa_resnet26", CLASSES, width=width, impl=impl)
+    compact, compact_params = compact_student(student, column)
+    return {"student dense": (apply_of(student), variables),
+            "student masked column d=0.5": (apply_of(student), column),
+            "student masked irregular d=0.1": (apply_of(student), irregular),
+            "student compact column d=0.5": (compact.apply, compact_params)}
 
 
 def main() -> None:
@@ -141,17 +164,15 @@ def main() -> None:
           f"batch 1 and {args.batch}, median of {args.reps} interleaved rounds", flush=True)
 
     teacher = create_model("resnet50", CLASSES, width=args.width)
-    student = create_model("sa_resnet26", CLASSES, width=args.width, impl="flat")
-    student_vars = random_variables(student, 1)
+    student_vars = random_variables(create_model("sa_resnet26", CLASSES, width=args.width), 1)
     column = masked(student_vars, 0.5, "column")
-    compact, compact_params = compact_student(student, column)
-    rows: dict[str, tuple[Callable, Any]] = {
-        "teacher (ResNet-50)": (apply_of(teacher), random_variables(teacher, 0)),
-        "student dense": (apply_of(student), student_vars),
-        "student masked column d=0.5": (apply_of(student), column),
-        "student masked irregular d=0.1": (apply_of(student), masked(student_vars, 0.1, "irregular")),
-        "student compact column d=0.5": (compact.apply, compact_params),
-        **spvit_models(args.width)}
+    irregular = masked(student_vars, 0.1, "irregular")
+    teacher_row = {"teacher (ResNet-50)": (apply_of(teacher), random_variables(teacher, 0))}
+    vits = spvit_models(args.width)
+    rows = {**teacher_row, **student_rows(args.width, PORTABLE_IMPL, student_vars, column, irregular), **vits}
+    # TFLite takes the students with the unchunked attention (its converter cannot lower the chunk loop)
+    tflite_rows = {**teacher_row, **student_rows(args.width, TFLITE_IMPL, student_vars, column, irregular),
+                   **vits}
     jitted = {name: jax.jit(fn) for name, (fn, _) in rows.items()}
 
     x1 = np.random.default_rng(0).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
@@ -173,9 +194,10 @@ def main() -> None:
     for fmt in ("stablehlo",) + (() if args.skip_tflite else ("tflite",)):
         for label, x, reps in (("b1", x1, 4 * args.reps), ("bN", xb, args.reps)):
             cases = {}
-            for name, (fn, v) in rows.items():
+            for name, (fn, v) in (tflite_rows if fmt == "tflite" else rows).items():
                 try:
-                    cases[name], sizes[name][fmt] = artifact_runner(fmt, fn, v, meta, x)
+                    cases[name], sizes[name][fmt] = artifact_runner(fmt, fn, v, meta, x,
+                                                                    sparse_weights="irregular" in name)
                 except Exception as e:  # a format that cannot represent a model: say so, go on
                     print(f"  {name}: {fmt} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
                           flush=True)
@@ -203,9 +225,9 @@ def main() -> None:
                       f"latency {base[f'{k} b1'] / results[name][f'{k} b1']:.2f}x")
     for fmt in ("stablehlo", "tflite"):
         dense_size = sizes["student dense"].get(fmt)
-        if dense_size and fmt in sizes["student compact column d=0.5"]:
-            print(f"  compact column artifact / dense artifact ({fmt}): "
-                  f"{sizes['student compact column d=0.5'][fmt] / dense_size:.1%}")
+        for name in ("student compact column d=0.5", "student masked irregular d=0.1"):
+            if dense_size and fmt in sizes[name]:
+                print(f"  {name} artifact / dense artifact ({fmt}): {sizes[name][fmt] / dense_size:.1%}")
     for k in kinds:
         if f"{k} bN" in results["spvit folded"] and f"{k} bN" in results["deit (dense ViT)"]:
             print(f"  SPViT folded vs dense ViT, {k}: throughput "

@@ -117,8 +117,9 @@ def stablehlo_sparse_bytes(fn: Callable, variables: Any, meta: dict[str, Any], b
     takes the weights as its first argument (``model.call(weights, images)``), and a second program with
     no arguments returns them (``weights = weights_program.call()``, once, at load): it holds each sparse
     kernel as its non-zero values plus a bitmask (:func:`~alite_jax.export.sparse_store.encode`) and
-    expands them (:func:`~alite_jax.export.sparse_store.densify`). Decoding inside the model program
-    instead would run at every call: XLA does not fold it (it doubled the batch-1 latency measured).
+    expands them (:func:`~alite_jax.export.sparse_store.densify`). Expanding them inside the model
+    program instead would keep one file, but XLA does not fold the expansion away: it would run at every
+    call.
     """
     encoded = sparse_store.encode(compact.flatten(variables))
     weights_exported = jax.export.export(jax.jit(lambda: compact.unflatten(sparse_store.densify(encoded))),

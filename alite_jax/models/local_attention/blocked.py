@@ -23,6 +23,7 @@ benchmarks/RESULTS.md compares it with the others.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,7 @@ def blocked_forward(q: jax.Array, k: jax.Array, v: jax.Array, rel_rows: jax.Arra
     return out.reshape(-1, n, h * w, d).transpose(0, 2, 1, 3).reshape(q.shape).astype(v.dtype)
 
 
-def in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
+def in_chunks(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -> jax.Array:
     """``fn(*arrays)`` with the batch (axis 0) in sequential chunks of ``chunk`` (by ``lax.map``)."""
     batch = arrays[0].shape[0]
     if isinstance(batch, int) and batch == chunk:
