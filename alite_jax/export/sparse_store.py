@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,22 +49,32 @@ def encode(flat: Mapping[str, np.ndarray], sparse: bool = True) -> dict[str, np.
     return out
 
 
-def decode(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The flat {path: dense array} dict of :func:`encode`'s arrays."""
+def stored_leaves(data: Mapping[str, np.ndarray]) -> Iterator[tuple[str, Any, Any, tuple[int, ...]]]:
+    """Each leaf of :func:`encode`'s arrays: ``(path, array, None, ())`` for a leaf stored as it is,
+    ``(path, values, bits, shape)`` for one stored sparse. Raises ValueError for other arrays."""
     if "__format__" not in data or str(data["__format__"]) != FORMAT:
         raise ValueError(f"not an alite_jax sparse store (format {FORMAT})")
-    flat = {}
     for key in data:
         if key.startswith("__") or (SEP in key and not key.endswith(f"{SEP}values")):
             continue
         if SEP not in key:
-            flat[key] = np.asarray(data[key])
+            yield key, data[key], None, ()
             continue
         path = key[:-len(f"{SEP}values")]
-        shape = tuple(int(s) for s in data[f"{path}{SEP}shape"])
-        values = np.asarray(data[key])
+        shape = tuple(int(s) for s in np.asarray(data[f"{path}{SEP}shape"]))
+        yield path, data[key], data[f"{path}{SEP}bits"], shape
+
+
+def decode(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The flat {path: dense array} dict of :func:`encode`'s arrays."""
+    flat = {}
+    for path, values, bits, shape in stored_leaves(data):
+        values = np.asarray(values)
+        if bits is None:
+            flat[path] = values
+            continue
         size = int(np.prod(shape))
-        nonzero = np.unpackbits(data[f"{path}{SEP}bits"], count=size).astype(bool)
+        nonzero = np.unpackbits(bits, count=size).astype(bool)
         if int(nonzero.sum()) != values.size:
             raise ValueError(f"{path}: {values.size} values for {int(nonzero.sum())} set bits")
         dense = np.zeros(size, values.dtype)
@@ -78,22 +88,19 @@ def densify(data: Mapping[str, np.ndarray]) -> dict[str, Any]:
     :func:`encode`'s arrays: the bits unpacked (most significant first, as ``np.packbits``), each set
     bit's rank (a cumulative sum) indexing the values."""
     flat: dict[str, Any] = {}
-    for key in data:
-        if key.startswith("__") or (SEP in key and not key.endswith(f"{SEP}values")):
+    for path, values, bits, shape in stored_leaves(data):
+        values = jnp.asarray(values)
+        if bits is None:
+            flat[path] = values
             continue
-        if SEP not in key:
-            flat[key] = jnp.asarray(data[key])
-            continue
-        path = key[:-len(f"{SEP}values")]
-        shape = tuple(int(s) for s in np.asarray(data[f"{path}{SEP}shape"]))
-        values = jnp.asarray(data[key])
         size = int(np.prod(shape))
-        bits = jnp.asarray(data[f"{path}{SEP}bits"]).astype(jnp.int32)
+        bits = jnp.asarray(bits).astype(jnp.int32)
         nonzero = ((bits[:, None] >> jnp.arange(7, -1, -1, dtype=jnp.int32)) & 1).reshape(-1)[:size]
-        rank = jnp.cumsum(nonzero) - 1
-        dense = jnp.where(nonzero == 1, values[jnp.clip(rank, 0, max(values.size - 1, 0))],
-                          jnp.zeros((), values.dtype)) if values.size else jnp.zeros(size, values.dtype)
-        flat[path] = dense.reshape(shape)
+        if values.size == 0:
+            flat[path] = jnp.zeros(shape, values.dtype)
+            continue
+        rank = jnp.clip(jnp.cumsum(nonzero) - 1, 0, values.size - 1)
+        flat[path] = jnp.where(nonzero == 1, values[rank], jnp.zeros((), values.dtype)).reshape(shape)
     return flat
 
 

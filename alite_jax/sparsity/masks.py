@@ -12,6 +12,8 @@ weight matrix); a column mask is constant along the last axis.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import jax
@@ -209,15 +211,27 @@ def draw_masks(params: Params, counts: tuple[int, ...], structure: str = "irregu
     # Folded with a constant: a model initialised from jax.random.key(seed) split the same way would
     # otherwise draw its weights from the masks' bits (normal draws are monotone in the uniform ones),
     # and every layer would keep only its most negative weights.
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), MASK_STREAM), len(idx))
+    shapes = tuple(tuple(leaves[i].shape) for i in idx)
+    drawn = iter(draw_leaf_masks(seed, shapes, tuple(int(c) for c in counts), structure))
     masks = [None] * len(leaves)
-    for j, i in enumerate(idx):
-        shape = tuple(leaves[i].shape)
+    for i in idx:
+        masks[i] = next(drawn)
+    return jax.tree.unflatten(treedef, masks)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def draw_leaf_masks(seed: int | jax.Array, shapes: tuple[tuple[int, ...], ...], counts: tuple[int, ...],
+                    structure: str) -> list[jax.Array]:
+    """:func:`draw_masks`' draws, one program for all leaves (eagerly, every leaf shape compiled its own
+    draw and ranking)."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), MASK_STREAM), len(shapes))
+    masks = []
+    for j, shape in enumerate(shapes):
         size = unit_size(shape, structure)
         units = int(np.prod(shape)) // size
         active = rank_of(jax.random.uniform(keys[j], (units,))) < counts[j]
-        masks[i] = jnp.broadcast_to(active[:, None], (units, size)).reshape(shape)
-    return jax.tree.unflatten(treedef, masks)
+        masks.append(jnp.broadcast_to(active[:, None], (units, size)).reshape(shape))
+    return masks
 
 
 def init_masks(params: Params, density: float, structure: str = "irregular",
