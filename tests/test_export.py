@@ -83,6 +83,14 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def column_run(tmp_path_factory):
+    """The hybrid student's run, column-pruned at d = 0.5 (:func:`column_pruned_run`)."""
+    workdir = str(tmp_path_factory.mktemp("column"))
+    column_pruned_run(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
 def images():
     return np.random.default_rng(0).uniform(size=(3, 8, 8, 1)).astype(np.float32)
 
@@ -227,16 +235,14 @@ def tflite_outputs(path, images):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resnet", "hybrid", "deit", "column"])
-def test_tflite_matches_jax(runs, images, tmp_path, kind):
+def test_tflite_matches_jax(runs, column_run, images, tmp_path, kind):
     # The students as the CLI exports them for TFLite: impl="blocked_unchunked"; "column": the compact form
-    # of a column-pruned student.
+    # of a column-pruned student, against the trained (masked) model.
     if kind == "column":
         from alite_jax.export import compactors
 
-        column_pruned_run(str(tmp_path / "run"))
-        trained_fn, trained_vars, _ = inference.inference_function(str(tmp_path / "run"))
-        logits = np.asarray(jax.jit(trained_fn)(trained_vars, images))
-        fn, variables, meta = inference.inference_function(str(tmp_path / "run"), compactors.AUTO,
+        logits = reference(column_run, images)[3]
+        fn, variables, meta = inference.inference_function(column_run, compactors.AUTO,
                                                            impl=inference.TFLITE_IMPL)
     elif kind == "hybrid":
         fn, variables, meta = inference.inference_function(runs[kind], impl=inference.TFLITE_IMPL)
@@ -252,18 +258,17 @@ def test_tflite_matches_jax(runs, images, tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_tflite_names_the_layer_it_cannot_represent_and_the_fix(runs, tmp_path):
+def test_tflite_names_the_layer_it_cannot_represent_and_the_fix(runs, column_run, tmp_path):
     # impl="patches": rank-6 einsums (TFLite's BATCH_MATMUL takes rank <= 5); impl="blocked" with a
     # dynamic batch: its chunk loop; the compact column student with a dynamic batch: its channel gathers.
     from alite_jax.export import compactors
 
-    column_pruned_run(str(tmp_path / "column"))
     for workdir, compactor, impl, expected in [
             (runs["hybrid"], inference.AS_TRAINED, "patches", "tfl.batch_matmul in LocalSelfAttention "
              "(models/local_attention/patches.py:"),
             (runs["hybrid"], inference.AS_TRAINED, "blocked", "LocalSelfAttention (models/local_attention/"
              "blocked.py:"),
-            (str(tmp_path / "column"), compactors.AUTO, inference.TFLITE_IMPL, "give a fixed batch size")]:
+            (column_run, compactors.AUTO, inference.TFLITE_IMPL, "give a fixed batch size")]:
         fn, variables, meta = inference.inference_function(workdir, compactor, impl=impl)
         with pytest.raises(formats.ExportError) as error:
             formats.export(fn, variables, meta, "tflite", str(tmp_path / "tflite"),
@@ -290,7 +295,7 @@ def test_converter_messages_name_ops_and_layers():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_missing_optional_package_and_unknown_format_are_refused(monkeypatch):
+def test_missing_package_unknown_format_and_sparse_tflite_are_refused(monkeypatch):
     monkeypatch.setitem(formats.NEEDS, "tflite", (("no_such_module_for_the_test", "no-such-pkg"),))
     with pytest.raises(formats.ExportError, match="--format=tflite needs no-such-pkg, which is not installed "
                                                   "here: pip install no-such-pkg"):
@@ -299,6 +304,10 @@ def test_missing_optional_package_and_unknown_format_are_refused(monkeypatch):
         formats.check_format("onnx")
     with pytest.raises(formats.ExportError, match="unknown format 'savedmodel'; choose one of stablehlo"):
         formats.check_format("savedmodel")
+    with pytest.raises(formats.ExportError, match="--format=tflite stores the weights as constants of its "
+                                                  "graph, dense: sparse weights are for --format=stablehlo"):
+        formats.check_format("tflite", sparse_weights=True)
+    formats.check_format("stablehlo", sparse_weights=True)
 
 
 def test_unfinished_run_is_refused(runs, tmp_path):
@@ -333,8 +342,6 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
             ((f"--workdir={runs['deit']}", "--format=onnx"), "--format=onnx is not supported: no maintained"),
             ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
             ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
-            ((f"--workdir={runs['deit']}", "--format=tflite", "--sparse_weights=on"),
-             "sparse weights are for --format=stablehlo"),
             ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
         result = run_cli(*flags)
         assert result.returncode == 2, (flags, result.stderr[-2000:])
@@ -397,15 +404,16 @@ def spvit_finetune_run(workdir):
 
 
 @pytest.mark.parametrize("kind", ["column", "spvit"])
-def test_auto_exports_the_compact_model_computing_the_same(tmp_path, images, kind):
+def test_auto_exports_the_compact_model_computing_the_same(tmp_path, column_run, images, kind):
     from alite_jax.export import compactors
 
-    workdir = str(tmp_path / kind)
-    (column_pruned_run if kind == "column" else spvit_finetune_run)(workdir)
-    trained_fn, trained_vars, _ = inference.inference_function(workdir, inference.AS_TRAINED)
+    workdir = column_run
+    if kind == "spvit":
+        workdir = str(tmp_path / kind)
+        spvit_finetune_run(workdir)
+    _, trained_vars, _, trained = reference(workdir, images)  # as trained (dense or masked)
     fn, variables, meta = inference.inference_function(workdir, compactors.AUTO)
     assert meta["model"]["compactor"] == "auto"
-    trained = np.asarray(jax.jit(trained_fn)(trained_vars, images))
     compact = np.asarray(jax.jit(fn)(variables, images))
     assert relative_difference(compact, trained) < RTOL
     # The compact artifact through plain JAX; the weights it holds against the trained model's (the
