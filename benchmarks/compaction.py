@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
-from alite_jax.export.compact import compact_student, conv_apply, dense_apply, save_compact
+from alite_jax.export.compact import compact_conv, compact_student, conv_apply, dense_apply, save_compact
 from alite_jax.export.sparse_store import stored_bytes
 from alite_jax.models import create_model
 from alite_jax.models.local_attention import IMPLS, attention_scales
@@ -167,14 +167,7 @@ def kxk_methods(batch: int, reps: int) -> dict[str, dict[str, float]]:
                                      "conv 3x3 64->64 @32x32": (64, 64, 32)}.items():
         kernel = rng.normal(size=(3, 3, cin, cout))
         kernel[rng.random((3, 3, cin)) < 0.5] = 0
-        taps = {}
-        for i in range(3):
-            for j in range(3):
-                rows = np.flatnonzero(np.any(kernel[i, j] != 0, axis=1))
-                if rows.size:
-                    taps[f"t{i}_{j}"] = {"idx": jnp.asarray(rows, jnp.int32),
-                                         "kernel": jnp.asarray(kernel[i, j][rows], jnp.float32)}
-        p = {"taps": taps, "bias": jnp.zeros(cout)}
+        p = compact_conv(kernel, (np.ones(cout), np.zeros(cout)))  # no BatchNorm to fold: identity
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         dense_k = jnp.asarray(kernel, jnp.float32)
         cases = {m: (jax.jit(lambda p, x, m=m: conv_apply(p, x, 3, 1, 1, m)), (p, x))

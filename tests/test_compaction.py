@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alite_jax.export.compact import (CompactResNet, compact_run, compact_student, conv_apply, count_values,
-                                      load_compact, save_compact)
+from alite_jax.export.compact import (CompactResNet, compact_conv, compact_run, compact_student, conv_apply,
+                                      count_values, load_compact, save_compact)
 from alite_jax.export.sparse_store import decode, densify, encode, load_sparse, save_sparse, stored_bytes
 from alite_jax.models import create_model
 from alite_jax.sparsity import apply_masks, init_masks
@@ -138,15 +138,8 @@ def test_conv_apply_against_lax_conv():
     kernel[rng.random((3, 3, 5)) < 0.5] = 0
     kernel[1, 2] = 0  # a whole tap pruned
     x = jnp.asarray(rng.normal(size=(2, 9, 9, 5)), jnp.float32)
-    taps = {}
-    for i in range(3):
-        for j in range(3):
-            rows = np.flatnonzero(np.any(kernel[i, j] != 0, axis=1))
-            if rows.size:
-                taps[f"t{i}_{j}"] = {"idx": jnp.asarray(rows, jnp.int32),
-                                     "kernel": jnp.asarray(kernel[i, j][rows], jnp.float32)}
-    assert "t1_2" not in taps
-    p = {"taps": taps, "bias": jnp.zeros(4)}
+    p = compact_conv(kernel, (np.ones(4), np.zeros(4)))  # no BatchNorm to fold: identity
+    assert "t1_2" not in p["taps"] and len(p["taps"]) == 8
     want = jax.lax.conv_general_dilated(x, jnp.asarray(kernel, jnp.float32), (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     for method in ("gather", "taps", "conv"):

@@ -12,6 +12,7 @@ import sys
 
 import nbformat
 import pytest
+from tiny_runs import load_config
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow  # end-to-end: deselected by the fast tier, -m "not slow"
@@ -30,12 +31,6 @@ def code_cells(nb) -> dict:
 def printed(cell) -> str:
     return "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
 
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ DeiT's weights, the refused inputs, and search -> extract -> fine-tune (-> disti
 through ``python -m alite_jax.main`` with the run directories it leaves (architecture.json, models that
 reload, the folded model equal to the fine-tuned one, the report)."""
 
-import importlib.util
 import json
 import os
 
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_runs import load_config
 
 from alite_jax import distill, run_dir, train
 from alite_jax.distributed import make_mesh
@@ -21,15 +21,8 @@ from alite_jax.models import init_model, model_from_config
 from alite_jax.models import spvit_compact
 from alite_jax.models.vit import VisionTransformer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 10
 
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 # ---- DeiT's hard distillation ----------------------------------------------------------------------

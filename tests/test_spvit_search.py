@@ -1,13 +1,13 @@
 """SPViT's search as a method of the trainer (mode "spvit_search"): the miniature end to end, the two
 optimizer groups, the FLOPs term, the gates' rng, the pretrained start and the refused configs."""
 
-import importlib.util
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_runs import load_config
 
 from alite_jax import run_dir, train
 from alite_jax.errors import ConfigError, MissingFileError
@@ -15,15 +15,8 @@ from alite_jax.methods import METHODS, SPViTSearch
 from alite_jax.methods.spvit import merge_pretrained, search_optimizer
 from alite_jax.models import init_model, model_from_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTH = 2
 
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def tiny(epochs=2):

@@ -1,6 +1,7 @@
 """Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading
-results."""
+results; and :func:`load_config`, a config file of configs/ as the trainer reads it."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +39,14 @@ def get_config(arg=None):
         c.model.width = 0.25
     return c
 """
+
+
+def load_config(name, arg=None):
+    """``configs/<name>.py``'s ``get_config(arg)``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def tiny_config(mode, epochs=3, teacher="", mix=False):
