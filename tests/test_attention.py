@@ -27,10 +27,19 @@ import pytest
 
 from alite_jax.models import LocalSelfAttention
 from alite_jax.models import local_attention as attention_module
+from alite_jax.models.local_attention import register_impl
+from alite_jax.models.local_attention.fused import fused_local_attention
 
-# Every implementation that runs natively on the default backend. "auto" only dispatches to one of them
+# The fused kernels' TPU family, which "fused" runs only on a TPU: on the CPU it is interpreted like the
+# GPU family, and both take every test here (registered through the public extension point).
+FUSED_TPU = "fused[tpu]"
+if jax.default_backend() == "cpu":
+    register_impl(FUSED_TPU)(functools.partial(fused_local_attention, platform="tpu"))
+
+# Every implementation that runs on the default backend. "auto" only dispatches to one of them
 # (tested in tests/test_attention_impls.py); on the CPU "pallas" runs in Pallas' interpret mode (~10 s a
 # call), so there it has its own, smaller set of cases; on GPU and TPU it compiles and joins every test.
+# The fused kernels run interpreted on the CPU too, and take every test everywhere.
 # "blocked_unchunked" is "blocked"'s forward without the batch loop (tests/test_attention_impls.py).
 IMPLS = tuple(name for name in attention_module.IMPLS
               if name not in ("auto", "blocked_unchunked")
@@ -690,3 +699,108 @@ def test_good_configurations_do_not_raise():
         variables = jax.eval_shape(layer.init, jax.random.key(0), x)
         y = jax.eval_shape(layer.apply, variables, x)
         assert y.shape == (1, 5, 5, kw["features"])
+
+
+# ----------------------------------------------------------------------------
+# 9. the fused kernels at the maps SA-ResNet26 has (sides 8, 16, 32) and a non-square one, against a
+# dense float64 reference; and a whole student's training step against halo's
+# ----------------------------------------------------------------------------
+
+
+def reference_dense(q, k, v, rel_rows, rel_cols, *, kernel_size, qk_scale, qr_scale):
+    """Every query against every key of the map, keys outside the k x k window masked out; (B, H, W, N,
+    d) maps and (k, N, d) tables as the implementations take them. Returns the output, the log-sum-exp
+    of the masked logits (B, H, W, N) and the largest |logit| in a window. No blocking, no neighbour
+    lists: the definition (eq. 1) over the whole map."""
+    b, h, w, n, d = q.shape
+    half, length = kernel_size // 2, h * w
+    rows, cols = np.divmod(np.arange(length), w)
+    d_row = rows[None, :] - rows[:, None]  # (query, key): the key's row offset
+    d_col = cols[None, :] - cols[:, None]
+    inside = (np.abs(d_row) <= half) & (np.abs(d_col) <= half)
+    qf, kf, vf = (t.reshape(b, length, n, d) for t in (q, k, v))
+
+    def relative(table, offset):  # q . table[offset + half] for every (query, key)
+        per_offset = jnp.einsum("bpnd,and->bnpa", qf, table)
+        index = np.broadcast_to(np.clip(offset + half, 0, kernel_size - 1), (b, n, length, length))
+        return jnp.take_along_axis(per_offset, jnp.asarray(index), axis=-1)
+
+    s = (qk_scale * jnp.einsum("bpnd,btnd->bnpt", qf, kf)
+         + qr_scale * (relative(rel_rows, d_row) + relative(rel_cols, d_col)))
+    biggest = jnp.max(jnp.abs(jnp.where(inside, s, 0.0)))
+    s = jnp.where(inside, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bnpt,btnd->bpnd", jnp.exp(s - lse[..., None]), vf)
+    return out.reshape(q.shape), lse.transpose(0, 2, 1).reshape(b, h, w, n), biggest
+
+
+FUSED_FAMILIES = ("gpu", "tpu") if jax.default_backend() == "cpu" else (
+    ("tpu",) if jax.default_backend() == "tpu" else ("gpu",))
+FUSED_MAPS = [(8, 8), (16, 16), (32, 32), (12, 20)]
+
+
+def _fused_case(hw, dtype=np.float32, k=7, heads=2, d=8, seed=0):
+    """Random maps and tables (rounded to ``dtype``) as float64 numpy arrays, a cotangent, the scales."""
+    rng = np.random.default_rng(seed)
+    shape = (1,) + hw + (heads, d)
+    args = [rng.standard_normal(shape) for _ in range(3)] + [rng.standard_normal((k, heads, d))
+                                                             for _ in range(2)]
+    args = [np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64) for a in args]
+    return args, rng.standard_normal(shape), dict(kernel_size=k, qk_scale=0.4, qr_scale=0.6)
+
+
+def _dense_reference_grads(args, ct, kw):
+    """float64: output, lse, the largest window logit, and the gradients of sum(out * ct)."""
+    with jax.enable_x64(True):
+        a64 = [jnp.asarray(a) for a in args]
+        (out, lse, biggest), vjp = jax.vjp(lambda *a: reference_dense(*a, **kw), *a64)
+        grads = vjp((jnp.asarray(ct), jnp.zeros_like(lse), jnp.zeros_like(biggest)))
+        return np.asarray(out), np.asarray(lse), float(biggest), [np.asarray(g) for g in grads]
+
+
+def _fused_outputs(family, args, ct, kw, dtype):
+    """The fused impl's (jit) output, lse and gradients of sum(out * ct) for q, k, v and both tables."""
+    from alite_jax.models.local_attention.fused import fused_forward
+
+    xs = [jnp.asarray(a, dtype) for a in args]
+    fn = functools.partial(fused_local_attention, platform=family, **kw)
+    out, lse = jax.jit(functools.partial(fused_forward, platform=family, **kw))(*xs)
+    grads = jax.jit(lambda *a: jax.vjp(fn, *a)[1](jnp.asarray(ct, out.dtype)))(*xs)
+    return out, lse, grads
+
+
+GRAD_NAMES = ("q", "k", "v", "rel_rows", "rel_cols")
+
+
+@pytest.mark.parametrize("hw", FUSED_MAPS, ids=[f"{h}x{w}" for h, w in FUSED_MAPS])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_kernels_match_the_dense_reference(family, hw):
+    args, ct, kw = _fused_case(hw)
+    ref_out, ref_lse, biggest, ref_grads = _dense_reference_grads(args, ct, kw)
+    out, lse, grads = _fused_outputs(family, args, ct, kw, jnp.float32)
+    # float32 rounding: a logit is a sum of d + 2 products (relative error <= (d + 4) u, u = 2^-24, of
+    # its largest magnitude, which moves a softmax weight by as much relative to itself); the output and
+    # each gradient then sum up to k*k such terms (k*k u more). Hence, of each quantity's scale:
+    k, d = kw["kernel_size"], args[0].shape[-1]
+    bound = (k * k + d + 4) * 2.0 ** -24 * (1.0 + biggest)
+    assert_close(out, ref_out, bound, "output")
+    assert_close(lse, ref_lse, bound, "log-sum-exp")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g, r, bound, f"d{name}")
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_kernels_bfloat16(family):
+    # bfloat16 in and out, float32 inside: against the float64 reference on the same bf16-rounded inputs,
+    # the error is the final rounding of each output and gradient to bfloat16 (2^-9 of its own size)
+    # plus the float32 part above, both well under 2^-7 of the scale.
+    args, ct, kw = _fused_case((16, 16), dtype=jnp.bfloat16, seed=1)
+    ct = np.asarray(jnp.asarray(ct, jnp.bfloat16).astype(jnp.float32), np.float64)
+    ref_out, ref_lse, _, ref_grads = _dense_reference_grads(args, ct, kw)
+    out, lse, grads = _fused_outputs(family, args, ct, kw, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert {g.dtype for g in grads} == {jnp.dtype(jnp.bfloat16)}
+    assert_close(out.astype(jnp.float32), ref_out, 2.0 ** -7, "output")
+    assert_close(lse, ref_lse, 2.0 ** -16, "log-sum-exp")  # float32, from bf16 inputs
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g.astype(jnp.float32), r, 2.0 ** -7, f"d{name}")

@@ -8,8 +8,13 @@
 * :mod:`.halo`: ``impl="halo"``, blocked attention (plans, blocks and windows, the custom VJP).
 * :mod:`.blocked`: ``impl="blocked"``, halo's blocking in rank-4 tensors with a symbolic batch, for
   export (TFLite, ``jax.export``); inference only (no custom VJP).
-* :mod:`.pallas`: ``impl="pallas"``, the halo forward as a fused Pallas kernel; imported the first time
-  it is used, so importing the models does not import ``jax.experimental.pallas``.
+* :mod:`.pallas`: ``impl="pallas"``, the halo forward as a fused Pallas kernel (XLA-built windows in,
+  halo's backward).
+* :mod:`.fused`: ``impl="fused"``, forward and backward as fused Pallas kernels that read q, k and v
+  from the feature maps and never write logits (a Triton family for GPUs, a Mosaic family for TPUs).
+
+The Pallas modules are imported the first time they are used, so importing the models does not import
+``jax.experimental.pallas``.
 """
 
 from alite_jax.models.local_attention.registry import (AUTO_IMPLS, IMPLS, LocalAttentionFn, register_impl,
@@ -24,6 +29,7 @@ from alite_jax.models.local_attention.layer import (REL_LAYOUTS, SCALINGS, Local
                                                     attention_scales, check_attention_options)
 
 register_lazy_impl("pallas", "alite_jax.models.local_attention.pallas")
+register_lazy_impl("fused", "alite_jax.models.local_attention.fused")
 
 __all__ = ["AUTO_IMPLS", "HALO_CHUNK_BYTES", "IMPLS", "REL_LAYOUTS", "SCALINGS", "HaloPlan",
            "LocalAttentionFn", "LocalSelfAttention", "attention_scales", "blocked_local_attention",
