@@ -5,8 +5,9 @@ What it measures, in one run (ratios are printed; these machines are noisy), in 
 
 1. Layers: forward and forward+backward (``jax.grad`` of a mean-square loss w.r.t. the input and the
    parameters) of a 3x3 ``nn.Conv`` of the same width (the reference, ratio 1.0) and of
-   ``LocalSelfAttention`` with every implementation that runs natively on the backend ("pallas" only
-   off the CPU, where it would run in interpret mode), at every attention shape of SA-ResNet26 at each
+   ``LocalSelfAttention`` with every implementation that runs natively on the backend (the Pallas
+   kernels "pallas" and "fused", and the tilings of ``--fused-tilings``, only off the CPU, where they
+   would run in interpret mode), at every attention shape of SA-ResNet26 at each
    ``--image-sizes`` entry with its ``--layer-batches`` batch (stride left out: its 2x2 average pool is
    the same for all). At 32x32, C=64 also ``patches_autodiff`` (the patches math differentiated by JAX
    itself, to show why the custom VJP exists; in chunks, see --autodiff-chunk) and, when PyTorch is
@@ -79,10 +80,32 @@ register_impl(AUTODIFF_IMPL)(functools.partial(attention_module.patches_local_at
                                                gather=attention_module.extract_patches))
 
 
+LAYER_TARGET = 2.5  # the GPU target: every attention shape's fwd+bwd within this factor of the conv's
+PALLAS_IMPLS = ("pallas", "fused")  # interpreted on the CPU (correct, far too slow to time)
+FUSED_TILING_PREFIX = "fused@"
+
+
 def native_impls() -> list[str]:
-    """The package's implementations that compile natively here ("auto" is one of them by another name)."""
-    skip = {"auto", AUTODIFF_IMPL} | ({"pallas"} if jax.default_backend() == "cpu" else set())
+    """The package's implementations that compile natively here ("auto" is one of them by another name;
+    the Pallas kernels and their tiling variants only off the CPU)."""
+    skip = {"auto", AUTODIFF_IMPL}
+    if jax.default_backend() == "cpu":
+        skip |= set(PALLAS_IMPLS) | {n for n in IMPLS if n.startswith(FUSED_TILING_PREFIX)}
     return sorted((name for name in IMPLS if name not in skip), key=lambda n: n != CHECK_IMPL)
+
+
+def register_fused_tilings(tilings: list[str]) -> list[str]:
+    """Registers ``impl="fused"`` at other GPU tilings, each "TOKENSxWARPS" (e.g. "128x4") as
+    ``fused@128x4``, so that the tables time them side by side with the default; returns the names."""
+    from alite_jax.models.local_attention.fused import fused_local_attention
+
+    names = []
+    for tiling in tilings:
+        tokens, warps = (int(x) for x in tiling.split("x"))
+        names.append(f"{FUSED_TILING_PREFIX}{tiling}")
+        register_impl(names[-1])(functools.partial(fused_local_attention, block_tokens=tokens,
+                                                   num_warps=warps))
+    return names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +392,42 @@ def torch_sasa_layer(batch: int, size: int, channels: int, kernel_size: int, hea
 
 
 PEER_PREFIX = "PyTorch unfold SASA"
+NATTEN_PREFIX = "NATTEN na2d"
+
+
+def natten_layer(batch: int, size: int, channels: int, kernel_size: int, heads: int, dtype: str
+                 ) -> PreparedLayer | None:
+    """NATTEN's fused neighbourhood attention (SHI-Labs/NATTEN, ``natten.functional.na2d``: q, k, v of
+    (B, H, W, heads, d), the same window and heads, no relative term; its window is shifted inside the
+    map at the borders where this library's is clipped), the fused kernels' speed peer on a GPU: the
+    attention alone (the q, k, v projections are left out, so the row is a lower bound of a layer).
+    None when NATTEN or a CUDA device for it is missing."""
+    try:
+        import torch
+        from natten.functional import na2d
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or jax.default_backend() != "gpu":
+        return None
+    d = channels // heads
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    new = lambda: torch.randn(batch, size, size, heads, d, device="cuda", dtype=torch_dtype,  # noqa: E731
+                              requires_grad=True)
+    q, k, v = new(), new(), new()
+
+    def fwd_bwd() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        na2d(q, k, v, kernel_size=kernel_size).float().square().mean().backward()
+        torch.cuda.synchronize()
+
+    def fwd() -> None:
+        with torch.no_grad():
+            na2d(q, k, v, kernel_size=kernel_size)
+        torch.cuda.synchronize()
+
+    return PreparedLayer(f"{NATTEN_PREFIX} (peer, attention only)", kernel_size ** 2 * 2 * channels, fwd,
+                         fwd_bwd)
 
 
 def layer_groups(args: argparse.Namespace) -> list[Group]:
@@ -398,12 +457,16 @@ def run_layer_group(group: Group, args: argparse.Namespace, results: "Results") 
         paper_shape = (group.image_size, size, c) == (32, 32, 64)
         if (paper_shape or args.torch_all_shapes) and group.dtype == "float32" and not args.skip_torch:
             builders.append((PEER_PREFIX, macs, lambda: torch_sasa_layer(group.batch, size, c, k, heads)))
+        if not args.skip_torch and jax.default_backend() == "gpu":
+            builders.append((NATTEN_PREFIX, macs, lambda: natten_layer(group.batch, size, c, k, heads,
+                                                                       group.dtype)))
         prepared = prepare_all([b for _, _, b in builders], args.compile_threads)
         rows: list[LayerResult] = []
         reference = None
         for i, ((name, entry_macs, _), layer) in enumerate(zip(builders, prepared)):
-            if layer is None:  # the peer without torch installed
-                print("   (PyTorch not installed: `pip install torch==2.13.0` adds the peer row)")
+            if layer is None:  # a peer whose package is not installed
+                print("   (NATTEN not importable with a CUDA device: no NATTEN row)" if name == NATTEN_PREFIX
+                      else "   (PyTorch not installed: `pip install torch==2.13.0` adds the peer row)")
                 continue
             if isinstance(layer, Exception):
                 rows.append(LayerResult(name, entry_macs, None, None, "-", error=error_text(layer)))
@@ -678,7 +741,7 @@ def summary_lines(results: "Results", args: argparse.Namespace) -> list[str]:
         worst[group] = max(worst.get(group, 0.0), best.fwd_bwd_ratio(conv) if best else float("inf"))
     for group, ratio in worst.items():
         lines.append(f"{group.label}: best impl's fwd+bwd within {ratio:.2f}x the conv at every shape "
-                     f"(GPU target <= 2x: {'met' if ratio <= 2 else 'not met'})")
+                     f"(GPU target <= {LAYER_TARGET}x: {'met' if ratio <= LAYER_TARGET else 'not met'})")
     for (group, size, c, _), rows in results.layers.items():
         if (group.image_size, size, c) != (32, 32, 64):
             continue
@@ -856,6 +919,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CPU; every native impl elsewhere)")
     p.add_argument("--distill-impls", nargs="+", default=["auto"],
                    help="impls of the sparse-distillation step's student (default auto)")
+    p.add_argument("--fused-tilings", nargs="+", default=[],
+                   help="GPU tilings of impl='fused' to time as well, each TOKENSxWARPS (e.g. 128x4 512x8; "
+                        "the default is 256 tokens, 4 warps), added to the layer table as fused@TOKENSxWARPS")
     p.add_argument("--model-configs", type=parse_model_config, nargs="+",
                    help="BATCHxSIZE of each model setting, e.g. 128x32 256x32 64x64 (default: "
                         "--model-batch x --model-size)")
@@ -872,6 +938,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write every number (and the machine) to this JSON file")
     p.add_argument("--markdown", help="write the tables and the summary to this Markdown file")
     args = p.parse_args(argv)
+    try:
+        tiling_impls = register_fused_tilings(args.fused_tilings)
+    except ValueError:
+        p.error(f"--fused-tilings takes TOKENSxWARPS entries such as 128x4; got {args.fused_tilings}")
     defaults = dict(image_sizes=([32, 64], [16]), layer_batches=([32, 16], [4]), repeats=(5, 2),
                     model_batch=(32, 4), model_size=(32, 16), width=(1.0, 0.25), steps=(5, 2))
     for key, (full, quick) in defaults.items():
@@ -886,6 +956,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               if jax.default_backend() == "cpu" else native_impls())
     if args.layer_impls is None:
         args.layer_impls = native_impls()
+    args.layer_impls += [name for name in tiling_impls if name not in args.layer_impls]
     unknown = sorted(set(args.student_impls + args.distill_impls + args.layer_impls) - set(IMPLS))
     if unknown:
         p.error(f"unknown impl(s) {unknown}; choose from {sorted(IMPLS)}")

@@ -1,12 +1,12 @@
-"""Check: SA-ResNet26 trained with impl="pallas" follows the same trajectory as with impl="halo".
+"""Check: SA-ResNet26 trained with a Pallas impl ("fused", "pallas") follows impl="halo"'s trajectory.
 
 The layer benchmark checks each attention shape alone; this runs the whole student (every attention
 layer, strided ones included, in one program) for a few SGD steps from the same initialisation with both
 implementations, and prints per step the loss of each, the largest logit and gradient differences, and
-any parameter whose gradient is not finite; then the inference logits. Exit status 1 if pallas gives a
-non-finite value where halo does not.
+any parameter whose gradient is not finite; then the inference logits. Exit status 1 if the checked impl
+gives a non-finite value where halo does not.
 
-    python benchmarks/pallas_model_check.py --size 32 --width 1.0 --batch 128 --steps 4
+    python benchmarks/pallas_model_check.py --impl fused --size 32 --width 1.0 --batch 128 --steps 4
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--impl", default="fused", choices=["fused", "pallas"], help="the impl checked")
     args = p.parse_args()
-    print(f"pallas vs halo, whole student: {vars(args)}; backend {jax.default_backend()}, matmul "
+    print(f"{args.impl} vs halo, whole student: {vars(args)}; backend {jax.default_backend()}, matmul "
           f"precision {jax.config.jax_default_matmul_precision}")
     halo, halo_inf = trajectory("halo", args)
-    pallas, pallas_inf = trajectory("pallas", args)
+    pallas, pallas_inf = trajectory(args.impl, args)
     finite = lambda t: all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(t))  # noqa: E731
     print(f"inference logits: max|diff| {float(jnp.max(jnp.abs(halo_inf - pallas_inf))):.2e} (scale "
-          f"{float(jnp.max(jnp.abs(halo_inf))):.2e}), pallas finite {finite(pallas_inf)}")
+          f"{float(jnp.max(jnp.abs(halo_inf))):.2e}), {args.impl} finite {finite(pallas_inf)}")
     bad = not finite(pallas_inf) and finite(halo_inf)
     for i, ((lh, logh, gh), (lp, logp, gp)) in enumerate(zip(halo, pallas)):
         grad_diff = max(float(jnp.max(jnp.abs(a - b)))
@@ -81,9 +82,9 @@ def main() -> int:
         grad_scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(gh))
         nonfinite = [jax.tree_util.keystr(k) for k, a in jax.tree_util.tree_leaves_with_path(gp)
                      if not bool(jnp.all(jnp.isfinite(a)))]
-        print(f"step {i}: loss halo {float(lh):.5f} pallas {float(lp):.5f}; logits max|diff| "
+        print(f"step {i}: loss halo {float(lh):.5f} {args.impl} {float(lp):.5f}; logits max|diff| "
               f"{float(jnp.max(jnp.abs(logh - logp))):.2e}; grads max|diff| {grad_diff:.2e} (scale "
-              f"{grad_scale:.2e}); pallas logits finite {finite(logp)}; non-finite grads "
+              f"{grad_scale:.2e}); {args.impl} logits finite {finite(logp)}; non-finite grads "
               f"({len(nonfinite)}): {nonfinite[:6]}")
         bad |= (not finite((lp, logp, gp))) and finite((lh, logh, gh))
     return int(bad)

@@ -1,10 +1,11 @@
 """The fast local-attention implementations: halo plans, block and chunk choices, "auto", and Pallas.
 
-tests/test_attention.py checks every natively running impl ("patches", "halo", "blocked") against two
-independent naive references (values, gradients, eager and jit, bf16, locality, equivariance). Here: the
-halo bookkeeping by hand, every block shape and chunking of "halo" and "blocked" (and
-"blocked_unchunked") against "patches" (itself checked against the naive references), "blocked"'s
-symbolic batch and per-platform chunking, the "auto" dispatch, and the Pallas kernel in interpret mode.
+tests/test_attention.py checks every implementation ("patches", "halo", "blocked", both families of
+"fused"; "pallas" off the CPU) against independent naive references (values, gradients, eager and jit,
+bf16, locality, equivariance). Here: the halo bookkeeping by hand, every block shape and chunking of
+"halo" and "blocked" (and "blocked_unchunked") against "patches" (itself checked against the naive
+references), "blocked"'s symbolic batch and per-platform chunking, the "auto" dispatch, the "pallas"
+kernel in interpret mode, and "fused"'s other tilings, option errors and lowering for GPU and TPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from alite_jax.models import LocalSelfAttention
 from alite_jax.models import local_attention as A
-from alite_jax.models.local_attention import blocked, halo
+from alite_jax.models.local_attention import blocked, fused, halo
 
 
 def _inputs(b, h, w, n, d, k, seed=0, dtype=jnp.float32):
@@ -198,3 +199,75 @@ def test_self_normalising_backward_matches_halo():
     skewed = halo.halo_backward(q, k, v, rows_t, cols_t, o, lse - 0.5, do, rows, cols, 0.4, 0.6)
     scale = float(jnp.max(jnp.abs(with_forward[2])))
     assert float(jnp.max(jnp.abs(skewed[2] - with_forward[2]))) > 0.1 * scale
+
+
+# --------------------------------------------------------------------------------------------------
+# impl="fused": tilings, padded head dims, options, and the lowering for GPUs and TPUs (run here on the
+# CPU: the Triton and Mosaic lowerings need no device; only their compilation does)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform,options,shape", [
+    ("gpu", dict(block_tokens=16), (2, 12, 10, 2, 4, 5)),   # blocks that end mid-row; the last is partial
+    ("gpu", dict(block_tokens=64, num_warps=2), (1, 9, 11, 1, 6, 7)),  # d = 6 padded to 8
+    ("tpu", dict(head_group=2), (1, 7, 9, 4, 6, 3)),         # two programs of 2 heads; d = 6 padded to 8
+])
+def test_fused_tilings_match_patches(platform, options, shape):
+    args = _inputs(*shape, seed=7)
+    kw = dict(kernel_size=shape[-1], qk_scale=0.35, qr_scale=0.5)
+    _assert_same(jax.jit(functools.partial(fused.fused_local_attention, platform=platform, **options, **kw)),
+                 functools.partial(A.patches_local_attention, **kw), args)
+
+
+def test_fused_rejects_bad_options():
+    args = _inputs(1, 6, 6, 2, 4, 3)
+    kw = dict(kernel_size=3, qk_scale=1.0, qr_scale=1.0)
+    with pytest.raises(ValueError, match="block_tokens must be a power of two"):
+        fused.fused_local_attention(*args, block_tokens=48, **kw)
+    with pytest.raises(ValueError, match="unknown platform 'cuda'"):
+        fused.fused_local_attention(*args, platform="cuda", **kw)
+    with pytest.raises(ValueError, match="rel_rows has shape .3, 2, 4.; kernel_size 5"):
+        fused.fused_local_attention(*args, kernel_size=5, qk_scale=1.0, qr_scale=1.0)
+    with pytest.raises(ValueError, match="head_group 3 must divide the 2 heads"):
+        fused.fused_local_attention(*args, platform="tpu", head_group=3, **kw)
+    # A map too large for one TPU program's VMEM names the implementation to use instead.
+    with pytest.raises(ValueError, match="use impl='halo'"):
+        fused.fused_geometry((1, 512, 512, 1, 8), 7, 1.0, 1.0, platform="tpu")
+
+
+def _tensor_sizes(module_text):
+    """Element counts of every tensor type in a StableHLO module's text (the kernels' own IR is inside
+    their custom calls as bytes, so this sees what XLA allocates)."""
+    import re
+
+    sizes = []
+    for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", module_text):
+        sizes.append(int(np.prod([int(x) for x in dims.rstrip("x").split("x")])))
+    return sizes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("platform,target", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_fused_lowers_for_the_device_and_keeps_logits_off_it(platform, target, dtype):
+    # SA-ResNet26's first attention layer at width 1 (32x32, 64 channels: 8 heads of 8), forward and
+    # backward, lowered for the device: Triton or Mosaic TPU takes every kernel, and no array XLA
+    # allocates is k*k-sized: the largest is a (padded) map, where the halo impl keeps 10x10-key logits.
+    b, h, w, n, d, k = 2, 32, 32, 8, 8, 7
+    maps, tables = jax.ShapeDtypeStruct((b, h, w, n, d), dtype), jax.ShapeDtypeStruct((k, n, d), dtype)
+    kw = dict(kernel_size=k, qk_scale=0.125, qr_scale=0.35)
+
+    def loss(impl, options):
+        fn = functools.partial(A.IMPLS[impl], **kw, **options)
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+
+    def lowered(impl, options=None):
+        step = jax.jit(jax.value_and_grad(loss(impl, options or {}), argnums=(0, 1, 2, 3, 4)))
+        return step.trace(maps, maps, maps, tables, tables).lower(lowering_platforms=(target,)).as_text()
+
+    text = lowered("fused", dict(platform=platform, interpret=False))
+    kernels = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    assert text.count(kernels) >= (3 if platform == "gpu" else 2)
+    padded_map = b * n * (-(-h * w // 128) * 128) * (-(-d // 8) * 8)
+    assert max(_tensor_sizes(text)) <= padded_map
+    # The check can fail: halo's lowered program holds its logits (k*k-sized and more).
+    assert max(_tensor_sizes(lowered("halo"))) >= b * h * w * n * k * k

@@ -44,6 +44,9 @@ AS_TRAINED = "as_trained"
 # blocked matmuls in tensors of rank <= 4 (TFLite converts them; halo's rank-7 einsums it does not), with
 # a symbolic batch size allowed (halo's chunking needs a concrete one); Pallas is compiled for one GPU.
 PORTABLE_IMPL = "blocked"
+# Run implementations an artifact does not keep: "auto" picks per backend, and the Pallas kernels
+# ("pallas", "fused") are compiled for one GPU or TPU, not serialised.
+REPLACED_IMPLS = ("auto", "pallas", "fused")
 # What TFLite's converter takes: the same with no chunk loop (it cannot lower the loop's dynamic slices).
 TFLITE_IMPL = "blocked_unchunked"
 COMPACTORS: dict[str, Compactor] = {}
@@ -193,4 +196,4 @@ def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dt
 def build_impl_name(config: ml_collections.ConfigDict, impl: str | None) -> str:
     """The local-attention implementation :func:`build_model` uses for a student."""
     run_impl = config.model.get("impl", "auto")
-    return impl or (PORTABLE_IMPL if run_impl in ("auto", "pallas") else run_impl)
+    return impl or (PORTABLE_IMPL if run_impl in REPLACED_IMPLS else run_impl)

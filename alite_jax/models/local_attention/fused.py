@@ -33,9 +33,9 @@ Two kernel families compute this, chosen by the platform:
   the token block shifted by o, straight from the (B, H*W, N, d) feature map (no copies: the q, k, v the
   projections wrote); out-of-image neighbours are masked loads, so borders need no padding. The backward
   is two kernels, dq (+ embedding partials) and dk/dv, as in JAX's and Triton's fused attention. Triton
-  is kept rather than Mosaic GPU because this kernel is masked, shifted gathers feeding CUDA-core FMAs:
-  Mosaic GPU is built around TMA copies into swizzled shared memory and warpgroup MMAs, and has no masked
-  load at an arbitrary (negative or unaligned) token offset.
+  rather than Mosaic GPU: the kernel is masked gathers at arbitrary token offsets feeding CUDA-core
+  multiply-adds, which Triton's masked loads express directly and Mosaic GPU's unmasked loads do not
+  (docs/local_attention_kernels.md).
 * TPU (``platform="tpu"``; Mosaic TPU): one program per image and group of heads holds the whole map in
   VMEM as (heads, d, tokens) with the tokens along the lanes; a neighbour is a lane rotation
   (``pltpu.roll``) of the map by -o, and the mask discards what wrapped around. The backward is one
@@ -63,7 +63,10 @@ from alite_jax.models.local_attention.registry import register_impl
 
 MASKED = -1e30  # finite: a fully masked (padding) query row gives a uniform softmax, not NaN
 PLATFORMS = ("gpu", "tpu")
-TPU_VMEM_BUDGET = 24 << 20  # bytes of VMEM a TPU program's blocks may take (double-buffered)
+# Bytes of VMEM a TPU program's blocks and temporaries may take: within Mosaic's default scoped limit
+# (16 MiB), which every TPU generation's VMEM holds; the limit is set to that explicitly.
+TPU_VMEM_BUDGET = 12 << 20
+TPU_VMEM_LIMIT = 16 << 20
 
 
 def _next_pow2(n: int) -> int:
@@ -491,7 +494,7 @@ def _tpu_call(kernel, g: Geometry, inputs, outputs, name: str):
 
     batch, heads = inputs[1][0].shape[:2]
     params = None if g.interpret else _pltpu().CompilerParams(
-        dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_BUDGET + (8 << 20))
+        dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_LIMIT)
     return _compiled(pl.pallas_call(
         functools.partial(kernel, g=g), name=name, grid=(batch, heads // grp),
         in_specs=[spec(x.shape, kind) for x, kind in inputs],

@@ -31,8 +31,9 @@ among them the PyTorch SASA code meant by "the public SASA code" below):
 
 The neighbourhood computation sits behind one switch, ``impl``, a key of the registry's ``IMPLS``
 (:mod:`~alite_jax.models.local_attention.registry`); every entry computes the same function:
-``"patches"`` (:mod:`.patches`), ``"halo"`` (:mod:`.halo`), ``"pallas"`` (:mod:`.pallas`, imported on
-first use) and ``"auto"`` (default: the fastest measured one for the backend).
+``"patches"`` (:mod:`.patches`), ``"halo"`` (:mod:`.halo`), ``"blocked"`` (:mod:`.blocked`), the Pallas
+kernels ``"pallas"`` (:mod:`.pallas`) and ``"fused"`` (:mod:`.fused`), both imported on first use, and
+``"auto"`` (default: the fastest measured one for the backend).
 """
 
 from __future__ import annotations

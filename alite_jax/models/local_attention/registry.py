@@ -3,7 +3,7 @@
 Every implementation is a pure function with the :class:`LocalAttentionFn` signature and computes the
 same function (the conformance tests hold each to naive references, values and gradients). ``IMPLS``
 maps names to them; :func:`register_impl` adds one. An implementation whose module is costly to import
-(``"pallas"`` pulls in ``jax.experimental.pallas``) is registered lazily by
+(``"pallas"`` and ``"fused"`` pull in ``jax.experimental.pallas``) is registered lazily by
 :func:`register_lazy_impl`: its module loads the first time the implementation is called.
 """
 
@@ -74,9 +74,10 @@ def register_lazy_impl(name: str, module: str) -> None:
 
 # Backend -> implementation, chosen from benchmarks/local_attention.py's measurements
 # (benchmarks/RESULTS.md): on the CPU and on the GPU (an H200) halo's forward+backward was the fastest
-# at every SA-ResNet26 shape, and whole-model training with pallas went NaN on the GPU once (see
-# local_attention/pallas.py); a per-shape rule would gain nothing measurable. On TPU nothing has been
-# timed: halo, the pure-JAX choice.
+# at every SA-ResNet26 shape measured, and whole-model training with pallas went NaN on the GPU once (see
+# local_attention/pallas.py); a per-shape rule would gain nothing measurable. "fused" has not been
+# compiled on a GPU or TPU yet (benchmarks/gpu_suite.sh measures it); on TPU nothing has been timed:
+# halo, the pure-JAX choice.
 AUTO_IMPLS: dict[str, str] = {"cpu": "halo", "gpu": "halo", "tpu": "halo"}
 
 
