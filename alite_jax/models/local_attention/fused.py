@@ -201,7 +201,7 @@ class _GpuTokens:
         """The block's tokens moved by ``shift`` (traced), zero where ``mask`` is False, in float32."""
         mask = mask if len(ref.shape) == 1 else mask[:, None]
         return _plgpu().load(self._window(ref, self.origin + self.t0 + shift), mask=mask,
-                             other=0).astype(jnp.float32)
+                             other=0.0).astype(jnp.float32)
 
     def store(self, ref, value):
         mask = self.valid if len(ref.shape) == 1 else self.valid[:, None]
