@@ -26,6 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "distill"                # "teacher" | "baseline" | "distill" | "spvit_search" | "spvit_finetune"
     c.seed = 0                        # parameter init and initial masks (data: data.seed)
     c.num_epochs = 200
+    # Before each evaluation, BatchNorm's running statistics are recomputed from this many training
+    # batches under the current weights (alite_jax.batch_norm_stats; 0: keep the running averages).
+    c.bn_batches = 8
+    # A layer whose parameter norm (or BatchNorm statistics' scale) grows more than this factor in one
+    # epoch is named in a warning line (alite_jax.health; 0: no check). Non-finite values always stop.
+    c.health_factor = 10.0
     # model: the zoo's options (alite_jax.models.create_model; docs/architectures.md).
     c.model = ml_collections.ConfigDict(dict(
         name="sa_resnet26", layout="cifar", variant="hybrid", width=1.0, num_heads=8, kernel_size=7,
@@ -40,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sparsity = ml_collections.ConfigDict(dict(
         density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
         full_rate_steps=20, redistribution="momentum", min_layer_fraction=0.25,
-        reset_regrown_momentum=True))
+        reset_regrown_momentum=True, keep_channels=True, fan_in_init=True))
     # distill: eq. 2's terms and weights (alite_jax.distill; docs/losses.md says where each comes from).
     c.distill = ml_collections.ConfigDict(dict(loss="kd+at", alpha=0.1, beta=1000.0, temperature=4.0))
     # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
@@ -217,6 +223,9 @@ def _fraction(meaning: str, low_open: bool = False, high_open: bool = False) -> 
 FIELD_RANGES: dict[str, Range] = {
     "seed": _at_least(0, "the seed of the initial parameters and masks"),
     "num_epochs": _at_least(1, "the number of training epochs"),
+    "bn_batches": _at_least(0, "training batches BatchNorm's statistics are recomputed from; 0: off"),
+    "health_factor": _at_least(0, "the growth in one epoch that a warning names; 0: no check",
+                               integer=False),
     "log_every_steps": _at_least(1, "steps between progress lines"),
     "checkpoint_max_to_keep": _at_least(1, "how many epoch checkpoints are kept"),
     "model.width": _above(0, "the channel multiplier"),

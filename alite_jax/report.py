@@ -13,8 +13,10 @@ A run directory holds:
   (a run killed while writing it) is reported and left out (:func:`alite_jax.run_dir.read_metrics`).
 
 It writes ``table1.md`` (the Table 1 row), ``accuracy.png`` (test and train accuracy against epoch,
-paper Figs. 2-3) and, when per-layer densities were logged, ``layer_density.png`` (each layer's density
-over the epochs: where momentum moved the budget).
+paper Figs. 2-3), when per-layer densities were logged, ``layer_density.png`` (each layer's density
+over the epochs: where momentum moved the budget), and ``health.png`` (each layer's parameter norm and
+each BatchNorm's largest running variance against epoch, from the ``param_norm`` and ``bn_var`` records
+of :mod:`alite_jax.health`).
 
 SPViT runs (``summary["mode"]`` "spvit_search" or "spvit_finetune") get SPViT's table instead of Table 1
 (ziplab/SPViT README style: top-1, params and GMACs of the found architecture next to the dense DeiT's,
@@ -138,6 +140,37 @@ def layer_density_figure(metrics: list[dict[str, Any]], title: str):
     ax.set(xlabel="epoch", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=ax, label="density")
+    fig.tight_layout()
+    return fig
+
+
+def health_figure(metrics: list[dict[str, Any]], title: str):
+    """Each layer's parameter norm (kernels) and each BatchNorm's largest running variance against epoch,
+    log scale (:mod:`alite_jax.health`), as a Figure: a layer running away stands out by orders of
+    magnitude."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [m for m in metrics if m.get("param_norm")]
+    if not rows:
+        raise ValueError("no epoch in these metrics has param_norm (runs before health records)")
+    fig = Figure(figsize=(10, 4))
+    epochs = [m["epoch"] for m in rows]
+    panels = (("param_norm", "parameter norm (kernels)", lambda v: v, lambda n: n.endswith("kernel")),
+              ("bn_var", "largest running variance", lambda v: max(v), lambda n: True))
+    for i, (key, label, pick, keep) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        last = {}
+        for name in [n for n in rows[-1].get(key, {}) if keep(n)]:
+            values = [pick(m[key][name]) if name in m.get(key, {}) else float("nan") for m in rows]
+            ax.plot(epochs, values, lw=0.8)
+            last[name] = values[-1]
+        for name in sorted(last, key=last.get)[-3:]:  # the largest three, named
+            ax.annotate(name.removesuffix("/kernel"), (epochs[-1], last[name]), fontsize=6, ha="right",
+                        va="bottom")
+        ax.set(xlabel="epoch", ylabel=label, yscale="log", title=f"{title}: {label}" if i == 0 else label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -315,6 +348,8 @@ def render(workdir: str) -> str:
         if any(m.get("per_layer_density") for m in metrics):
             layer_density_figure(metrics, f"{title}: per-layer density").savefig(
                 os.path.join(workdir, "layer_density.png"), dpi=120)
+        if any(m.get("param_norm") for m in metrics):
+            health_figure(metrics, title).savefig(os.path.join(workdir, "health.png"), dpi=120)
     if spvit and all(summary.get(k) for k in ("arch_attention", "arch_ffn", "mlp_hidden")):
         architecture_figure(summary, f"{title}: architecture").savefig(
             os.path.join(workdir, "spvit_architecture.png"), dpi=120)

@@ -65,10 +65,11 @@ SUMMARY = "summary.json"
 ARCHITECTURE = "architecture.json"  # an SPViT run's architecture (alite_jax.models.spvit_compact)
 
 # Fields that may differ between a run's config.json and the config that resumes it: where files are,
-# how often the run logs and how many checkpoints it keeps, and which implementation of the same
+# how often the run logs, checks its health and keeps checkpoints, and which implementation of the same
 # attention computes. Every other field makes it another run.
-MAY_CHANGE = ("log_every_steps", "checkpoint_max_to_keep", "baseline_workdir", "teacher.workdir",
-              "data.data_dir", "data.manual_dir", "data.download", "model.impl", "spvit.pretrained_workdir")
+MAY_CHANGE = ("log_every_steps", "checkpoint_max_to_keep", "health_factor", "baseline_workdir",
+              "teacher.workdir", "data.data_dir", "data.manual_dir", "data.download", "model.impl",
+              "spvit.pretrained_workdir")
 FRESH_HINT = ("use another --workdir, or pass --fresh to start over here (the directory is first moved "
               "aside to {aside}, not deleted)")
 

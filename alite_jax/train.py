@@ -20,8 +20,10 @@ is refused raises an :class:`alite_jax.errors.UserError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import signal
 import time
@@ -38,7 +40,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alite_jax import costs, data, report, run_dir
+from alite_jax import batch_norm_stats, costs, data, health, report, run_dir
 from alite_jax.config import check_ranges
 from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
@@ -239,13 +241,38 @@ def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State
     return {"preempted_at_step": step}
 
 
-def _diverged(what: str, manager: ocp.CheckpointManager) -> DivergedError:
-    """The error for a NaN or infinite loss: where it happened, the last good checkpoint, what to do."""
+def _diverged(problem: str, manager: ocp.CheckpointManager) -> DivergedError:
+    """The error for a NaN or infinite loss or model: what happened and where, the last good checkpoint,
+    what to do."""
     step = manager.latest_step()
     last = (f"The last good checkpoint is step {step} in {manager.directory}." if step is not None
             else "No checkpoint has been saved yet.")
-    return DivergedError(f"the loss became {what}; stopped. {last} Lower config.optimizer.lr and start "
-                         f"over (another --workdir, or --fresh), or check the data.")
+    return DivergedError(f"{problem}; stopped. {last} Lower config.optimizer.lr and start over (another "
+                         f"--workdir, or --fresh), or check the data.")
+
+
+def with_recomputed_batch_stats(recompute: Callable, state: State, pipe: data.InputPipeline, epoch: int,
+                                batches: int) -> State:
+    """``state`` with BatchNorm's statistics recomputed from the first ``batches`` training batches of
+    ``epoch`` under its weights (:mod:`alite_jax.batch_norm_stats`; 0: unchanged). The batches are read
+    apart from the training iterator, so training and its resumption are untouched."""
+    if not batches:
+        return state
+    with contextlib.closing(pipe.train_epoch(epoch)) as epoch_batches:
+        stats = recompute({"params": state["params"], "batch_stats": state["batch_stats"]},
+                          itertools.islice(epoch_batches, batches))
+    return dict(state, batch_stats=stats)
+
+
+def watch_health(run: Run, row: dict[str, Any], writer: MetricWriter) -> None:
+    """Warns (one line a layer) about parameters or statistics that grew more than
+    ``config.health_factor`` in the epoch; stops on a non-finite one, before its checkpoint is saved."""
+    bad = health.nonfinite(row)
+    if bad is not None:
+        raise _diverged(f"{bad} became non-finite in epoch {row['epoch']}", run.manager)
+    previous = run.history[-1] if run.history else None
+    for line in health.check(previous, row, run.config.get("health_factor", 0.0)):
+        writer.write_text(line)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +374,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                                          config.data.seed),
                          donate_argnums=0, out_shardings=(replicated, replicated))  # no recompile
     eval_step = jax.jit(make_eval_step(run.model), out_shardings=replicated)
+    recompute = batch_norm_stats.make_recompute(run.model, replicated)
     lr = method.learning_rate(steps_per_epoch)
     progress = Progress(steps_per_epoch * num_epochs, config.data.batch_size)
     if step:
@@ -368,7 +396,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                 if step % config.log_every_steps == 0 or stop:
                     loss = float(metrics["total"])
                     if not np.isfinite(loss):
-                        raise _diverged(f"{loss} at step {step} (epoch {epoch})", manager)
+                        raise _diverged(f"the loss became {loss} at step {step} (epoch {epoch})", manager)
                     writer.write_text(f"epoch {epoch} step {step}/{progress.total_steps} loss {loss:.4f} "
                                       f"{progress.line(step)}")
                 if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
@@ -376,12 +404,16 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
             train = {f"train_{k}": float(v) / steps_per_epoch
                      for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
-                raise _diverged(f"{train['train_total']} in epoch {epoch}", manager)
-            # Evaluate the model this epoch trained, before the method's round changes it.
+                raise _diverged(f"the loss became {train['train_total']} in epoch {epoch}", manager)
+            # Evaluate the model this epoch trained, before the method's round changes it, with
+            # BatchNorm statistics of its own weights (the running averages lag behind them).
+            state = with_recomputed_batch_stats(recompute, state, pipe, epoch, config.get("bn_batches", 0))
             row = dict(epoch=epoch, step=step, lr=float(lr(step - 1)), **train,
                        **evaluate(eval_step, state, pipe))
             state, fields = method.end_of_epoch(state, epoch, steps_per_epoch)
-            row.update(fields, epoch_time_s=time.perf_counter() - timer)
+            row.update(fields, **health.layer_health(state["params"], state["batch_stats"]),
+                       epoch_time_s=time.perf_counter() - timer)
+            watch_health(run, row, writer)
             run.history.append(row)
             writer.write_epoch(epoch, row)
             run_dir.save_checkpoint(manager, step, state, run.batches)

@@ -4,19 +4,21 @@ Trains one ResNet-50 teacher (the demo's, ``configs/demo.py``), then for every s
 student of the demo under each setting:
 
     dense CE (the baseline), dense KD, dense KD+AT, sparse CE, sparse KD, sparse KD+AT (irregular,
-    d = 0.1), column KD+AT (d = 0.5), and sparse KD+AT and sparse CE with the paper's rule taken
-    literally (no per-layer floor, regrown weights keep their momentum, full-rate rounds however short
-    the epoch: what collapsed before).
+    d = 0.1), its variants (channels allowed to empty and the masked dense initialisation: the
+    defaults before they changed; each of the two alone; ERK), column KD+AT (d = 0.5), and sparse KD+AT
+    and sparse CE with the paper's rule taken literally (no floors, regrown weights keep their momentum,
+    full-rate rounds however short the epoch: what collapsed before).
 
 "dense" is density 1.0 (no pruning); every other field is the demo student's. Each run is a normal run
 directory under ``--workdir`` (a finished one is reused, an interrupted one resumes), and the table of
-final test accuracies (mean, spread and every seed) is printed and written to ``ablation.md`` and
-``ablation.json`` there.
+final test accuracies (mean, spread and every seed), with the scale of each run's weights (its worst
+layer's max |w| over the dense baseline's of the same seed) and its peak BatchNorm running variance, is
+printed and written to ``ablation.md`` and ``ablation.json`` (every layer's ratio) there.
 
 Run: ``python benchmarks/ablation.py --workdir=runs/ablation`` (about 40 minutes on 2 CPU cores with
 ``--jobs=2``); ``--batch_size=256`` repeats it at a large batch (the teacher too), ``--lr_scale`` and
-``--alpha`` change every phase's lr and the students' CE weight; ``--seeds``, ``--settings`` and
-``--epochs`` narrow it.
+``--alpha`` change every phase's lr and the students' CE weight, ``--image_size`` the digits' side (8, their
+own; 16 upsampled); ``--seeds``, ``--settings`` and ``--epochs`` narrow it.
 """
 
 from __future__ import annotations
@@ -40,25 +42,38 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 import ml_collections  # noqa: E402
 
-# name -> (label, mode, loss, density, structure, paper_rule)
+# The paper's round taken literally: no per-layer floor, regrown weights keep their momentum, full-rate
+# rounds however short the epoch, channels may empty, masked dense initialisation.
+PAPER_RULE = dict(min_layer_fraction=0.0, reset_regrown_momentum=False, full_rate_steps=0,
+                  keep_channels=False, fan_in_init=False)
+# name -> (label, mode, loss, density, structure, sparsity fields that differ from the defaults)
 SETTINGS = {
-    "dense_ce": ("dense CE (baseline)", "baseline", "ce", 1.0, "irregular", False),
-    "dense_kd": ("dense KD", "distill", "kd", 1.0, "irregular", False),
-    "dense_kdat": ("dense KD+AT", "distill", "kd+at", 1.0, "irregular", False),
-    "sparse_ce": ("sparse CE, d = 0.1", "distill", "ce", 0.1, "irregular", False),
-    "sparse_kd": ("sparse KD, d = 0.1", "distill", "kd", 0.1, "irregular", False),
-    "sparse_kdat": ("sparse KD+AT, d = 0.1", "distill", "kd+at", 0.1, "irregular", False),
-    "column_kdat": ("column KD+AT, d = 0.5", "distill", "kd+at", 0.5, "column", False),
-    "paper_rule_kdat": ("sparse KD+AT, d = 0.1, paper's rule (no floor, momentum kept)", "distill",
-                        "kd+at", 0.1, "irregular", True),
-    "paper_rule_ce": ("sparse CE, d = 0.1, paper's rule (no floor, momentum kept)", "distill", "ce",
-                      0.1, "irregular", True),
+    "dense_ce": ("dense CE (baseline)", "baseline", "ce", 1.0, "irregular", {}),
+    "dense_kd": ("dense KD", "distill", "kd", 1.0, "irregular", {}),
+    "dense_kdat": ("dense KD+AT", "distill", "kd+at", 1.0, "irregular", {}),
+    "sparse_ce": ("sparse CE, d = 0.1", "distill", "ce", 0.1, "irregular", {}),
+    "sparse_kd": ("sparse KD, d = 0.1", "distill", "kd", 0.1, "irregular", {}),
+    "sparse_kdat": ("sparse KD+AT, d = 0.1", "distill", "kd+at", 0.1, "irregular", {}),
+    "sparse_kdat_open": ("sparse KD+AT, d = 0.1, channels may empty, masked dense init", "distill",
+                         "kd+at", 0.1, "irregular", dict(keep_channels=False, fan_in_init=False)),
+    "sparse_kdat_keep": ("sparse KD+AT, d = 0.1, no channel empties, masked dense init", "distill",
+                         "kd+at", 0.1, "irregular", dict(fan_in_init=False)),
+    "sparse_kdat_fanin": ("sparse KD+AT, d = 0.1, channels may empty, fan-in init", "distill", "kd+at",
+                          0.1, "irregular", dict(keep_channels=False)),
+    "sparse_kdat_erk": ("sparse KD+AT, d = 0.1, ERK", "distill", "kd+at", 0.1, "irregular",
+                        dict(distribution="erk")),
+    "column_kdat": ("column KD+AT, d = 0.5", "distill", "kd+at", 0.5, "column", {}),
+    "paper_rule_kdat": ("sparse KD+AT, d = 0.1, paper's rule (no floors, momentum kept)", "distill",
+                        "kd+at", 0.1, "irregular", PAPER_RULE),
+    "paper_rule_ce": ("sparse CE, d = 0.1, paper's rule (no floors, momentum kept)", "distill", "ce",
+                      0.1, "irregular", PAPER_RULE),
 }
 
 
 def demo_phases(epochs: int, batch_size: int, lr_scale: float = 1.0,
-                alpha: float | None = None) -> ml_collections.ConfigDict:
-    """configs/demo.py's phases, with the epochs, batch size, lr multiplier and KD alpha of this run."""
+                alpha: float | None = None, image_size: int = 8) -> ml_collections.ConfigDict:
+    """configs/demo.py's phases, with the epochs, batch size, lr multiplier, KD alpha and image size of
+    this run."""
     spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,6 +83,7 @@ def demo_phases(epochs: int, batch_size: int, lr_scale: float = 1.0,
         phase.optimizer.decay_epochs = (epochs // 2, epochs * 3 // 4)
         phase.data.batch_size = phase.data.eval_batch_size = batch_size
         phase.optimizer.lr *= lr_scale
+        phase.data.image_size = image_size
         if alpha is not None:
             phase.distill.alpha = alpha
     return phases
@@ -75,16 +91,13 @@ def demo_phases(epochs: int, batch_size: int, lr_scale: float = 1.0,
 
 def setting_config(phases: ml_collections.ConfigDict, name: str, seed: int,
                    teacher_dir: str) -> ml_collections.ConfigDict:
-    _, mode, loss, density, structure, paper_rule = SETTINGS[name]
+    _, mode, loss, density, structure, overrides = SETTINGS[name]
     c = ml_collections.ConfigDict(phases.student.to_dict())
     c.mode = mode
     c.distill.loss = loss
     c.sparsity.density = density
     c.sparsity.structure = structure
-    if paper_rule:
-        c.sparsity.min_layer_fraction = 0.0
-        c.sparsity.reset_regrown_momentum = False
-        c.sparsity.full_rate_steps = 0
+    c.sparsity.update(overrides)
     c.teacher.workdir = teacher_dir if loss != "ce" else ""
     c.baseline_workdir = ""
     c.seed = c.data.seed = seed
@@ -114,14 +127,63 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return json.load(f)
 
 
-def table(results: dict[str, dict[int, dict]], seeds: list[int], teacher: float) -> str:
+def weight_scales(workdir: str) -> dict[str, float]:
+    """max |w| of every kernel of a finished run's exported model ({layer: max |w|})."""
+    import jax
+    import numpy as np
+
+    from alite_jax import run_dir
+    from alite_jax.distributed import make_mesh
+    from alite_jax.sparsity.masks import path_name
+
+    _, variables = run_dir.load_model(workdir, make_mesh())
+    return {path_name(p): float(np.max(np.abs(np.asarray(x))))
+            for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+            if path_name(p).endswith("kernel")}
+
+
+def peak_running_variance(workdir: str) -> float:
+    """The largest BatchNorm running variance any epoch of the run recorded (metrics.jsonl's bn_var)."""
+    from alite_jax import run_dir
+
+    rows = run_dir.read_metrics(workdir, warn=lambda _: None)
+    return max((v[1] for r in rows for v in r.get("bn_var", {}).values()), default=float("nan"))
+
+
+def scale_columns(workdirs: dict[str, dict[int, str]], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """Per setting and seed: the worst layer's max |w| over the dense baseline's (same seed) and which
+    layer, and the peak running variance; empty where a run or the baseline is missing."""
+    out: dict[str, dict[int, dict]] = {name: {} for name in workdirs}
+    base = {s: workdirs.get("dense_ce", {}).get(s) for s in seeds}
+    for name, per_seed in workdirs.items():
+        for s, wd in per_seed.items():
+            if not os.path.exists(os.path.join(wd, "model")) or not base[s] or not os.path.exists(
+                    os.path.join(base[s], "model")):
+                continue
+            mine, dense = weight_scales(wd), weight_scales(base[s])
+            ratios = {k: mine[k] / dense[k] for k in mine if dense.get(k)}
+            worst = max(ratios, key=ratios.get)
+            out[name][s] = dict(worst_layer=worst, worst_ratio=ratios[worst], ratios=ratios,
+                                peak_var=peak_running_variance(wd))
+    return out
+
+
+def table(results: dict[str, dict[int, dict]], seeds: list[int], teacher: float,
+          scales: dict[str, dict[int, dict]] | None = None) -> str:
+    scales = scales or {}
     lines = [f"| setting | test accuracy (%), mean ± std over {len(seeds)} seeds | min - max | "
-             + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|---|" + "---|" * len(seeds)]
+             + " | ".join(f"seed {s}" for s in seeds) + " | max |w| / dense, worst layer (seeds) | "
+             "peak running var |",
+             "|---|---|---|" + "---|" * len(seeds) + "---|---|"]
     for name, per_seed in results.items():
         acc = [100 * per_seed[s]["test_accuracy"] for s in seeds]
         ok = [a for a in acc if math.isfinite(a)]
         cells = " | ".join(f"{a:.1f}" if math.isfinite(a) else "NaN (diverged)" for a in acc)
+        scale = [scales.get(name, {}).get(s) for s in seeds]
+        scale = [x for x in scale if x]
+        cells += " | " + (", ".join(f"{x['worst_ratio']:.3g} ({x['worst_layer'].removesuffix('/kernel')})"
+                                    for x in scale) or "-")
+        cells += " | " + (", ".join(f"{x['peak_var']:.3g}" for x in scale) or "-")
         if not ok:
             lines.append(f"| {SETTINGS[name][0]} | all diverged | | {cells} |")
             continue
@@ -129,7 +191,7 @@ def table(results: dict[str, dict[int, dict]], seeds: list[int], teacher: float)
         note = f" ({len(acc) - len(ok)} of {len(acc)} diverged)" if len(ok) < len(acc) else ""
         lines.append(f"| {SETTINGS[name][0]} | {statistics.mean(ok):.1f} ± {spread:.1f}{note} | "
                      f"{min(ok):.1f} - {max(ok):.1f} | {cells} |")
-    lines.append(f"| teacher (ResNet-50, seed 0) | {100 * teacher:.1f} | | " + " | " * (len(seeds) - 1) + "|")
+    lines.append(f"| teacher (ResNet-50, seed 0) | {100 * teacher:.1f} | | " + " | " * (len(seeds) + 1) + "|")
     return "\n".join(lines)
 
 
@@ -141,6 +203,7 @@ def main() -> None:
                         + ", ".join(SETTINGS))
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=8, help="the digits' side (8: their own)")
     parser.add_argument("--lr_scale", type=float, default=1.0, help="multiplies every phase's lr")
     parser.add_argument("--alpha", type=float, default=None, help="the students' CE weight (demo: 0.1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
@@ -151,7 +214,7 @@ def main() -> None:
         if name not in SETTINGS:
             parser.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
     start = time.perf_counter()
-    phases = demo_phases(args.epochs, args.batch_size, args.lr_scale, args.alpha)
+    phases = demo_phases(args.epochs, args.batch_size, args.lr_scale, args.alpha, args.image_size)
     teacher_dir = os.path.abspath(os.path.join(args.workdir, "teacher"))
     jobs = [(n, s, setting_config(phases, n, s, teacher_dir), os.path.join(args.workdir, n, f"seed{s}"))
             for n in names for s in seeds]
@@ -163,8 +226,13 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
     for (name, seed, _, _), summary in zip(jobs, summaries):
         results[name][seed] = summary
-    text = table(results, seeds, teacher["test_accuracy"])
-    header = (f"Digits, SA-ResNet26 width 0.25 (the demo's student), {args.epochs} epochs, batch "
+    workdirs: dict[str, dict[int, str]] = {n: {} for n in names}
+    for name, seed, _, workdir in jobs:
+        workdirs[name][seed] = workdir
+    scales = scale_columns(workdirs, seeds)
+    text = table(results, seeds, teacher["test_accuracy"], scales)
+    header = (f"Digits at {args.image_size}x{args.image_size}, SA-ResNet26 width 0.25 (the demo's student), "
+              f"{args.epochs} epochs, batch "
               f"{args.batch_size}, lr x{args.lr_scale:g}, alpha {phases.student.distill.alpha:g}; final "
               f"test accuracy. `python benchmarks/ablation.py {' '.join(sys.argv[1:])}` (this invocation: "
               f"{time.perf_counter() - start:.0f}s; finished runs are reused).")
@@ -172,10 +240,12 @@ def main() -> None:
     with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
         f.write(header + "\n\n" + text + "\n")
     with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
-        json.dump(dict(epochs=args.epochs, batch_size=args.batch_size, seeds=seeds,
-                       teacher_test_accuracy=teacher["test_accuracy"],
+        json.dump(dict(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+                       seeds=seeds, teacher_test_accuracy=teacher["test_accuracy"],
                        results={n: {str(s): r[s]["test_accuracy"] for s in seeds}
-                                for n, r in results.items()}), f, indent=2)  # NaN: diverged
+                                for n, r in results.items()},
+                       scales={n: {str(s): x for s, x in per.items()} for n, per in scales.items()}),
+                  f, indent=2)  # NaN: diverged
 
 
 if __name__ == "__main__":

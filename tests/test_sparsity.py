@@ -215,7 +215,8 @@ def _set_momentum(state, momentum):
 
 
 def _hand_state(weights, masks, momentum, budget):
-    tx = sparsity.sparse_learning(sgd(), density=0.5)
+    # The paper's round by hand: no channel floor (its own test is below).
+    tx = sparsity.sparse_learning(sgd(), density=0.5, keep_channels=False)
     state = tx.init(weights)
     state = dataclasses.replace(state, masks=masks, budget=budget)
     return _set_momentum(state, momentum)
@@ -360,7 +361,7 @@ def test_floor_holds_a_starved_layer_and_regrows_it_to_its_floor():
     masks = jax.tree.map(lambda w: w != 0, weights)
     momentum = {"a": {"kernel": jnp.zeros((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
     for fraction, expected_a in ((0.5, 4), (0.0, 2)):
-        tx = sparsity.sparse_learning(sgd(), density=0.5, min_layer_fraction=fraction)
+        tx = sparsity.sparse_learning(sgd(), density=0.5, min_layer_fraction=fraction, keep_channels=False)
         state = _set_momentum(dataclasses.replace(tx.init(weights), masks=masks), momentum)
         assert state.min_units == ((4, 4) if fraction else (1, 1))
         params, new = sparsity.prune_and_regrow(weights, state, 0.75)
@@ -411,6 +412,9 @@ def test_budget_exact_and_floors_hold_over_hundreds_of_rounds_with_skewed_moment
             units = int(np.asarray(masks[n]["kernel"]).sum()) // unit[n]
             assert units >= floors[n] >= 1, (round_, n, units, floors[n])
             lowest[n] = min(lowest[n], units)
+            channels = np.asarray(masks[n]["kernel"]).reshape(-1, unit[n] if structure == "column" else
+                                                              masks[n]["kernel"].shape[-1]).any(axis=0)
+            assert channels.all(), (round_, n, "an output channel emptied")
     assert lowest["starved"] == floors["starved"]  # it was driven to its floor and held there
 
 
@@ -621,3 +625,61 @@ def test_state_checkpoints_with_orbax(tmp_path):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_channels: no output channel of an irregularly pruned kernel is ever empty; fan-in rescaling.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_channel_starts_with_a_weight_and_the_budget_stays_exact():
+    # At d = 0.1 a (3, 3, 1, 16) stem would get round(14.4) = 14 weights for 16 channels: it is raised to
+    # 16 and the 2 come from the largest layer. Without keep_channels the draw leaves channels empty.
+    r = np.random.default_rng(0)
+    params = {"stem": {"kernel": jnp.asarray(r.standard_normal((3, 3, 1, 16)), jnp.float32)},
+              "conv": {"kernel": jnp.asarray(r.standard_normal((3, 3, 16, 32)), jnp.float32)},
+              "head": {"kernel": jnp.asarray(r.standard_normal((32, 10)), jnp.float32)}}
+    total = 144 + 4608 + 320
+    # tree order: conv, head, stem
+    assert sparsity.layer_units(params, 0.1, keep_channels=False) == ((462, 31, 14), 507)
+    counts, budget = sparsity.layer_units(params, 0.1)
+    assert budget == round(0.1 * total) and counts == (460, 31, 16)
+    for keep in (True, False):
+        state = sparsity.sparse_learning(sgd(), density=0.1, keep_channels=keep).init(params)
+        empty = {n: int((~np.asarray(m["kernel"]).reshape(-1, m["kernel"].shape[-1]).any(axis=0)).sum())
+                 for n, m in sparsity.get_masks(state).items()}
+        assert nnz(sparsity.get_masks(state)) == budget
+        assert (set(empty.values()) == {0}) == keep, empty
+    with pytest.raises(ValueError, match="fewer than the 58 that keep one weight in every output channel"):
+        sparsity.layer_units(params, 0.01)
+
+
+def test_a_channels_last_weight_is_never_pruned():
+    # Two channels: channel 0 holds 1 and 2, channel 1 holds 5 alone. Rate 1 prunes ceil(3) = 3 by
+    # magnitude under the paper's rule, emptying both channels; with keep_channels each channel's
+    # strongest (2 and 5) stays and only the 1 goes.
+    weights = {"a": {"kernel": jnp.array([[1.0, 5.0], [2.0, 0.0]])},
+               "b": {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]])}}
+    masks = jax.tree.map(lambda w: w != 0, weights)
+    momentum = {"a": {"kernel": jnp.array([[0.0, 0.0], [0.0, 3.0]])}, "b": {"kernel": jnp.zeros((2, 2))}}
+    for keep, kept_a in ((True, [[0, 5], [2, 0]]), (False, [[0, 0], [0, 0]])):
+        tx = sparsity.sparse_learning(sgd(), density=0.5, keep_channels=keep, min_layer_fraction=0.0)
+        state = _set_momentum(dataclasses.replace(tx.init(weights), masks=masks, budget=5), momentum)
+        params, _ = sparsity.prune_and_regrow(weights, state, 1.0)
+        np.testing.assert_array_equal(params["a"]["kernel"], kept_a)
+
+
+def test_fan_in_scaling_restores_each_channels_expected_norm():
+    # A (3, 3, 8, 64) kernel masked to d = 0.1: each channel's squared norm is the dense draw's sum over
+    # its active weights; scaled by fan_in / active per channel, its expectation is the dense one's.
+    r = np.random.default_rng(1)
+    dense = jnp.asarray(r.standard_normal((3, 3, 8, 64)), jnp.float32)
+    masks = {"k": {"kernel": jnp.asarray(r.uniform(size=dense.shape) < 0.1)}}
+    scaled = sparsity.scale_to_fan_in({"k": {"kernel": dense}}, masks)["k"]["kernel"]
+    m = np.asarray(masks["k"]["kernel"]).reshape(72, 64)
+    factor = np.sqrt(72 / np.maximum(m.sum(0), 1))
+    np.testing.assert_allclose(np.asarray(scaled).reshape(72, 64),
+                               np.where(m, np.asarray(dense).reshape(72, 64) * factor, 0), rtol=1e-6)
+    sq = (np.asarray(scaled) ** 2).reshape(72, 64).sum(0)
+    assert abs(sq.mean() / 72 - 1) < 0.15  # the dense draw's expected squared norm per channel is 72
+    assert np.asarray(masks["k"]["kernel"]).reshape(72, 64).sum(0).min() > 0

@@ -30,6 +30,9 @@ def get_config(arg=None):
     c.optimizer.decay_epochs = (2,)
     c.sparsity.density = 0.2
     c.log_every_steps = 1
+    # BatchNorm statistics recomputed before each evaluation cost a compile per run; the runs that test
+    # it set it (tests/test_training_health.py), the rest keep the running averages.
+    c.bn_batches = 0
     c.teacher.workdir = {teacher!r}
     if {mix}:  # DeiT's batch mixing in the step: Mixup or CutMix, label smoothing
         c.data.update(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)

@@ -82,7 +82,7 @@ def sparse_optimizer(config: ml_collections.ConfigDict,
     return sparsity.sparse_learning(
         inner, density=s.density, structure=s.structure, distribution=s.distribution, seed=config.seed,
         redistribution=s.redistribution, min_layer_fraction=s.min_layer_fraction,
-        reset_regrown_momentum=s.reset_regrown_momentum)
+        reset_regrown_momentum=s.reset_regrown_momentum, keep_channels=s.get("keep_channels", True))
 
 
 def sparse_round(config: ml_collections.ConfigDict, state: State, epoch: int,
@@ -171,7 +171,14 @@ class AttentionLite(SparseLearning, Method):
                                          alpha=d.alpha, beta=d.beta, temperature=d.temperature)
 
     def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
+        """The student's random initial weights under the initial masks: with ``sparsity.fan_in_init``
+        each output channel rescaled to its active fan-in (:func:`alite_jax.sparsity.scale_to_fan_in`)."""
+        if not self.sparse:
+            return params
+        masks = sparsity.get_masks(opt_state)
+        if self.config.sparsity.get("fan_in_init", True):
+            return sparsity.scale_to_fan_in(params, masks)
+        return sparsity.apply_masks(params, masks)
 
     def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,
                        channels: int) -> dict[str, Any]:

@@ -77,6 +77,29 @@ def unit_view(x: jax.Array, structure: str) -> jax.Array:
     return x.reshape(-1, unit_size(x.shape, structure))
 
 
+def channel_units(shape: tuple[int, ...], structure: str) -> int:
+    """The fewest active units a kernel of ``shape`` may hold with every output channel (the last axis)
+    keeping an active weight: C_out irregular weights, or one column (a column spans every channel)."""
+    return int(shape[-1]) if structure == "irregular" else 1
+
+
+def scale_to_fan_in(params: Params, masks: Masks) -> Params:
+    """Masked kernels scaled per output channel by sqrt(fan_in / active fan_in): each channel's weights
+    as if drawn by the same initializer for the inputs it really has (Evci et al.'s sparse
+    initialisation; docs/sparse_learning.md). A random dense draw masked to density d keeps only d of
+    each channel's expected squared norm; for a channel followed by BatchNorm that multiplies its
+    effective learning rate (lr / |w|^2) by 1/d. Channels with no active weight stay zero."""
+    def scale(m, p):
+        if m is None:
+            return p
+        per_channel = m.reshape(-1, m.shape[-1])
+        active = jnp.sum(per_channel, axis=0, dtype=jnp.float32)
+        factor = jnp.sqrt(per_channel.shape[0] / jnp.maximum(active, 1.0))
+        return jnp.where(m, p * factor.astype(p.dtype), jnp.zeros_like(p))
+
+    return jax.tree.map(scale, masks, params, is_leaf=is_none)
+
+
 def apply_masks(params: Params, masks: Masks) -> Params:
     """Zeroes the inactive weights of ``params`` (leaves with mask None are returned as they are)."""
     return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
@@ -177,12 +200,15 @@ def distribution_shares(shapes: list[tuple[int, ...]], distribution: str) -> np.
 
 
 def layer_units(params: Params, density: float, structure: str = "irregular",
-                distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None
-                ) -> tuple[tuple[int, ...], int]:
+                distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
+                keep_channels: bool = True) -> tuple[tuple[int, ...], int]:
     """The initial active units of every prunable leaf (in tree order), and the global budget.
 
-    The budget is round(density x prunable weights); per-layer counts follow ``distribution``. Computed
-    from the shapes alone, so the counts are Python ints even when called under ``jax.jit``.
+    The budget is round(density x prunable weights); per-layer counts follow ``distribution``. With
+    ``keep_channels`` every leaf gets at least :func:`channel_units` (one weight per output channel, for
+    irregular masks): layers below that are raised to it, and the units this takes come from the layers
+    with the most to spare, so the budget stays exact. Computed from the shapes alone, so the counts are
+    Python ints even when called under ``jax.jit``.
     """
     flags = prunable_tree(params, is_prunable)
     shapes = [tuple(x.shape) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(flags)) if f]
@@ -196,53 +222,96 @@ def layer_units(params: Params, density: float, structure: str = "irregular",
     with jax.ensure_compile_time_eval():  # shapes only: concrete even under an outer jit
         counts = allocate(jnp.asarray(distribution_shares(shapes, distribution), jnp.float32),
                           jnp.asarray(units), jnp.asarray(sizes), jnp.int32(budget))
-    return tuple(int(c) for c in np.asarray(counts)), budget
+    counts = np.asarray(counts, np.int64)
+    if keep_channels:
+        floors = np.array([channel_units(s, structure) for s in shapes], np.int64)
+        counts = raise_to_floors(counts, floors, sizes, budget)
+    return tuple(int(c) for c in counts), budget
+
+
+def raise_to_floors(counts: np.ndarray, floors: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarray:
+    """``counts`` (units per layer) with every layer raised to its floor, the weights that takes removed
+    from the layers holding the most weights above their floors (in whole units: exact for single
+    weights, within a column for columns).
+
+    Raises ValueError when the floors alone need more weights than the budget."""
+    need = int(np.sum(floors * sizes))
+    if need > budget:
+        raise ValueError(f"the density leaves {budget} active weights, fewer than the {need} that keep one "
+                         f"weight in every output channel of every pruned layer: raise the density, or "
+                         f"let channels empty (keep_channels=False)")
+    given = int(np.sum(counts * sizes))
+    counts = np.maximum(counts, floors)
+    excess = int(np.sum(counts * sizes)) - given
+    spare = (counts - floors) * sizes
+    while excess > 0:
+        j = int(np.argmax(spare))
+        take = min(int(counts[j] - floors[j]), -(-excess // int(sizes[j])))
+        counts[j] -= take
+        spare[j] -= take * sizes[j]
+        excess -= take * int(sizes[j])
+    return counts
 
 
 def draw_masks(params: Params, counts: tuple[int, ...], structure: str = "irregular",
-               is_prunable: IsPrunable | Params | None = None, seed: int = 0) -> Masks:
+               is_prunable: IsPrunable | Params | None = None, seed: int = 0,
+               keep_channels: bool = True) -> Masks:
     """Random masks with ``counts[j]`` active units in the j-th prunable leaf (tree order), drawn
-    uniformly at random inside each leaf (``counts`` from :func:`layer_units`)."""
+    uniformly at random inside each leaf (``counts`` from :func:`layer_units`). With ``keep_channels``
+    (irregular masks) every output channel gets one of them first, at random among its weights, so no
+    channel starts empty (``counts`` must then be at least C_out)."""
     flags = jax.tree.leaves(prunable_tree(params, is_prunable))
-    leaves, treedef = jax.tree.flatten(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     idx = [i for i, f in enumerate(flags) if f]
     if len(idx) != len(counts):
         raise ValueError(f"{len(counts)} counts for {len(idx)} prunable leaves")
-    # Folded with a constant: a model initialised from jax.random.key(seed) split the same way would
-    # otherwise draw its weights from the masks' bits (normal draws are monotone in the uniform ones),
-    # and every layer would keep only its most negative weights.
-    shapes = tuple(tuple(leaves[i].shape) for i in idx)
-    drawn = iter(draw_leaf_masks(seed, shapes, tuple(int(c) for c in counts), structure))
-    masks = [None] * len(leaves)
+    shapes = tuple(tuple(flat[i][1].shape) for i in idx)
+    for i, shape, count in zip(idx, shapes, counts):
+        if keep_channels and count < channel_units(shape, structure):
+            raise ValueError(f"{path_name(flat[i][0])} gets {count} active units but has {shape[-1]} output "
+                             f"channels, each of which keeps a weight (keep_channels): take the counts "
+                             f"from layer_units(..., keep_channels=True)")
+    drawn = iter(draw_leaf_masks(seed, shapes, tuple(int(c) for c in counts), structure,
+                                 bool(keep_channels)))
+    masks = [None] * len(flat)
     for i in idx:
         masks[i] = next(drawn)
     return jax.tree.unflatten(treedef, masks)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def draw_leaf_masks(seed: int | jax.Array, shapes: tuple[tuple[int, ...], ...], counts: tuple[int, ...],
-                    structure: str) -> list[jax.Array]:
+                    structure: str, keep_channels: bool = False) -> list[jax.Array]:
     """:func:`draw_masks`' draws, one program for all leaves (eagerly, every leaf shape compiled its own
     draw and ranking)."""
+    # Folded with a constant: a model initialised from jax.random.key(seed) split the same way would
+    # otherwise draw its weights from the masks' bits (normal draws are monotone in the uniform ones),
+    # and every layer would keep only its most negative weights.
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), MASK_STREAM), len(shapes))
     masks = []
     for j, shape in enumerate(shapes):
         size = unit_size(shape, structure)
         units = int(np.prod(shape)) // size
-        active = rank_of(jax.random.uniform(keys[j], (units,))) < counts[j]
+        score = jax.random.uniform(keys[j], (units,))
+        if keep_channels and structure == "irregular":
+            # Each channel's lowest draw goes first: scores below 0 rank before every other weight.
+            per_channel = score.reshape(-1, shape[-1])
+            first = jnp.arange(per_channel.shape[0])[:, None] == jnp.argmin(per_channel, axis=0)[None, :]
+            score = jnp.where(first, per_channel - 1.0, per_channel).reshape(-1)
+        active = rank_of(score) < counts[j]
         masks.append(jnp.broadcast_to(active[:, None], (units, size)).reshape(shape))
     return masks
 
 
 def init_masks(params: Params, density: float, structure: str = "irregular",
                distribution: str = "uniform", is_prunable: IsPrunable | Params | None = None,
-               seed: int = 0) -> tuple[Masks, int]:
+               seed: int = 0, keep_channels: bool = True) -> tuple[Masks, int]:
     """Random masks meeting the global budget, and the budget: round(density x prunable weights).
 
     Per-layer counts follow ``distribution`` (:func:`layer_units`); inside a layer the active units are
-    drawn uniformly at random (:func:`draw_masks`). Irregular masks meet the budget exactly; column
-    masks come as close as whole columns allow (short by less than the smallest column among layers
-    with room).
+    drawn uniformly at random (:func:`draw_masks`), with ``keep_channels`` one per output channel first.
+    Irregular masks meet the budget exactly; column masks come as close as whole columns allow (short
+    by less than the smallest column among layers with room).
     """
-    counts, budget = layer_units(params, density, structure, distribution, is_prunable)
-    return draw_masks(params, counts, structure, is_prunable, seed), budget
+    counts, budget = layer_units(params, density, structure, distribution, is_prunable, keep_channels)
+    return draw_masks(params, counts, structure, is_prunable, seed, keep_channels), budget

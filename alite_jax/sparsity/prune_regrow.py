@@ -5,7 +5,7 @@ the prune rate's schedule.
 
 1. importance of layer l: mu_l = mean |momentum| over its active weights, normalised to sum 1;
 2. prune: every layer drops ceil(prune_rate * active units) of its active units with the smallest
-   magnitude (|w|, or a column's Frobenius norm);
+   magnitude (|w|, or a column's Frobenius norm), never (``keep_channels``) an output channel's last;
 3. regrow up to the fixed global budget: first every layer back to its floor (``min_units``), then the
    rest across layers in proportion to mu_l (``redistribution="momentum"``), each layer capped by its
    free units, the excess handed to layers with room (integer bookkeeping, no drift); with
@@ -37,10 +37,10 @@ FULL_RATE_STEPS = 20  # steps between rounds below which a round prunes proporti
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "budget", "min_units", "redistribution",
-                                             "reset_regrown_momentum"))
+                                             "reset_regrown_momentum", "keep_channels"))
 def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: jax.Array, *,
                   structure: str, budget: int, min_units: tuple[int, ...], redistribution: str,
-                  reset_regrown_momentum: bool) -> tuple[Params, Masks, Params]:
+                  reset_regrown_momentum: bool, keep_channels: bool) -> tuple[Params, Masks, Params]:
     flat_masks, treedef = jax.tree.flatten(masks, is_leaf=is_none)
     flat_params = treedef.flatten_up_to(params)
     flat_mom = treedef.flatten_up_to(momentum)
@@ -62,12 +62,20 @@ def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: ja
     importance = mom_sum / jnp.maximum(active * unit, 1).astype(jnp.float32)
     importance = importance / jnp.maximum(jnp.sum(importance), 1e-30)
 
-    # 2. Prune the weakest ceil(rate * active) units of every layer.
+    # 2. Prune the weakest ceil(rate * active) units of every layer; with keep_channels (irregular), not
+    # the strongest active weight of an output channel, so that no channel empties.
     n_prune = jnp.ceil(prune_rate * active.astype(jnp.float32)).astype(jnp.int32)
     kept = []
-    for m, w, k in zip(m_units, w_units, n_prune):
+    for j, (m, w, k) in enumerate(zip(m_units, w_units, n_prune)):
         strength = jnp.linalg.norm(w.astype(jnp.float32), axis=1)
-        kept.append(m & ~(rank_of(jnp.where(m, strength, jnp.inf)) < k))
+        candidates = m
+        if keep_channels and structure == "irregular":
+            channels = flat_masks[idx[j]].shape[-1]
+            per_channel = jnp.where(m, strength, -1.0).reshape(-1, channels)
+            strongest = jnp.arange(per_channel.shape[0])[:, None] == jnp.argmax(per_channel, axis=0)[None, :]
+            candidates = m & ~(strongest.reshape(-1) & m)
+            k = jnp.minimum(k, jnp.sum(candidates, dtype=jnp.int32))
+        kept.append(m & ~(candidates & (rank_of(jnp.where(candidates, strength, jnp.inf)) < k)))
 
     # 3. Regrow up to the budget: each layer back to its floor (or, without redistribution, to what it
     # held), then the rest in proportion to importance, capped by free units. Every layer held at least
@@ -114,7 +122,8 @@ def prune_and_regrow(params: Params, state: optax.OptState,
     new_params, new_masks, new_momentum = _prune_regrow(
         params, sparse.masks, momentum, jnp.asarray(prune_rate, jnp.float32),
         structure=sparse.structure, budget=sparse.budget, min_units=sparse.min_units,
-        redistribution=sparse.redistribution, reset_regrown_momentum=sparse.reset_regrown_momentum)
+        redistribution=sparse.redistribution, reset_regrown_momentum=sparse.reset_regrown_momentum,
+        keep_channels=sparse.keep_channels)
     inner = sparse.inner_state
     if sparse.reset_regrown_momentum:
         inner = replace_momentum(inner, params, new_momentum)

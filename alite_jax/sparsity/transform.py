@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, is_none,
-                                      draw_masks, layer_units)
+                                      channel_units, draw_masks, layer_units)
 
 REDISTRIBUTIONS = ("momentum", "none")
 
@@ -39,6 +39,7 @@ class SparseLearningState:
       min_units: per prunable leaf (tree order), the fewest active units prune/regrow leaves it (static).
       redistribution: "momentum" or "none" (static; see :func:`sparse_learning`).
       reset_regrown_momentum: whether regrown weights restart with zero momentum (static).
+      keep_channels: whether every output channel keeps an active weight (irregular; static).
     """
 
     masks: Masks
@@ -48,11 +49,13 @@ class SparseLearningState:
     min_units: tuple[int, ...]
     redistribution: str
     reset_regrown_momentum: bool
+    keep_channels: bool = True
 
 
 jax.tree_util.register_dataclass(
     SparseLearningState, data_fields=["masks", "inner_state"],
-    meta_fields=["structure", "budget", "min_units", "redistribution", "reset_regrown_momentum"])
+    meta_fields=["structure", "budget", "min_units", "redistribution", "reset_regrown_momentum",
+                 "keep_channels"])
 
 
 def _children(node: Any) -> Iterator[tuple[Any, Any]]:
@@ -152,7 +155,8 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
                     structure: str = "irregular", distribution: str = "uniform",
                     is_prunable: IsPrunable | Params | None = None, seed: int = 0,
                     redistribution: str = "momentum", min_layer_fraction: float = 0.25,
-                    reset_regrown_momentum: bool = True) -> optax.GradientTransformation:
+                    reset_regrown_momentum: bool = True,
+                    keep_channels: bool = True) -> optax.GradientTransformation:
     """Wraps ``inner`` so that training keeps a global fraction ``density`` of the prunable weights.
 
     The options after ``seed`` choose how :func:`alite_jax.sparsity.prune_and_regrow` moves the budget
@@ -179,6 +183,12 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
       reset_regrown_momentum: regrown weights restart with zero momentum (RigL), instead of keeping
         the momentum they accumulated while inactive (sparse momentum's public code), which
         kicks every regrown weight by up to lr / (1 - momentum) times its gradient at once.
+      keep_channels: (irregular) every output channel of a pruned kernel keeps at least one active
+        weight: at the start (each channel's first weight is drawn before the rest, and every layer
+        gets at least C_out) and in every round (a channel's strongest weight is never pruned). An empty
+        channel followed by BatchNorm has zero variance, where BatchNorm's gradient grows as
+        1/sqrt(epsilon): weights regrown into it take steps of 10^4-10^6 and blow the network's weights
+        and statistics up (docs/sparse_learning.md). False is the paper's rule.
     Returns:
       A GradientTransformation. ``init(params)`` draws the masks (apply them to the parameters with
       :func:`apply_masks`); ``update(grads, state, params)`` needs ``params``.
@@ -197,11 +207,13 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
     def init_fn(params: Params) -> SparseLearningState:
         inner_state = inner.init(params)
         find_momentum(inner_state, params)  # fail now, not at the end of the first epoch
-        units, budget = layer_units(params, density, structure, distribution, is_prunable)
-        masks = draw_masks(params, units, structure, is_prunable, seed)
-        min_units = tuple(min(u, max(1, math.ceil(min_layer_fraction * u))) for u in units)
+        units, budget = layer_units(params, density, structure, distribution, is_prunable, keep_channels)
+        masks = draw_masks(params, units, structure, is_prunable, seed, keep_channels)
+        channels = [channel_units(m.shape, structure) if keep_channels else 1
+                    for m in jax.tree.leaves(masks)]
+        min_units = tuple(min(u, max(c, math.ceil(min_layer_fraction * u))) for u, c in zip(units, channels))
         return SparseLearningState(masks, inner_state, structure, budget, min_units, redistribution,
-                                   bool(reset_regrown_momentum))
+                                   bool(reset_regrown_momentum), bool(keep_channels))
 
     def update_fn(updates: Params, state: SparseLearningState,
                   params: Params | None = None) -> tuple[Params, SparseLearningState]:
