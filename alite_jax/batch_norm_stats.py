@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 
 
-def batch_statistics(model: nn.Module, variables: Any, images: jax.Array) -> dict[tuple[str, ...], Any]:
-    """{BatchNorm module path: {"mean", "var"}} of one batch in train mode (nothing is updated)."""
+def batch_statistics(model: nn.Module, variables: Any, images: jax.Array,
+                     rngs: dict[str, jax.Array] | None = None) -> dict[tuple[str, ...], Any]:
+    """{BatchNorm module path: {"mean", "var"}} of one batch in train mode (nothing is updated);
+    ``rngs``: the rng streams the model's train mode needs (e.g. SPViT's sampled gates)."""
     found: dict[tuple[str, ...], Any] = {}
 
     def capture(next_fun, args, kwargs, context):
@@ -49,7 +51,8 @@ def batch_statistics(model: nn.Module, variables: Any, images: jax.Array) -> dic
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-        model.apply(variables, images, train=True, mutable=["batch_stats"])
+        extra = {"rngs": rngs} if rngs else {}
+        model.apply(variables, images, train=True, mutable=["batch_stats"], **extra)
     return found
 
 
@@ -64,28 +67,36 @@ def _average_into(stats: Any, total: dict[tuple[str, ...], Any], count: int) -> 
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def make_recompute(model: nn.Module, out_sharding: Any = None
-                   ) -> Callable[[dict[str, Any], Iterable[dict[str, Any]]], Any]:
-    """A function ``(variables, batches) -> batch_stats``: ``variables["batch_stats"]`` with every
-    BatchNorm's mean and variance replaced by the average of the batch statistics of ``batches`` (dicts
-    with ``"image"``) under ``variables["params"]``. Jitted once (sums and the average on the device, so
-    the same program serves every epoch and every process of a multi-host run); ``out_sharding`` places
-    the result (the trainer's: replicated). A model without BatchNorm, or no batches, gives the
+def make_recompute(model: nn.Module, out_sharding: Any = None,
+                   rngs: Callable[[jax.Array], dict[str, jax.Array]] | None = None
+                   ) -> Callable[..., Any]:
+    """A function ``(variables, batches, key=None) -> batch_stats``: ``variables["batch_stats"]`` with
+    every BatchNorm's mean and variance replaced by the average of the batch statistics of ``batches``
+    (dicts with ``"image"``) under ``variables["params"]``. Jitted once (sums and the average on the
+    device, so the same program serves every epoch and every process of a multi-host run);
+    ``out_sharding`` places the result (the trainer's: replicated). A model whose train mode draws random
+    numbers (SPViT's gates, stochastic depth) gets them from ``rngs`` (a method's ``apply_rngs``) of
+    ``key`` folded with the batch's index: the statistics are then those the running averages estimate,
+    over the same random choices as training. A model without BatchNorm, or no batches, gives the
     statistics back unchanged.
     """
     jit = functools.partial(jax.jit, out_shardings=out_sharding) if out_sharding is not None else jax.jit
-    first = jit(lambda v, x: batch_statistics(model, v, x))
-    add = jit(lambda v, x, total: jax.tree.map(jnp.add, total, batch_statistics(model, v, x)))
+    first = jit(lambda v, x, r: batch_statistics(model, v, x, r))
+    add = jit(lambda v, x, r, total: jax.tree.map(jnp.add, total, batch_statistics(model, v, x, r)))
     average = jit(_average_into, static_argnums=2)
 
-    def recompute(variables: dict[str, Any], batches: Iterable[dict[str, Any]]) -> Any:
+    def recompute(variables: dict[str, Any], batches: Iterable[dict[str, Any]],
+                  key: jax.Array | None = None) -> Any:
         stats = variables.get("batch_stats")
         if not stats:
             return stats
+        if rngs is not None and key is None:
+            raise ValueError("this model's train mode draws random numbers: pass recompute(..., key=)")
         total, count = None, 0
         for batch in batches:
             images = batch["image"]
-            total = first(variables, images) if total is None else add(variables, images, total)
+            r = rngs(jax.random.fold_in(key, count)) if rngs is not None else None
+            total = first(variables, images, r) if total is None else add(variables, images, r, total)
             count += 1
         return average(stats, total, count) if count else stats
 

@@ -51,6 +51,7 @@ from alite_jax.models import STUDENTS, check_model_image_size, count_params, ini
 
 MODES = tuple(METHODS)
 GATES_STREAM = 1  # folded into the step's key for the method's rng streams (the mixing key is the step's)
+RECOMPUTE_STREAM = 2  # folded into the epoch's key for the rng streams of BatchNorm's recomputation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,15 +253,17 @@ def _diverged(problem: str, manager: ocp.CheckpointManager) -> DivergedError:
 
 
 def with_recomputed_batch_stats(recompute: Callable, state: State, pipe: data.InputPipeline, epoch: int,
-                                batches: int) -> State:
+                                batches: int, seed: int = 0) -> State:
     """``state`` with BatchNorm's statistics recomputed from the first ``batches`` training batches of
     ``epoch`` under its weights (:mod:`alite_jax.batch_norm_stats`; 0: unchanged). The batches are read
-    apart from the training iterator, so training and its resumption are untouched."""
+    apart from the training iterator, so training and its resumption are untouched; a method's random
+    streams get a key of the seed and the epoch (the same after a resume)."""
     if not batches:
         return state
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), RECOMPUTE_STREAM)
     with contextlib.closing(pipe.train_epoch(epoch)) as epoch_batches:
         stats = recompute({"params": state["params"], "batch_stats": state["batch_stats"]},
-                          itertools.islice(epoch_batches, batches))
+                          itertools.islice(epoch_batches, batches), key)
     return dict(state, batch_stats=stats)
 
 
@@ -374,7 +377,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                                          config.data.seed),
                          donate_argnums=0, out_shardings=(replicated, replicated))  # no recompile
     eval_step = jax.jit(make_eval_step(run.model), out_shardings=replicated)
-    recompute = batch_norm_stats.make_recompute(run.model, replicated)
+    recompute = batch_norm_stats.make_recompute(run.model, replicated, method.apply_rngs)
     lr = method.learning_rate(steps_per_epoch)
     progress = Progress(steps_per_epoch * num_epochs, config.data.batch_size)
     if step:
@@ -407,7 +410,8 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                 raise _diverged(f"the loss became {train['train_total']} in epoch {epoch}", manager)
             # Evaluate the model this epoch trained, before the method's round changes it, with
             # BatchNorm statistics of its own weights (the running averages lag behind them).
-            state = with_recomputed_batch_stats(recompute, state, pipe, epoch, config.get("bn_batches", 0))
+            state = with_recomputed_batch_stats(recompute, state, pipe, epoch, config.get("bn_batches", 0),
+                                                config.data.seed)
             row = dict(epoch=epoch, step=step, lr=float(lr(step - 1)), **train,
                        **evaluate(eval_step, state, pipe))
             state, fields = method.end_of_epoch(state, epoch, steps_per_epoch)

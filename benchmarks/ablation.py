@@ -172,7 +172,7 @@ def table(results: dict[str, dict[int, dict]], seeds: list[int], teacher: float,
           scales: dict[str, dict[int, dict]] | None = None) -> str:
     scales = scales or {}
     lines = [f"| setting | test accuracy (%), mean ± std over {len(seeds)} seeds | min - max | "
-             + " | ".join(f"seed {s}" for s in seeds) + " | max |w| / dense, worst layer (seeds) | "
+             + " | ".join(f"seed {s}" for s in seeds) + " | max \\|w\\| / dense, worst layer (seeds) | "
              "peak running var |",
              "|---|---|---|" + "---|" * len(seeds) + "---|---|"]
     for name, per_seed in results.items():

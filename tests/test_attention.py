@@ -702,7 +702,7 @@ def test_good_configurations_do_not_raise():
 
 
 # ----------------------------------------------------------------------------
-# 9. the fused kernels at the maps SA-ResNet26 has (sides 8, 16, 32) and a non-square one, against a
+# 9. the fused kernels at the maps SA-ResNet26 has (sides 8, 16 in bfloat16, 32) and a non-square one, against a
 # dense float64 reference; and a whole student's training step against halo's
 # ----------------------------------------------------------------------------
 
@@ -736,7 +736,7 @@ def reference_dense(q, k, v, rel_rows, rel_cols, *, kernel_size, qk_scale, qr_sc
 
 FUSED_FAMILIES = ("gpu", "tpu") if jax.default_backend() == "cpu" else (
     ("tpu",) if jax.default_backend() == "tpu" else ("gpu",))
-FUSED_MAPS = [(8, 8), (16, 16), (32, 32), (12, 20)]
+FUSED_MAPS = [(8, 8), (32, 32), (12, 20)]  # 16x16: test_fused_kernels_bfloat16
 
 
 def _fused_case(hw, dtype=np.float32, k=7, heads=2, d=8, seed=0):
