@@ -35,9 +35,9 @@ if "jax" in sys.modules:  # imported before this file (by a plugin): set what th
 # Measured with -n 0 on a loaded 2-core machine: test_multihost 930 s (its two processes wait on
 # each other, so it suffers most when the cores are shared), test_train 545 s, test_notebook 330 s,
 # test_spvit_search 134-260 s; test_training_health about 200 s.
-LONGEST_FIRST = ("test_multihost.py", "test_training_health.py", "test_train.py", "test_notebook.py", "test_spvit_search.py",
-                 "test_mixed_precision.py", "test_models.py", "test_sparsity.py", "test_attention.py",
-                 "test_attention_impls.py")
+LONGEST_FIRST = ("test_multihost.py", "test_training_health.py", "test_train.py", "test_notebook.py",
+                 "test_spvit_search.py", "test_mixed_precision.py", "test_models.py", "test_sparsity.py",
+                 "test_attention.py", "test_attention_impls.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -702,8 +702,8 @@ def test_good_configurations_do_not_raise():
 
 
 # ----------------------------------------------------------------------------
-# 9. the fused kernels at the maps SA-ResNet26 has (sides 8, 16 in bfloat16, 32) and a non-square one, against a
-# dense float64 reference; and a whole student's training step against halo's
+# 9. the fused kernels at the maps SA-ResNet26 has (sides 8, 16 in bfloat16, 32) and a non-square one,
+# against a dense float64 reference; and a whole student's training step against halo's
 # ----------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_runs import tiny_config
+from tiny_runs import assert_same_model, epoch_rows, tiny_config
 
 from alite_jax import health, run_dir, train
 from alite_jax.batch_norm_stats import batch_statistics, make_recompute
@@ -105,6 +105,34 @@ def test_recomputed_statistics_draw_the_methods_random_streams():
     np.testing.assert_allclose(stats["bn"]["mean"], np.mean([d.mean(0) for d in dropped], 0), rtol=1e-6)
     np.testing.assert_allclose(stats["bn"]["var"], np.mean([d.var(0) for d in dropped], 0), rtol=1e-5)
     assert not np.allclose(dropped[0], dropped[1])  # the two batches drew different masks
+
+
+@pytest.mark.slow
+def test_a_run_with_recomputed_statistics_resumes_exactly(tmp_path, monkeypatch):
+    """Preempted mid-epoch and resumed, a sparse run that recomputes BatchNorm's statistics before each
+    evaluation ends with the uninterrupted run's variables and metrics: the recomputation reads its
+    batches apart from the training iterator, and the statistics it leaves are in the checkpoint."""
+    config = tiny_config("distill", epochs=2)
+    config.distill.loss = "ce"
+    config.bn_batches = 2
+    reference, workdir = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")
+    train.train_and_evaluate(config, reference)
+    monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 6)  # inside epoch 1
+    assert train.train_and_evaluate(config, workdir) == {"preempted_at_step": 6}
+    monkeypatch.undo()
+    train.train_and_evaluate(config, workdir)
+    assert_same_model(reference, workdir)
+    assert epoch_rows(workdir) == epoch_rows(reference)
+    # Training is untouched (train mode normalises with each batch's own statistics): the run without the
+    # recomputation trains the same weights, and only the exported statistics differ.
+    config.bn_batches = 0
+    train.train_and_evaluate(config, str(tmp_path / "running_averages"))
+    (_, recomputed), (_, running) = (run_dir.load_model(d, make_mesh())
+                                     for d in (reference, str(tmp_path / "running_averages")))
+    for a, b in zip(jax.tree.leaves(recomputed["params"]), jax.tree.leaves(running["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    var = [v["batch_stats"]["stem_bn"]["var"] for v in (recomputed, running)]
+    assert not np.allclose(var[0], var[1])
 
 
 EPOCHS = 2  # the first prune/regrow round ends epoch 0: the blow-up is in epoch 1's first steps
