@@ -77,7 +77,7 @@ def make_recompute(model: nn.Module, out_sharding: Any = None,
     ``out_sharding`` places the result (the trainer's: replicated). A model whose train mode draws random
     numbers (SPViT's gates, stochastic depth) gets them from ``rngs`` (a method's ``apply_rngs``) of
     ``key`` folded with the batch's index: the statistics are then those the running averages estimate,
-    over the same random choices as training. A model without BatchNorm, or no batches, gives the
+    over random choices drawn as training draws them. A model without BatchNorm, or no batches, gives the
     statistics back unchanged.
     """
     jit = functools.partial(jax.jit, out_shardings=out_sharding) if out_sharding is not None else jax.jit
@@ -91,7 +91,8 @@ def make_recompute(model: nn.Module, out_sharding: Any = None,
         if not stats:
             return stats
         if rngs is not None and key is None:
-            raise ValueError("this model's train mode draws random numbers: pass recompute(..., key=)")
+            raise ValueError("recompute was built with rngs (the model's train mode may draw random "
+                             "numbers): pass a key, recompute(variables, batches, key)")
         total, count = None, 0
         for batch in batches:
             images = batch["image"]
