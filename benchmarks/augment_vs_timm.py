@@ -2,7 +2,7 @@
 
 Run with a Python that has torch, torchvision and timm (no jax needed):
 
-    /work/exp/venv-ref/bin/python benchmarks/augment_vs_timm.py [--jax-python python]
+    <python with torch and timm> benchmarks/augment_vs_timm.py [--jax-python python]
 
 The host-side module is loaded from this worktree by file path (the package's __init__ imports jax).
 Compared: seed-free statistics (the random streams differ by design) and, for RandAugment, each op's

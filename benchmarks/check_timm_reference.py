@@ -1,7 +1,7 @@
 """Checks tests/vit_reference.py against the real timm, once (not in CI: the tests need torch alone).
 Run with a Python that has torch and timm:
 
-    /work/exp/venv-ref/bin/python benchmarks/check_timm_reference.py
+    <python with torch and timm> benchmarks/check_timm_reference.py
 
 It asserts that the reference's state_dict has exactly timm.create_model('deit_{tiny,small,base}_patch16_224',
 pretrained=False)'s names, in the same order, with the same shapes and dtypes, and that with timm's
@@ -12,8 +12,8 @@ is rounding, not 0), at 224x224 for DeiT-Ti and at a reduced depth for S and B.
 End to end through files, real timm -> alite_jax.convert (two Pythons, as timm and JAX live in different
 environments):
 
-    <timm python> benchmarks/check_timm_reference.py --export=/tmp/timm
-    python benchmarks/check_timm_reference.py --compare=/tmp/timm
+    <timm python> benchmarks/check_timm_reference.py --export=timm_dump
+    python benchmarks/check_timm_reference.py --compare=timm_dump
 
 The first also saves a randomly initialised timm deit_tiny_patch16_224 as deit.pth (torch.save) and
 deit.safetensors with its logits on random 224x224 images; the second converts both files with

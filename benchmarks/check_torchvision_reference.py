@@ -1,7 +1,7 @@
 """Checks tests/torchvision_reference.py against the real torchvision, once (not in CI: torchvision needs
 a CUDA torch build of several GB). Run with a Python that has torch and torchvision:
 
-    /work/exp/venv-ref/bin/python benchmarks/check_torchvision_reference.py
+    <python with torch and torchvision> benchmarks/check_torchvision_reference.py
 
 It asserts that the reference's state_dict has exactly torchvision.models.resnet50()'s names, in the same
 order, with the same shapes and dtypes (num_batches_tracked included), for 1000 and for 10 classes, and
@@ -11,8 +11,8 @@ logits and stage outputs in eval mode (max abs difference 0, printed), at 224x22
 End to end through files, real torchvision -> alite_jax.convert (two Pythons, as torchvision and JAX live
 in different environments):
 
-    <torchvision python> benchmarks/check_torchvision_reference.py --export=/tmp/tv
-    python benchmarks/check_torchvision_reference.py --compare=/tmp/tv
+    <torchvision python> benchmarks/check_torchvision_reference.py --export=tv_dump
+    python benchmarks/check_torchvision_reference.py --compare=tv_dump
 
 The first also saves a randomised torchvision resnet50 as tv.pth (torch.save) and tv.safetensors with its
 outputs on random 64x64 images; the second converts both files with alite_jax.convert (no torch) and

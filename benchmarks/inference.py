@@ -1,4 +1,4 @@
-"""Measured inference (issue 20 §3): every deployable form side by side, in JAX and through each artifact's
+"""Measured inference: every deployable form side by side, in JAX and through each artifact's
 own runtime, on this machine.
 
     python benchmarks/inference.py [--width 0.5] [--reps 5] [--batch 64] [--skip-tflite]

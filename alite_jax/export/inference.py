@@ -94,7 +94,7 @@ def normalization_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, 
     data = config.data
     if data.get("normalization", "dataset") == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
-    if "input_mean" in config and "input_std" in config:  # recorded by the trainer since issue 20
+    if "input_mean" in config and "input_std" in config:  # recorded by the trainer in config.json
         return np.asarray(config.input_mean, np.float32), np.asarray(config.input_std, np.float32)
     split = data.get("train_split") or default_splits(data.dataset)[0]
     try:
