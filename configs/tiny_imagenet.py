@@ -1,7 +1,7 @@
 """Tiny-ImageNet, paper Table 1: hybrid SA-ResNet26 sparse-distilled (KD+AT) at d = 0.25, 64x64, batch 32,
 100 epochs with lr decays at epochs 50 and 75.
 
-Needs tiny-imagenet-200.zip (see README, Data) and a finished teacher run
+Needs tiny-imagenet-200.zip (see docs/guide.md, Data) and a finished teacher run
 (configs/teacher_tiny_imagenet.py): --config.teacher.workdir=<its workdir>.
 """
 

@@ -55,9 +55,9 @@ def other_value(value) -> tuple[str, object]:
 
 
 def documented_fields() -> dict[str, str]:
-    """{field: its "allowed" cell} of the README's config table."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme.split("### Config fields", 1)[1].split("\n## ", 1)[0]
+    """{field: its "allowed" cell} of the user guide's config table (docs/guide.md)."""
+    guide = open(os.path.join(ROOT, "docs", "guide.md")).read()
+    section = guide.split("## Config fields", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^\| `([a-z_.]+)` \|.*\| ([^|]+) \|$", section, flags=re.M))
 
 

@@ -1,6 +1,6 @@
 """bfloat16 compute for the models and the sparse-distillation step, against float32.
 
-Tolerances (stated in the README): one full sparse-distillation step (student and teacher in bfloat16,
+Tolerances (stated in docs/guide.md): one full sparse-distillation step (student and teacher in bfloat16,
 parameters and optimizer state in float32, losses in float32) gives every loss term within 2% of the
 float32 step, and a parameter update whose cosine similarity with the float32 update is at least 0.9
 (measured: 0.96; bfloat16 keeps 8 mantissa bits, so the backward pass through BatchNorm and attention

@@ -1,4 +1,5 @@
-"""The README stays true: its Python examples run, and its two set-up commands match .ci/run."""
+"""The README stays true: its Python examples and the user guide's (docs/guide.md) run, and its two set-up
+commands match .ci/run."""
 
 import pathlib
 import re
@@ -7,15 +8,17 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+GUIDE = (ROOT / "docs" / "guide.md").read_text()
 
 
-@pytest.mark.slow  # runs every README example
+@pytest.mark.slow  # runs every README and guide example
 def test_python_examples_run(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) >= 3
+    blocks = [(name, block) for name, text in (("README.md", README), ("docs/guide.md", GUIDE))
+              for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
+    assert sum(name == "README.md" for name, _ in blocks) >= 2 and len(blocks) >= 5
     namespace: dict = {}
-    for block in blocks:  # later blocks may use names from earlier ones, as a reader would
-        exec(compile(block, "README.md", "exec"), namespace)
+    for name, block in blocks:  # later blocks may use names from earlier ones, as a reader would
+        exec(compile(block, name, "exec"), namespace)
     out = capsys.readouterr().out
     assert "531402" in out.replace(",", "")
     assert "density 0.250" in out  # the sparse-learning example keeps its budget
