@@ -20,7 +20,9 @@ The final norm, softmax, GELU, biases and residual additions are not counted; th
 the HW patch tokens, not on the N tokens it runs on (so the CLS token's 2 d hidden MACs per block are
 missing, as in SPViT). docs/costs.md ("ViTs and SPViT") lists the check values.
 
-``python -m alite_jax.vit_costs --model=deit_tiny --arch=spvit_deit_tiny`` prints a per-block table.
+These are functions, with no command line of their own: ``python -m alite_jax.costs`` counts every zoo
+model, and for a DeiT or a found architecture (``--arch=spvit_deit_tiny``, an ``architecture.json``)
+reports this count beside its own and prints :func:`format_arch_table`.
 """
 
 from __future__ import annotations
@@ -260,25 +262,9 @@ def format_arch_table(arch: Sequence[tuple[str, int]], image_size: int | tuple[i
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Per-block MACs of a DeiT or a released SPViT architecture.")
-    p.add_argument("--model", choices=sorted(DEIT_CONFIGS), default="deit_tiny")
-    p.add_argument("--arch", choices=["dense"] + sorted(RELEASED_ARCHS), default="dense")
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--num_classes", type=int, default=1000)
-    args = p.parse_args(argv)
-    cfg = DEIT_CONFIGS[args.model]
-    if args.arch == "dense":
-        arch = dense_arch(12, cfg["dim"])
-    else:
-        model, arch = RELEASED_ARCHS[args.arch]
-        if model != args.model:
-            p.error(f"--arch={args.arch} is a {model} architecture")
-    print(f"{args.model}, {args.arch}, {args.image_size}x{args.image_size}, {args.num_classes} classes")
-    print(format_arch_table(arch, args.image_size, 16, cfg["dim"], cfg["num_heads"], args.num_classes))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    print("error: alite_jax.vit_costs has no command line; count a model with python -m alite_jax.costs, "
+          "e.g. --model=deit_tiny --num_classes=1000 --arch=spvit_deit_tiny", file=sys.stderr)
+    sys.exit(2)

@@ -5,7 +5,7 @@
 Prints, for SA-ResNet26 (hybrid, CIFAR layout, 32x32, 10 classes, random weights and BN statistics):
 
 1. batch-1 latency and batch-``--batch`` images/s of the dense student, the masked student at column
-   density 0.5 (the same network with zero rows) and its compact form (alite_jax.export.compact), the
+   density 0.5 (the same network with zero rows) and its compact form (alite_jax.compact.column), the
    three run interleaved in one process (one call of each per round, median over rounds), so that load
    from other processes on a shared machine hits them alike; and the ratios compact / masked;
 2. the per-layer split (stem, the 1x1 convolutions and projections, the attention's neighbourhood
@@ -21,39 +21,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
-from alite_jax.export.compact import compact_conv, compact_student, conv_apply, dense_apply, save_compact
-from alite_jax.export.sparse_store import stored_bytes
+from timing import interleaved  # benchmarks/timing.py, beside this script
+
+from alite_jax.compact.column import compact_conv, compact_student, conv_apply, dense_apply, save_compact
+from alite_jax.compact.sparse_store import stored_bytes
 from alite_jax.models import create_model
 from alite_jax.models.local_attention import IMPLS, attention_scales
 from alite_jax.models.local_attention.layer import rel_tables
 from alite_jax.sparsity import apply_masks, init_masks
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def interleaved(cases: dict[str, tuple[Callable[..., Any], tuple]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each case, one call of each per round (after one warm-up call)."""
-    for fn, args in cases.values():
-        jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, (fn, args) in cases.items():
-            times[name].append(timed(fn, *args))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def random_batch_stats(batch_stats: Any, rng: np.random.Generator) -> Any:
@@ -93,8 +78,8 @@ def model_speed(model, dense, masked, size: int, batch: int, reps: int) -> dict[
         err = float(jnp.max(jnp.abs(compact_fn(params, x) - want)))
         print(f"  batch {b}: max |compact - masked| logits = {err:.2e} (max |logit| "
               f"{float(jnp.max(jnp.abs(want))):.2f})", flush=True)
-        out[b] = interleaved({"dense": (forward, (dense, x)), "masked": (forward, (masked, x)),
-                              "compact": (compact_fn, (params, x))}, reps if b > 1 else 4 * reps)
+        out[b] = interleaved({"dense": partial(forward, dense, x), "masked": partial(forward, masked, x),
+                              "compact": partial(compact_fn, params, x)}, reps if b > 1 else 4 * reps)
     return out
 
 
@@ -106,7 +91,7 @@ def layer_split(model, variables, size: int, batch: int, reps: int) -> dict[str,
     parts: dict[str, float] = {"stem": 0.0, "1x1 convs (conv1, conv3, proj)": 0.0,
                                "q/k/v projections": 0.0, "attention neighbourhood": 0.0, "head": 0.0}
     stem = jax.jit(compact.stem_apply)
-    parts["stem"] += interleaved({"s": (stem, (params, x))}, reps)["s"]
+    parts["stem"] += interleaved({"s": partial(stem, params, x)}, reps)["s"]
     h = stem(params, x)
     opts = compact.attention
     for s, blocks in enumerate(compact.stage_sizes):
@@ -146,17 +131,18 @@ def layer_split(model, variables, size: int, batch: int, reps: int) -> dict[str,
                 return jax.nn.relu(out + x)
 
             tail_fn = jax.jit(tail)
-            t = interleaved({"conv1": (conv1, (p, h)), "qkv": (jax.jit(qkv), (a, y)),
-                             "attend": (att, (a, q, k, v)), "tail": (tail_fn, (p, z, h))}, reps)
+            t = interleaved({"conv1": partial(conv1, p, h), "qkv": partial(jax.jit(qkv), a, y),
+                             "attend": partial(att, a, q, k, v), "tail": partial(tail_fn, p, z, h)}, reps)
             parts["1x1 convs (conv1, conv3, proj)"] += t["conv1"] + t["tail"]
             parts["q/k/v projections"] += t["qkv"]
             parts["attention neighbourhood"] += t["attend"]
             h = tail_fn(p, z, h)
     pooled = jnp.mean(h, axis=(1, 2))
     head = jax.jit(dense_apply)
-    parts["head"] += interleaved({"h": (head, (params["head"], pooled))}, reps)["h"]
+    parts["head"] += interleaved({"h": partial(head, params["head"], pooled)}, reps)["h"]
     # The whole model once more, for the parts' sum against the whole.
-    parts["(whole model, one jit)"] = interleaved({"m": (jax.jit(compact.apply), (params, x))}, reps)["m"]
+    whole = partial(jax.jit(compact.apply), params, x)
+    parts["(whole model, one jit)"] = interleaved({"m": whole}, reps)["m"]
     return parts
 
 
@@ -170,10 +156,10 @@ def kxk_methods(batch: int, reps: int) -> dict[str, dict[str, float]]:
         p = compact_conv(kernel, (np.ones(cout), np.zeros(cout)))  # no BatchNorm to fold: identity
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         dense_k = jnp.asarray(kernel, jnp.float32)
-        cases = {m: (jax.jit(lambda p, x, m=m: conv_apply(p, x, 3, 1, 1, m)), (p, x))
+        cases = {m: partial(jax.jit(lambda p, x, m=m: conv_apply(p, x, 3, 1, 1, m)), p, x)
                  for m in ("gather", "taps", "conv")}
-        cases["lax.conv (masked dense)"] = (jax.jit(lambda k, x: jax.lax.conv_general_dilated(
-            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))), (dense_k, x))
+        cases["lax.conv (masked dense)"] = partial(jax.jit(lambda k, x: jax.lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))), dense_k, x)
         out[label] = interleaved(cases, reps)
     return out
 
@@ -195,8 +181,8 @@ def sparse_vs_dense(batch: int, reps: int, density: float = 0.1) -> dict[str, di
             dense_fn = jax.jit(lambda x, w: x @ w)
             sparse_fn = jax.jit(lambda x, ws: x @ ws)
             np.testing.assert_allclose(sparse_fn(x, ws), dense_fn(x, w), atol=1e-3)
-            out[f"{label}, batch {b}"] = interleaved({"dense": (dense_fn, (x, w)),
-                                                      "bcoo": (sparse_fn, (x, ws))}, reps)
+            out[f"{label}, batch {b}"] = interleaved({"dense": partial(dense_fn, x, w),
+                                                      "bcoo": partial(sparse_fn, x, ws)}, reps)
     return out
 
 

@@ -7,7 +7,7 @@ Rows (random weights and BatchNorm statistics, 32x32 CIFAR-shaped inputs, 10 cla
 
 * the dense teacher (ResNet-50), the dense student (SA-ResNet26, hybrid), the masked student at column
   density 0.5 and at irregular density 0.1 (zeros in place: the trained form), the compact column
-  student (``alite_jax.export.compact``);
+  student (``alite_jax.compact.column``);
 * a DeiT-Ti-shaped ViT at 32x32 (patch 4: 64 patches, 12 blocks, D 192) and the SPViT model of the
   released SPViT-DeiT-Ti architecture (two 1x1 conv blocks, then MSA; the released FFN widths) in its
   fine-tuning (unfolded) and inference (folded) forms;
@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Any, Callable
 
 import jax
@@ -39,12 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from compaction import random_batch_stats  # benchmarks/compaction.py, beside this script
+from timing import interleaved  # benchmarks/timing.py, beside this script
 
+from alite_jax.compact.column import compact_student
+from alite_jax.compact.spvit import fold_variables
+from alite_jax.models.spvit_compact import ARCH_FORMAT
 from alite_jax.export import formats
-from alite_jax.export.compact import compact_student
 from alite_jax.export.inference import PORTABLE_IMPL, TFLITE_IMPL
 from alite_jax.models import create_model
-from alite_jax.models.spvit_compact import ARCH_FORMAT, CompactViT, fold_variables
+from alite_jax.models.spvit_compact import CompactViT
 from alite_jax.sparsity import apply_masks, init_masks
 
 SIZE, CLASSES = 32, 10
@@ -82,23 +83,6 @@ def spvit_models(width: float) -> dict[str, tuple[Callable, Any]]:
 
 def apply_of(model: Any) -> Callable:
     return lambda v, x: model.apply(v, x, train=False)[0]
-
-
-def timed(fn: Callable, *args: Any) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def interleaved(cases: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each case, one call of each per round, after a warm-up call."""
-    for fn in cases.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def tflite_runner(payload: bytes, x: np.ndarray) -> Callable[[], Any]:

@@ -1,5 +1,5 @@
-"""The compact form of pruned students (alite_jax.export.compact) and the compact storage of irregular
-ones (alite_jax.export.sparse_store): equal to the masked model, smaller, exact round trips."""
+"""The compact form of pruned students (alite_jax.compact.column) and the compact storage of irregular
+ones (alite_jax.compact.sparse_store): equal to the masked model, smaller, exact round trips."""
 
 import functools
 import json
@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alite_jax.export.compact import (CompactResNet, compact_conv, compact_run, compact_student, conv_apply,
-                                      count_values, load_compact, save_compact)
-from alite_jax.export.sparse_store import decode, densify, encode, load_sparse, save_sparse, stored_bytes
+from alite_jax.compact.column import (CompactResNet, compact_conv, compact_student, conv_apply, count_values,
+                                      load_compact, save_compact)
+from alite_jax.compact.sparse_store import decode, densify, encode, load_sparse, save_sparse, stored_bytes
+from alite_jax.compact.tree import flatten, unflatten
+from alite_jax.export.compactors import compact_run
 from alite_jax.models import create_model
 from alite_jax.sparsity import apply_masks, init_masks
 
@@ -238,3 +240,18 @@ def test_densify_is_decode_in_jax():
             np.testing.assert_array_equal(np.asarray(out[key]), reference[key])
             np.testing.assert_array_equal(np.asarray(out[key]), flat[key])
             assert np.asarray(out[key]).dtype == flat[key].dtype
+
+
+def test_the_tree_flattener_round_trips():
+    # Paths joined with "/" (the .npz keys) or "." (config field names), in the tree's order; flax's
+    # FrozenDict walked like a dict; leaves kept as they are; an empty dict leaves no entry.
+    from flax.core import FrozenDict
+
+    leaf = jnp.arange(3)
+    tree = {"b": {"kernel": leaf, "inner": FrozenDict({"x": 1})}, "a": [1, 2], "empty": {}}
+    flat = flatten(tree)
+    assert list(flat) == ["b/kernel", "b/inner/x", "a"] and flat["b/kernel"] is leaf
+    assert unflatten(flat) == {"b": {"kernel": leaf, "inner": {"x": 1}}, "a": [1, 2]}
+    dotted = flatten({"data": {"dataset": "digits", "image_size": 16}, "seed": 0}, sep=".")
+    assert dotted == {"data.dataset": "digits", "data.image_size": 16, "seed": 0}
+    assert unflatten(dotted, sep=".") == {"data": {"dataset": "digits", "image_size": 16}, "seed": 0}

@@ -1,17 +1,21 @@
-"""Cost accounting: the paper's reference numbers, hand-computed masked counts, XLA cross-check."""
+"""Cost accounting: the paper's reference numbers, hand-computed masked counts, XLA cross-check, and the one
+entry point that counts every zoo model by name (``model_costs`` and ``python -m alite_jax.costs``)."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from command_line import run_cli
 
-from alite_jax import sparsity
+from alite_jax import costs, sparsity
+from alite_jax.compact.spvit import save_architecture
+from alite_jax.models.spvit_compact import ARCH_FORMAT
 from alite_jax.costs import count_costs, layer_costs, reductions
-from alite_jax.models import abstract_variables, create_model
+from alite_jax.models import (MODEL_NAMES, STUDENTS, VITS, abstract_variables, create_model, create_vit,
+                              spvit_compact)
+from alite_jax.models.spvit import supernet_of
 
 
 def test_reference_macs_and_reductions():
@@ -120,17 +124,115 @@ def test_dense_count_agrees_with_xla_cost_analysis():
     assert 0.92 < ratio < 1.0, ratio
 
 
-def test_cli_json_and_table():
-    cmd = [sys.executable, "-m", "alite_jax.costs", "--model=sa_resnet26", "--num_classes=10",
-           "--image_size=32", "--density=0.1", "--teacher=resnet50"]
-    out = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True,
-                                    check=True).stdout.strip().splitlines()[-1])
+def _cli(capsys, *argv: str) -> dict:
+    """Runs the command line in this process with ``--json``; its JSON object."""
+    costs.main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    """Runs the command line expecting an error; its stderr, one line ``error: ...``, exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        costs.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+# Per zoo name: options of the command line (at 32x32, 10 classes) and the same model built directly.
+def _small(name: str) -> tuple[list[str], object]:
+    if name in VITS:
+        return ["--patch_size=8", "--depth=2"], create_vit(name, 10, image_size=32, patch_size=8, depth=2)
+    if name in STUDENTS:
+        return ["--variant=homogeneous"], create_model(name, 10, variant="homogeneous")
+    return ["--width=0.5"], create_model(name, 10, width=0.5)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_cli_counts_every_zoo_model(capsys, name):
+    options, model = _small(name)
+    out = _cli(capsys, f"--model={name}", "--num_classes=10", "--image_size=32", *options)
+    direct = count_costs(model, 32)
+    assert (out["params"], out["flops"]) == (direct["params"], direct["flops"])
+    assert out["model"] == name and out["image_size"] == 32 and out["num_classes"] == 10
+    if name in VITS:  # SPViT's count beside ours; its parameter count of a dense DeiT is the model's
+        assert out["spvit_params"] == out["params"] and out["spvit_macs"] > 0
+    else:
+        assert "spvit_macs" not in out
+
+
+def test_cli_counts_spvit_supernet_and_found_architectures(capsys, tmp_path):
+    # The supernet computes every branch of its attention slot: the dense DeiT's count plus two conv slots
+    # per block, (N - 1)(9 D hd + hd D) and (N - 1)(D hd + hd D).
+    dense = create_vit("deit_tiny", 10, image_size=32, patch_size=8, depth=2)
+    out = _cli(capsys, "--model=deit_tiny", "--supernet", "--image_size=32", "--patch_size=8", "--depth=2")
+    assert out["params"] == count_costs(supernet_of(dense), 32)["params"]
+    d, hd, n = 192, 64, 17
+    assert out["macs"] == count_costs(dense, 32)["macs"] + 2 * (n - 1) * (9 * d * hd + d * hd + 2 * hd * d)
+    assert out["options"]["supernet"] and "spvit_macs" not in out
+    # The released SPViT-DeiT-Ti: folded, the compact model's count (vit_costs' "folded" convention); in
+    # the fine-tuning form, SPViT's published 4,873,422, and SPViT's MACs beside ours.
+    folded = _cli(capsys, "--model=deit_tiny", "--num_classes=1000", "--arch=spvit_deit_tiny")
+    assert folded["params"] == 4_774_808 and folded["spvit_params"] == 4_873_422
+    assert folded["spvit_macs"] == 1_036_705_536 and folded["arch_attention"][:3] == ["1x1", "1x1", "msa"]
+    unfolded = _cli(capsys, "--model=deit_tiny", "--num_classes=1000", "--arch=spvit_deit_tiny", "--unfolded")
+    assert unfolded["params"] == 4_873_422 and unfolded["options"]["folded"] is False
+    # A search's architecture.json, by its run directory: its own shapes, classes and channels.
+    blocks = [{"attention": k, "ffn_units": list(range(w))}
+              for k, w in (("msa", 64), ("3x3", 9), ("skip", 0))]
+    arch = {"format": ARCH_FORMAT, "image_size": 8, "patch_size": 2, "in_chans": 1, "dim": 16,
+            "depth": 3, "num_heads": 2, "mlp_hidden": 64, "num_classes": 5, "blocks": blocks}
+    save_architecture(tmp_path / "architecture.json", arch)
+    out = _cli(capsys, "--model=deit_tiny", f"--arch={tmp_path}", "--unfolded")
+    model = spvit_compact.CompactViT.from_architecture(arch, folded=False)
+    direct = count_costs(model, 8, 1)
+    assert (out["params"], out["flops"]) == (direct["params"], direct["flops"])
+    assert (out["image_size"], out["num_classes"], out["channels"], out["options"]["dim"]) == (8, 5, 1, 16)
+    # A disagreeing option is an error; an agreeing one is not.
+    assert _cli(capsys, "--model=deit_tiny", f"--arch={tmp_path}", "--dim=16")["params"] == \
+        count_costs(spvit_compact.CompactViT.from_architecture(arch), 8, 1)["params"]
+    assert "fixes {'image_size': 8}" in _cli_error(capsys, "--model=deit_tiny", f"--arch={tmp_path}",
+                                                   "--image_size=16")
+
+
+def test_options_a_model_does_not_take_are_errors(capsys):
+    err = _cli_error(capsys, "--model=deit_tiny", "--variant=hybrid")
+    assert err == ("error: --variant does not apply to deit_tiny; its options are --patch_size --dim --depth "
+                   "--num_heads --mlp_ratio --supernet --arch --unfolded\n")
+    err = _cli_error(capsys, "--model=resnet50", "--layout=imagenet", "--patch_size=8", "--kernel_size=3")
+    assert err.startswith("error: --kernel_size --patch_size do not apply to resnet50; its options are "
+                          "--layout --width")
+    assert "not a deit_small one" in _cli_error(capsys, "--model=deit_small", "--arch=spvit_deit_tiny")
+    assert "exclude each other" in _cli_error(capsys, "--model=deit_tiny", "--supernet",
+                                              "--arch=spvit_deit_tiny")
+    assert "--unfolded" in _cli_error(capsys, "--model=deit_tiny", "--unfolded")
+    # The model's own checks, as the same one-line error.
+    assert "multiples of 8" in _cli_error(capsys, "--model=resnet50", "--image_size=30")
+    assert "density" in _cli_error(capsys, "--model=resnet50", "--density=1.5")
+    with pytest.raises(ValueError, match=r"option\(s\) \['variant'\] do not apply to deit_tiny"):
+        costs.model_costs("deit_tiny", variant="hybrid")
+    with pytest.raises(ValueError, match="unknown model"):
+        costs.model_options("resnet18")
+
+
+def test_cli_table_and_reductions(capsys):
+    argv = ["--model=sa_resnet26", "--num_classes=10", "--image_size=32", "--density=0.1",
+            "--teacher=resnet50"]
+    out = _cli(capsys, *argv)
     for key in ("params", "params_nonzero", "macs", "macs_sparse", "flops", "flops_sparse",
                 "param_reduction_vs_teacher", "flops_reduction_vs_teacher", "convention"):
         assert key in out
     assert out["params"] == 8_306_442 and round(out["param_reduction_paper"], 1) == 28.3
-    table = subprocess.run(cmd + ["--variant=homogeneous"], capture_output=True, text=True,
-                           check=True).stdout
+    assert out["options"] == dict(layout="cifar", width=1.0, variant="hybrid", num_heads=8, kernel_size=7)
+    costs.main(argv + ["--variant=homogeneous"])
+    table = capsys.readouterr().out
     assert "stem_attention" in table and "parameter reduction" in table and "convention" in table
-    bad = subprocess.run(cmd[:-2] + ["--density=1.5"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "density" in bad.stderr
+
+
+def test_the_command_line_runs_as_a_module():
+    """One real subprocess: DeiT-Ti as timm counts it (5,717,416 parameters) and SPViT's 1.251 G MACs."""
+    run = run_cli("alite_jax.costs", "--model=deit_tiny", "--num_classes=1000", "--image_size=224", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["params"] == 5_717_416 and out["spvit_macs"] == 1_251_052_032

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from alite_jax.models import create_vit, model_from_config, spvit, vit
-from alite_jax.models import spvit_compact as sc
+from alite_jax.models.spvit_compact import CompactViT
 
 SHAPE = dict(image_size=8, patch_size=4, dim=8, depth=4, num_heads=2)
 RATE = 0.6  # per block: linspace(0, 0.6, 4) = 0, 0.2, 0.4, 0.6
 MODELS = {
     "vit": vit.VisionTransformer(3, **SHAPE, drop_path_rate=RATE),
     "supernet": spvit.SupernetViT(3, **SHAPE, drop_path_rate=RATE),
-    "compact": sc.CompactViT(3, attention=("msa", "3x3", "1x1", "skip"), ffn_widths=(5, 6, 7, 8),
+    "compact": CompactViT(3, attention=("msa", "3x3", "1x1", "skip"), ffn_widths=(5, 6, 7, 8),
                              **{k: v for k, v in SHAPE.items() if k != "depth"}, folded=False,
                              drop_path_rate=RATE),
 }

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from command_line import run_cli
 
 from alite_jax import run_dir
 from alite_jax.config import base_config
@@ -25,9 +26,9 @@ from alite_jax.data.pipeline import default_config
 from alite_jax.errors import RunDirError
 from alite_jax.export import formats, inference
 from alite_jax.methods import get_method
+from alite_jax.compact import spvit as compact_spvit
 from alite_jax.models import abstract_variables
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Max abs difference of the logits, relative to their largest magnitude: float32, but XLA (JAX), the
 # deserialized StableHLO and LiteRT's kernels fuse and order the sums differently. Measured (pytest -s
 # prints them): StableHLO 0 to 3.5e-7, TFLite 2.8e-7 to 6.8e-7.
@@ -316,15 +317,11 @@ def test_unfinished_run_is_refused(runs, tmp_path):
         inference.inference_function(str(tmp_path))
 
 
-def run_cli(*flags):
-    return subprocess.run([sys.executable, "-m", "alite_jax.export", *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
 @pytest.mark.slow
 def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
     out = tmp_path / "artifact"
-    result = run_cli(f"--workdir={runs['homogeneous']}", "--format=stablehlo", "--batch=3", f"--out={out}")
+    result = run_cli("alite_jax.export", f"--workdir={runs['homogeneous']}", "--format=stablehlo",
+                     "--batch=3", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {out}/model.jax_export" in result.stdout
     meta = json.load(open(out / formats.METADATA))
@@ -343,7 +340,7 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
             ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
             ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
             ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
-        result = run_cli(*flags)
+        result = run_cli("alite_jax.export", *flags)
         assert result.returncode == 2, (flags, result.stderr[-2000:])
         assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
@@ -385,7 +382,9 @@ def irregular_run(workdir, density=0.1):
 
 def spvit_finetune_run(workdir):
     """A fine-tuned SPViT miniature's run: a 1x1, a 3x3 and an MSA block (unfolded, random weights)."""
-    from alite_jax.models import spvit_compact
+    from alite_jax.compact.spvit import save_architecture
+    from alite_jax.models.spvit_compact import ARCH_FORMAT
+    from alite_jax.models.spvit_compact import CompactViT
 
     c = base_config()
     c.data = default_config("digits", image_size=8, batch_size=32)
@@ -393,11 +392,11 @@ def spvit_finetune_run(workdir):
     c.model = dict(name="deit_tiny", dtype="float32", patch_size=2, dim=16, depth=3, num_heads=2)
     blocks = [{"attention": k, "ffn_units": list(range(0, 64, s))} for k, s in (("1x1", 3), ("3x3", 1),
                                                                                ("msa", 5))]
-    arch = {"format": spvit_compact.ARCH_FORMAT, "image_size": 8, "patch_size": 2, "in_chans": 1, "dim": 16,
+    arch = {"format": ARCH_FORMAT, "image_size": 8, "patch_size": 2, "in_chans": 1, "dim": 16,
             "depth": 3, "num_heads": 2, "mlp_hidden": 64, "num_classes": 10, "blocks": blocks}
     os.makedirs(workdir, exist_ok=True)
-    spvit_compact.save_architecture(os.path.join(workdir, run_dir.ARCHITECTURE), arch)
-    model = spvit_compact.CompactViT.from_architecture(arch, folded=False)
+    save_architecture(os.path.join(workdir, compact_spvit.ARCHITECTURE), arch)
+    model = CompactViT.from_architecture(arch, folded=False)
     variables = random_variables(abstract_variables(model, 8, 1), np.random.default_rng(4))
     run_dir.write_run_config(workdir, c, 10, 1, (np.array([0.3]), np.array([0.4])))
     run_dir.export_model(workdir, variables)

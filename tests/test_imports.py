@@ -1,5 +1,6 @@
 """Import cost: the package loads no TensorFlow, TFDS or Pallas until a TFDS data set or impl="pallas"
-is used. Checked in a fresh interpreter, since this test session has imported everything."""
+is used; and what a module knows does not depend on what else was imported (the export's compactors).
+Checked in a fresh interpreter, since this test session has imported everything."""
 
 from __future__ import annotations
 
@@ -57,3 +58,13 @@ def test_pallas_loads_on_first_use():
         print("alite_jax.models.local_attention.pallas" in heavy(), IMPLS["pallas"].__name__)
     """)
     assert out.split() == ["True", "pallas_local_attention"], out
+
+
+def test_the_export_knows_every_compactor_on_a_fresh_import():
+    # inference_function(workdir, compactor="column") looks the name up in COMPACTORS: importing the
+    # inference module alone must be enough, whichever module defines the compactors.
+    out = _run("""
+        from alite_jax.export import inference
+        print(sorted(inference.COMPACTORS), inference.COMPACTORS["column"].__module__)
+    """)
+    assert out.strip() == "['as_trained', 'auto', 'column', 'spvit'] alite_jax.export.compactors", out

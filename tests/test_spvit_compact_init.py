@@ -1,11 +1,12 @@
 """SPViT's fine-tuning form of a found architecture (``alite_jax.models.spvit_compact``, ``folded=False``).
 
 The unfolded compact model keeps each conv block's ``v``, ``proj``, ``head_probs`` and BatchNorm with the
-supernet's names and mixes the kernel at run time; ``fold_variables`` turns it into the folded inference
-model; ``compact_from_dense`` starts it from a dense DeiT. Checked: parameter names, shapes and counts
-(``vit_costs``' two conventions), equality with the supernet in eval and train mode, folded vs unfolded
-logits, and the dense initialisation against independent constructions (the dense ViT itself, the dense ViT
-with fc1 columns zeroed, and the supernet run on the dense weights with the architecture's gates).
+supernet's names and mixes the kernel at run time; ``fold_variables`` (``alite_jax.compact.spvit``) turns
+it into the folded inference model; ``compact_from_dense`` starts it from a dense DeiT. Checked: parameter
+names, shapes and counts (``vit_costs``' two conventions), equality with the supernet in eval and train
+mode, folded vs unfolded logits, and the dense initialisation against independent constructions (the dense
+ViT itself, the dense ViT with fc1 columns zeroed, and the supernet run on the dense weights with the
+architecture's gates).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import pytest
 from flax import traverse_util
 
 from alite_jax import vit_costs
-from alite_jax.models import spvit, vit
-from alite_jax.models import spvit_compact as sc
+from alite_jax.compact import spvit as sc
+from alite_jax.models import spvit_compact as mc
+from alite_jax.models import count_params, spvit, vit
+from alite_jax.models.spvit_compact import CompactViT, UnfoldedConvAttention
 
 B, IMAGE, PATCH, D, HEADS, CLASSES = 2, 16, 4, 32, 2, 5
 HIDDEN, HD = 4 * D, D // HEADS
@@ -35,10 +38,10 @@ def make_arch(kinds=KINDS, keep=0.6, seed=0, num_classes=CLASSES):
     rng = np.random.default_rng(seed)
     blocks = [{"attention": k, "ffn_units": [int(u) for u in np.flatnonzero(rng.random(HIDDEN) < keep)]}
               for k in kinds]
-    arch = {"format": sc.ARCH_FORMAT, "image_size": IMAGE, "patch_size": PATCH, "in_chans": 3, "dim": D,
+    arch = {"format": mc.ARCH_FORMAT, "image_size": IMAGE, "patch_size": PATCH, "in_chans": 3, "dim": D,
             "depth": len(kinds), "num_heads": HEADS, "mlp_hidden": HIDDEN, "num_classes": num_classes,
             "blocks": blocks}
-    sc.validate_architecture(arch)
+    mc.validate_architecture(arch)
     return arch
 
 
@@ -90,13 +93,13 @@ def apply_fn(model, train=False):
 
 def test_unfolded_parameters_have_the_supernet_names_and_vit_costs_counts(images):
     arch = make_arch()
-    unfolded = jax.eval_shape(sc.CompactViT.from_architecture(arch, folded=False).init, jax.random.key(0),
+    unfolded = jax.eval_shape(CompactViT.from_architecture(arch, folded=False).init, jax.random.key(0),
                               images)
-    folded = jax.eval_shape(sc.CompactViT.from_architecture(arch).init, jax.random.key(0), images)
+    folded = jax.eval_shape(CompactViT.from_architecture(arch).init, jax.random.key(0), images)
     supernet = jax.eval_shape(SUPERNET.init, jax.random.key(0), images)
     for i, kind in enumerate(KINDS):
         name = f"block{i}"
-        if kind in sc.CONV_KINDS:  # the supernet's attn, less the other branch and the gate logits
+        if kind in mc.CONV_KINDS:  # the supernet's attn, less the other branch and the gate logits
             bn = f"bn_{kind}"
             want = {k: supernet["params"][name]["attn"][k] for k in ("v", "proj", "head_probs", bn)}
             got = unfolded["params"][name]["attn"]
@@ -104,27 +107,27 @@ def test_unfolded_parameters_have_the_supernet_names_and_vit_costs_counts(images
             assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, got, want)))
             assert unfolded["batch_stats"][name]["attn"][bn]["mean"].shape == (HD,)
             assert set(folded["params"][name]["attn"]) == {f"conv_{kind}", bn, "proj"}
-    blocks, kw = sc.arch_blocks(arch), sc.arch_cost_kwargs(arch)
+    blocks, kw = mc.arch_blocks(arch), mc.arch_cost_kwargs(arch)
     # A skipped block has no norm1 here (its slot adds 0, the LayerNorm would be dead); vit_costs counts
     # two LayerNorms in every block, as SPViT's fine-tuning model, which returns LN(x) from a skipped slot.
     skip_norms = 2 * D * sum(kind == "skip" for kind in KINDS)
-    assert sc.count_params(unfolded["params"]) == vit_costs.vit_arch_params(
+    assert count_params(unfolded["params"]) == vit_costs.vit_arch_params(
         blocks, convention="spvit", **kw) - skip_norms
-    assert sc.count_params(folded["params"]) == vit_costs.vit_arch_params(
+    assert count_params(folded["params"]) == vit_costs.vit_arch_params(
         blocks, convention="folded", **kw) - skip_norms
     # Without skips the counts are vit_costs' exactly.
     arch3 = make_arch(KINDS[:3])
-    blocks3 = sc.arch_blocks(arch3)
+    blocks3 = mc.arch_blocks(arch3)
     for folded_flag, convention in ((False, "spvit"), (True, "folded")):
-        model = sc.CompactViT.from_architecture(arch3, folded=folded_flag)
-        n = sc.count_params(jax.eval_shape(model.init, jax.random.key(0), images)["params"])
+        model = CompactViT.from_architecture(arch3, folded=folded_flag)
+        n = count_params(jax.eval_shape(model.init, jax.random.key(0), images)["params"])
         assert n == vit_costs.vit_arch_params(blocks3, convention=convention, **kw)
 
 
 def test_unfolded_head_probs_init_is_the_supernets():
     """head_probs start as the supernet's (ones, ziplab/SPViT's torch.ones: A uniform over the heads)."""
     tokens = jnp.ones((1, 1 + 4, D))
-    slot = sc.UnfoldedConvAttention("1x1", HEADS)
+    slot = UnfoldedConvAttention("1x1", HEADS)
     hp = jax.jit(slot.init)(jax.random.key(0), tokens)["params"]["head_probs"]
     ref = jax.jit(spvit.UnifiedAttention(HEADS).init)(jax.random.key(1), tokens)["params"]["head_probs"]
     np.testing.assert_array_equal(hp, ref)
@@ -138,7 +141,7 @@ def test_unfolded_compact_model_equals_the_supernet_in_eval(images, jit):
     assert sc.extract_architecture(variables["params"]) == arch
     cvars = sc.compact_variables(variables, arch, folded=False)
     assert "head_probs" in cvars["params"]["block0"]["attn"]
-    model = sc.CompactViT.from_architecture(arch, folded=False)
+    model = CompactViT.from_architecture(arch, folded=False)
     ref = apply_fn(SUPERNET)(variables, images)
     out = apply_fn(model)(cvars, images) if jit else model.apply(cvars, images)
     np.testing.assert_allclose(out[0], ref[0], **TOL)
@@ -153,7 +156,7 @@ def test_unfolded_compact_model_matches_the_supernet_in_training(images):
     msa, ffn = sc.supernet_gates(arch)
     ref, ref_upd = jax.jit(lambda v, x: supernet.apply(v, x, train=True, msa_gates=msa, ffn_gates=ffn,
                                                        mutable=["batch_stats"]))(variables, images)
-    model = sc.CompactViT.from_architecture(arch, folded=False)
+    model = CompactViT.from_architecture(arch, folded=False)
     out, upd = apply_fn(model, train=True)(sc.compact_variables(variables, arch, folded=False), images)
     np.testing.assert_allclose(out[0], ref[0], **TOL)
     for i, bn in ((0, "bn_1x1"), (1, "bn_3x3")):
@@ -165,8 +168,8 @@ def test_unfolded_compact_model_matches_the_supernet_in_training(images):
 def test_fold_variables_gives_the_same_logits(images, jit):
     """Random unfolded variables (non-uniform head mixing, random BN statistics) -> folded: same logits."""
     arch = make_arch()
-    unfolded_model = sc.CompactViT.from_architecture(arch, folded=False)
-    folded_model = sc.CompactViT.from_architecture(arch)
+    unfolded_model = CompactViT.from_architecture(arch, folded=False)
+    folded_model = CompactViT.from_architecture(arch)
     uvars = random_like(unfolded_model, seed=3)
     a = jax.nn.softmax(uvars["params"]["block0"]["attn"]["head_probs"] / spvit.HEAD_PROBS_ALPHA, axis=0)
     assert 0.05 < float(a.min()) and float(a.max()) < 0.95  # a real mixture, not one head per tap
@@ -195,7 +198,7 @@ def dense_model(num_classes=CLASSES, depth=DEPTH):
 
 
 def fresh_unfolded(arch, images, seed=7):
-    model = sc.CompactViT.from_architecture(arch, folded=False)
+    model = CompactViT.from_architecture(arch, folded=False)
     return model, random_like(model, seed=seed)  # random "fresh" values: a copy from it is visible
 
 
@@ -266,7 +269,7 @@ def test_every_block_kind_from_dense_against_the_supernet_and_leaf_by_leaf(image
     sflat.update(dflat)  # the dense weights at the same paths
     stats = jax.tree_util.tree_map(lambda a: a, random_like(SUPERNET, seed=9)["batch_stats"])
     for i, block in enumerate(arch["blocks"]):
-        if block["attention"] in sc.CONV_KINDS:
+        if block["attention"] in mc.CONV_KINDS:
             bn = f"bn_{block['attention']}"
             sflat[f"block{i}/attn/head_probs"] = fflat[f"block{i}/attn/head_probs"]
             for leaf in ("scale", "bias"):
@@ -282,7 +285,7 @@ def test_compact_from_dense_refuses_trees_that_do_not_fit(images):
     arch = make_arch()
     dparams = random_like(dense_model(), seed=10)["params"]
     _, fresh = fresh_unfolded(arch, images)
-    folded_fresh = random_like(sc.CompactViT.from_architecture(arch), seed=11)
+    folded_fresh = random_like(CompactViT.from_architecture(arch), seed=11)
     with pytest.raises(ValueError, match="UNFOLDED"):
         sc.compact_from_dense(dparams, arch, folded_fresh)
     shallow = {k: v for k, v in dparams.items() if k != f"block{DEPTH - 1}"}

@@ -1,4 +1,5 @@
-"""Extraction of a searched SPViT architecture and the compact model (``alite_jax.models.spvit_compact``).
+"""Extraction of a searched SPViT architecture (``alite_jax.compact.spvit``) and the compact model
+(``alite_jax.models.spvit_compact``).
 
 The compact model with the folded supernet weights must compute what the supernet computes in evaluation
 mode (same gates, BatchNorms on their running statistics); its parameter count must be the folded count
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 from alite_jax import vit_costs
-from alite_jax.models import spvit
-from alite_jax.models import spvit_compact as sc
+from alite_jax.compact import spvit as sc
+from alite_jax.models import spvit_compact as mc
+from alite_jax.models import count_params, spvit
+from alite_jax.models.spvit_compact import CompactViT
 
 B, IMAGE, PATCH, D, DEPTH, HEADS, CLASSES = 2, 16, 4, 32, 3, 2, 5
 HIDDEN = 4 * D
@@ -76,7 +79,7 @@ SCENARIOS = {
 
 def compact_of(variables):
     arch = sc.extract_architecture(variables["params"])
-    return arch, sc.CompactViT.from_architecture(arch), sc.compact_variables(variables, arch)
+    return arch, CompactViT.from_architecture(arch), sc.compact_variables(variables, arch)
 
 
 @pytest.mark.parametrize("scenario, jit", [(s, True) for s in sorted(SCENARIOS)]
@@ -147,20 +150,20 @@ def test_architecture_agrees_with_vit_costs_and_counts(setup, scenario):
     p = variables["params"]
     msa_logits = jnp.stack([p[f"block{i}"]["attn"]["msa_gate_logits"] for i in range(DEPTH)])
     ffn_logits = [p[f"block{i}"]["ffn_gate_logits"] for i in range(DEPTH)]
-    blocks = sc.arch_blocks(arch)
+    blocks = mc.arch_blocks(arch)
     assert blocks == vit_costs.arch_from_gates(msa_logits, ffn_logits)
-    assert {k: arch[k] for k in sc.SHAPE_FIELDS} == dict(
+    assert {k: arch[k] for k in mc.SHAPE_FIELDS} == dict(
         image_size=IMAGE, patch_size=PATCH, in_chans=3, dim=D, depth=DEPTH, num_heads=HEADS,
         mlp_hidden=HIDDEN, num_classes=CLASSES)
-    kw = sc.arch_cost_kwargs(arch)
+    kw = mc.arch_cost_kwargs(arch)
     # Parameters: vit_arch_params' folded count, less norm1 (2 D) of each skipped block: a skipped slot adds
     # 0 here (the supernet's eval), so its LayerNorm is dead and not kept; vit_costs counts two norms per
     # block whatever the slot (SPViT's fine-tuning model returns LN(x) from a skipped slot and keeps it).
     # Likewise norm2 of an FFN that kept no unit: only fc2's bias remains of it.
     skips = sum(kind == "skip" for kind, _ in blocks) + sum(width == 0 for _, width in blocks)
-    n = sc.count_params(cvars["params"])
+    n = count_params(cvars["params"])
     assert n == vit_costs.vit_arch_params(blocks, convention="folded", **kw) - 2 * D * skips
-    assert n < sc.count_params(p)
+    assert n < count_params(p)
     # MACs below the dense ViT's, and the supernet's differentiable count agrees at the eval threshold.
     macs = vit_costs.vit_arch_macs(blocks, **kw)
     assert macs < vit_costs.vit_macs(IMAGE, PATCH, D, DEPTH, HEADS, 4, CLASSES)
@@ -199,13 +202,13 @@ def test_macs_cross_check_against_xla_at_deit_tiny_scale():
         blk["ffn_gate_logits"] = jnp.asarray(rng.normal(size=768) + 0.3, jnp.float32)
         params[f"block{i}"] = blk
     arch = sc.extract_architecture(params)
-    blocks, kw = sc.arch_blocks(arch), sc.arch_cost_kwargs(arch)
+    blocks, kw = mc.arch_blocks(arch), mc.arch_cost_kwargs(arch)
     assert len({kind for kind, _ in blocks}) >= 3, blocks  # the seed gives a mixed architecture
     analytic = vit_costs.vit_arch_macs(blocks, **kw)
     s, hd = 14, 64
     padding_taps = sum(kind == "3x3" for kind, _ in blocks) * 192 * hd * (9 * s * s - (3 * s - 2) ** 2)
     lower = analytic + sum(2 * 192 * w for _, w in blocks) - padding_taps
-    xla = xla_macs(sc.CompactViT.from_architecture(arch), 224)
+    xla = xla_macs(CompactViT.from_architecture(arch), 224)
     assert lower <= xla <= 1.10 * lower, (xla, analytic, lower)
 
 
@@ -219,7 +222,7 @@ def test_xla_3x3_minus_1x1_is_the_conv_macs_inside_the_grid():
     counts = {}
     for kind in ("3x3", "1x1"):
         blocks = (("msa", 50), (kind, 50), ("msa", 50))
-        model = sc.CompactViT(attention=tuple(k for k, _ in blocks), ffn_widths=(50,) * 3, **cfg)
+        model = CompactViT(attention=tuple(k for k, _ in blocks), ffn_widths=(50,) * 3, **cfg)
         counts[kind] = (xla_macs(model, cfg["image_size"]), vit_costs.vit_arch_macs(blocks, **cfg))
     rule = counts["3x3"][1] - counts["1x1"][1]
     assert rule == 8 * d * hd * s * s
@@ -237,12 +240,12 @@ def test_architecture_json_round_trip(setup, tmp_path):
 
 
 def test_malformed_architectures_are_refused():
-    base = {"format": sc.ARCH_FORMAT, "image_size": 16, "patch_size": 4, "in_chans": 3, "dim": 8, "depth": 1,
+    base = {"format": mc.ARCH_FORMAT, "image_size": 16, "patch_size": 4, "in_chans": 3, "dim": 8, "depth": 1,
             "num_heads": 2, "mlp_hidden": 4, "num_classes": 3,
             "blocks": [{"attention": "msa", "ffn_units": [0, 2]}]}
-    sc.validate_architecture(base)
+    mc.validate_architecture(base)
     for bad in ({"format": "x"}, {"depth": 2}, {"blocks": [{"attention": "conv", "ffn_units": []}]},
                 {"blocks": [{"attention": "msa", "ffn_units": [2, 0]}]},
                 {"blocks": [{"attention": "msa", "ffn_units": [4]}]}):
         with pytest.raises(ValueError):
-            sc.validate_architecture({**base, **bad})
+            mc.validate_architecture({**base, **bad})

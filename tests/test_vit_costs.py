@@ -1,10 +1,14 @@
 """ViT / SPViT costs: SPViT's published check values, the supernet surrogate, an XLA cross-check."""
 
+import runpy
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alite_jax import costs
 from alite_jax import vit_costs as vc
 from alite_jax.vit_costs import (DEIT_CONFIGS, SPVIT_DEIT_TINY_ARCH, arch_from_gates, attention_macs,
                                  flops_loss, format_arch_table, gate_values, supernet_macs, vit_arch_macs,
@@ -198,8 +202,14 @@ def test_dense_count_agrees_with_xla_cost_analysis():
     assert 1.0 < full / ours < 1.08  # 1,317,792,896 / 1,251,052,032 = 1.053 on jax 0.10 / CPU
 
 
-def test_table_and_cli(capsys):
+def test_table_and_the_command_line(capsys):
     table = format_arch_table(SPVIT_DEIT_TINY_ARCH, **TI)
     assert "1.037 G MACs" in table and "4.873 M params" in table and len(table.splitlines()) == 15
-    vc.main(["--model=deit_small"])
+    # The command line that counts models is alite_jax.costs': it gives SPViT's count beside its own.
+    costs.main(["--model=deit_small", "--num_classes=1000"])
     assert "4.587 G MACs" in capsys.readouterr().out
+    # This module has none: run as one, it says which to use.
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported already
+        runpy.run_module("alite_jax.vit_costs", run_name="__main__")
+    assert e.value.code == 2 and "python -m alite_jax.costs" in capsys.readouterr().err

@@ -13,18 +13,15 @@ an unknown format, a missing optional package, a layer the format cannot represe
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 
-from alite_jax.errors import UserError
+from alite_jax.errors import UserError, exit_on_user_error, exit_with_user_error
 from alite_jax.export.formats import FORMATS, WEIGHTS_FILE, check_format, export
 from alite_jax.export.compactors import AUTO
 from alite_jax.export.inference import (COMPACTORS, PORTABLE_IMPL, TFLITE_IMPL, check_finished_run,
                                         inference_function)
-
-EXIT_USER_ERROR = 2
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (config.json and model/).")
 _FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
@@ -46,11 +43,6 @@ _NO_SELECT = flags.DEFINE_bool("builtins_only", False, "tflite: refuse a model t
                                "(the Flex delegate), naming them, instead of including them.")
 
 
-def _exit_with_user_error(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
-
 def parse_batch(text: str, fmt: str) -> int | None:
     """--batch: None for 'dynamic', else a positive integer; '' is the format's default."""
     if not text:
@@ -67,11 +59,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     if not _WORKDIR.value or not _FORMAT.value:
-        _exit_with_user_error(f"give --workdir=<a finished run> and --format=<{'|'.join(FORMATS)}>")
+        exit_with_user_error(f"give --workdir=<a finished run> and --format=<{'|'.join(FORMATS)}>")
     fmt = _FORMAT.value
     start = time.perf_counter()
     sparse = {"auto": None, "on": True, "off": False}[_SPARSE.value]
-    try:  # every check that reads no model comes first
+    with exit_on_user_error():  # every check that reads no model comes first
         check_format(fmt, sparse)
         batch = parse_batch(_BATCH.value, fmt)
         check_finished_run(_WORKDIR.value)
@@ -83,8 +75,6 @@ def main(argv: list[str]) -> None:
         out = _OUT.value or os.path.join(_WORKDIR.value, "export", fmt)
         options = {"allow_select_tf_ops": not _NO_SELECT.value} if fmt == "tflite" else {}
         path = export(fn, variables, meta, fmt, out, batch, sparse, **options)
-    except UserError as e:  # the user's to fix: one line, no traceback
-        _exit_with_user_error(str(e))
     weights = os.path.join(os.path.dirname(path), WEIGHTS_FILE)
     also = f", {weights} ({os.path.getsize(weights):,} bytes)" if os.path.exists(weights) else ""
     print(f"wrote {path} ({os.path.getsize(path):,} bytes){also} and its metadata.json in "

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 
 from alite_jax.errors import UserError
-from alite_jax.export import compact, sparse_store
+from alite_jax.compact import sparse_store
+from alite_jax.compact.tree import flatten, unflatten
 
 FORMATS = ("stablehlo", "tflite", "onnx")
 FILES = {"stablehlo": "model.jax_export", "tflite": "model.tflite"}
@@ -116,13 +117,13 @@ def stablehlo_sparse_bytes(fn: Callable, variables: Any, meta: dict[str, Any], b
     Weights baked into one program as constants are stored dense, zeros and all. Here the model program
     takes the weights as its first argument (``model.call(weights, images)``), and a second program with
     no arguments returns them (``weights = weights_program.call()``, once, at load): it holds each sparse
-    kernel as its non-zero values plus a bitmask (:func:`~alite_jax.export.sparse_store.encode`) and
-    expands them (:func:`~alite_jax.export.sparse_store.densify`). Expanding them inside the model
+    kernel as its non-zero values plus a bitmask (:func:`~alite_jax.compact.sparse_store.encode`) and
+    expands them (:func:`~alite_jax.compact.sparse_store.densify`). Expanding them inside the model
     program instead would keep one file, but XLA does not fold the expansion away: it would run at every
     call.
     """
-    encoded = sparse_store.encode(compact.flatten(variables))
-    weights_exported = jax.export.export(jax.jit(lambda: compact.unflatten(sparse_store.densify(encoded))),
+    encoded = sparse_store.encode(flatten(variables))
+    weights_exported = jax.export.export(jax.jit(lambda: unflatten(sparse_store.densify(encoded))),
                                          platforms=platforms)()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), variables)
     model_exported = jax.export.export(jax.jit(fn), platforms=platforms)(abstract, image_spec(meta, batch))

@@ -8,12 +8,13 @@ channel mean and std; "dataset", the training split's own channel statistics, re
 pipeline's :func:`~alite_jax.data.pipeline.channel_stats`), then runs the model in eval mode (BatchNorm's
 running statistics, no dropout, no gate sampling). A deployment then needs no copy of those constants.
 
-A *compactor* (:data:`Compactor`) may replace the trained model by an equivalent smaller one before
-export: a column-pruned student without its zero columns, or SPViT's supernet folded into its compact
-ViT. It takes ``(model, variables, summary)`` (``summary``: the run's summary.json, or None) and returns
-``(apply_fn, variables)`` with ``apply_fn(variables, normalised_images) -> logits``. Compactors are
-registered by name (:func:`register_compactor`); :data:`AS_TRAINED` (the default) exports the run's
-model as it is, dense or masked.
+A *compactor* (:data:`~alite_jax.export.compactors.Compactor`) may replace the trained model by an
+equivalent smaller one before export: a column-pruned student without its zero columns, or SPViT's
+fine-tuned model with its conv blocks folded. It takes ``(model, variables, summary)`` (``summary``: the
+run's summary.json, or None) and returns ``(apply_fn, variables)`` with ``apply_fn(variables,
+normalised_images) -> logits``. Every compactor is known by name as soon as this module is imported
+(:mod:`alite_jax.export.compactors` lists them); :data:`AS_TRAINED` (the default) exports the run's model
+as it is, dense or masked.
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from alite_jax import run_dir
+from alite_jax import methods, run_dir
 from alite_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from alite_jax.data.sources import default_splits, open_split, shard_range
 from alite_jax.errors import MissingFileError, RunDirError, UserError, user_input
+from alite_jax.export.compactors import AS_TRAINED, COMPACTORS, Compactor
 from alite_jax.models import STUDENTS, abstract_variables
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
-Compactor = Callable[[Any, Any, "dict[str, Any] | None"], "tuple[ApplyFn, Any]"]
 InferenceFn = Callable[[Any, jax.Array], jax.Array]
 
-AS_TRAINED = "as_trained"
 # The local-attention implementation exported by default (alite_jax.models.local_attention.blocked): halo's
 # blocked matmuls in tensors of rank <= 4 (TFLite converts them; halo's rank-7 einsums it does not), with
 # a symbolic batch size allowed (halo's chunking needs a concrete one); Pallas is compiled for one GPU.
@@ -49,25 +48,6 @@ PORTABLE_IMPL = "blocked"
 REPLACED_IMPLS = ("auto", "pallas", "fused")
 # What TFLite's converter takes: the same with no chunk loop (it cannot lower the loop's dynamic slices).
 TFLITE_IMPL = "blocked_unchunked"
-COMPACTORS: dict[str, Compactor] = {}
-
-
-def register_compactor(name: str) -> Callable[[Compactor], Compactor]:
-    """Decorator: makes a compactor selectable by ``name`` (``inference_function(compactor=name)``,
-    ``python -m alite_jax.export --compact=name``)."""
-
-    def wrap(fn: Compactor) -> Compactor:
-        COMPACTORS[name] = fn
-        return fn
-
-    return wrap
-
-
-@register_compactor(AS_TRAINED)
-def as_trained(model: Any, variables: Any, summary: dict[str, Any] | None) -> tuple[ApplyFn, Any]:
-    """The run's model as it was trained (dense, or masked with its zeros in place), in eval mode."""
-    del summary
-    return (lambda v, x: model.apply(v, x, train=False)[0]), variables
 
 
 def check_finished_run(workdir: str) -> dict[str, Any]:
@@ -115,14 +95,14 @@ def normalization_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, 
 
 def build_model(config: ml_collections.ConfigDict, workdir: str, dtype: str = "float32",
                 impl: str | None = None) -> Any:
-    """The module the run trained (:func:`alite_jax.run_dir.run_model`: the zoo's, an SPViT search's
-    supernet or fine-tuned architecture), computing in ``dtype``; a student's local attention uses
+    """The module the run trained (:func:`alite_jax.methods.run_model`, its method's: the zoo's, an SPViT
+    search's supernet or fine-tuned architecture), computing in ``dtype``; a student's local attention uses
     ``impl`` (None: the run's, Pallas replaced by the portable :data:`PORTABLE_IMPL`, since a Pallas kernel
     is compiled for one GPU, not serialised)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if config.model.name in STUDENTS:
         config.model.impl = build_impl_name(config, impl)
-    return run_dir.run_model(config, workdir, dtype)
+    return methods.run_model(workdir, dtype, config)
 
 
 def load_variables(workdir: str, model: Any, config: ml_collections.ConfigDict) -> Any:

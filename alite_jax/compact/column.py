@@ -36,7 +36,10 @@ in float32 whatever the student's compute dtype was.
 
 Compact parameters are a plain nested dict of arrays; a layer is ``{"idx": int32 (k,), "kernel":
 (k, C_out), "bias": (C_out,)}`` (a k x k conv: ``{"taps": {"t<i>_<j>": {"idx", "kernel"}}, "bias"}``), so
-``jax.jit(lambda x: model.apply(params, x))`` can be exported with ``jax.export``.
+``jax.jit(lambda x: model.apply(params, x))`` can be exported with ``jax.export``. :class:`CompactResNet`
+and its layer functions are not Linen modules but pure functions of that format, so they live beside the
+code that writes it. A finished run's compact model and its counts:
+:func:`alite_jax.export.compactors.compact_run`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alite_jax.compact.tree import flatten, unflatten
 from alite_jax.models.local_attention import IMPLS, attention_scales
 from alite_jax.models.local_attention.layer import rel_tables
 from alite_jax.models.resnet import (ResNet, attention_spatial, attention_stem, check_image_size,
@@ -398,7 +402,7 @@ def compact_student(model: ResNet, variables: Mapping[str, Any],
 
 
 # --------------------------------------------------------------------------------------------------
-# Sizes, the artifact on disk, and finished runs.
+# Sizes and the artifact on disk.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -407,29 +411,6 @@ def count_values(tree: Any) -> tuple[int, int]:
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
     floats = sum(x.size for x in leaves if np.issubdtype(x.dtype, np.floating))
     return floats, sum(x.size for x in leaves if np.issubdtype(x.dtype, np.integer))
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """{'stage1_block1/conv1/idx': array, ...} of a nested dict of arrays."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = np.asarray(value)
-    return flat
-
-
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The nested dict :func:`flatten` flattened."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def save_compact(path: str, model: CompactResNet, params: Params) -> int:
@@ -446,38 +427,11 @@ def load_compact(path: str) -> tuple[CompactResNet, Params]:
     """(model, params) that :func:`save_compact` wrote."""
     with np.load(path, allow_pickle=False) as data:
         if "__format__" not in data or str(data["__format__"]) != ARTIFACT_FORMAT:
-            raise ValueError(f"{path} is not a compact model saved by alite_jax.export.save_compact "
+            raise ValueError(f"{path} is not a compact model saved by alite_jax.compact.column.save_compact "
                              f"(format {ARTIFACT_FORMAT})")
         model = CompactResNet.from_json(str(data["__model__"]))
         flat = {k: jnp.asarray(data[k]) for k in data.files if k not in ("__model__", "__format__")}
     return model, unflatten(flat)
-
-
-def compact_run(workdir: str, kxk: str = "gather") -> tuple[CompactResNet, Params, dict[str, Any]]:
-    """The compact model of a finished run directory (its ``model/``, masked params included).
-
-    Returns ``(compact_model, params, info)``; ``info`` has ``structure`` (from summary.json: "column",
-    "irregular" or "dense"), ``params_dense`` (parameters of the student, BN statistics excluded),
-    ``params_nonzero``, ``params_compact`` (float values of the compact model, BN folded),
-    ``indices_compact`` (its int32 gather indices) and ``channels_dropped``. An irregular run compacts
-    too, but keeps almost every row: store it with :mod:`alite_jax.export.sparse_store` instead.
-    """
-    from alite_jax import run_dir  # the run directory pulls in orbax and grain: only when asked
-
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    model, variables = run_dir.load_model(workdir, mesh)
-    summary = run_dir.read_summary(workdir) or {}
-    config = run_dir.read_run_config(workdir) or {}
-    structure = summary.get("structure", (config.get("sparsity") or {}).get("structure", "unknown"))
-    compact_model, params = compact_student(model, variables, kxk)
-    dense = [np.asarray(x) for x in jax.tree.leaves(variables["params"])]
-    floats, indices = count_values(params)
-    info = dict(structure=structure, density=summary.get("density"),
-                params_dense=int(sum(x.size for x in dense)),
-                params_nonzero=int(sum(np.count_nonzero(x) for x in dense)),
-                params_compact=int(floats), indices_compact=int(indices),
-                channels_dropped=channels_dropped(model, variables, params))
-    return compact_model, params, info
 
 
 def channels_dropped(model: ResNet, variables: Mapping[str, Any], params: Params) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from alite_jax.export.compact import flatten, unflatten
+from alite_jax.compact.tree import flatten, unflatten
 
 FORMAT = "alite_jax.sparse_store/1"
 SEP = "::"
