@@ -1,17 +1,21 @@
 """Errors the user can fix: a bad setting, a missing or mismatched file, a run directory that cannot be
 used as it is, a run that diverged.
 
-Their message says what is wrong and what to do, on one line: ``python -m alite_jax.main`` (and
-``python -m alite_jax.report``) print it as ``error: <message>`` and exit with status 2. Every other
-exception is a bug and keeps its traceback. The classes also derive from the built-in exception a caller
-would expect (``ValueError`` for a bad setting, ``FileNotFoundError`` for a missing file,
-``FloatingPointError`` for a NaN loss), so ``except ValueError`` still catches a bad setting.
+Their message says what is wrong and what to do, on one line: the command lines (``python -m
+alite_jax.main``, ``.convert``, ``.export``, ``.report``) print it as ``error: <message>`` and exit with
+status 2 (:func:`exit_on_user_error`). Every other exception is a bug and keeps its traceback. The
+classes also derive from the built-in exception a caller would expect (``ValueError`` for a bad setting,
+``FileNotFoundError`` for a missing file, ``FloatingPointError`` for a NaN loss), so ``except ValueError``
+still catches a bad setting.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import sys
+from typing import Iterator, NoReturn
+
+EXIT_USER_ERROR = 2  # the command lines' exit status for a user error (1 is a bug, with its traceback)
 
 
 class UserError(Exception):
@@ -54,3 +58,21 @@ def user_input(context: str = "") -> Iterator[None]:
         raise MissingFileError(prefix + str(e)) from e
     except ValueError as e:
         raise ConfigError(prefix + str(e)) from e
+
+
+def exit_with_user_error(message: str) -> NoReturn:
+    """Prints ``error: <message>`` on stderr, its whitespace collapsed to one line, and exits with
+    :data:`EXIT_USER_ERROR`: how every command line reports what the user can fix, without a traceback."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Runs the block; a :class:`UserError` raised in it ends the program by
+    :func:`exit_with_user_error` (one line, status 2). Other exceptions pass on with their traceback:
+    they are bugs."""
+    try:
+        yield
+    except UserError as e:
+        exit_with_user_error(str(e))

@@ -65,6 +65,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from timing import inner_calls, round_robin, timed_sample  # noqa: E402  (benchmarks/timing.py)
+
 from alite_jax import config as config_lib  # noqa: E402
 from alite_jax import train  # noqa: E402
 from alite_jax.models import local_attention as attention_module  # noqa: E402
@@ -133,25 +135,6 @@ def peak_bytes(compiled: Any) -> int:
                    - m.alias_size_in_bytes)
     except Exception:  # noqa: BLE001  (some backends return None or lack fields)
         return 0
-
-
-def inner_calls(call: Callable[[], Any], min_time: float) -> int:
-    """How many back-to-back calls make one timed sample last at least ``min_time`` seconds (1 on a CPU,
-    where one call already takes milliseconds; up to 100 on an accelerator, where the per-call host
-    synchronisation would otherwise dominate a fast kernel)."""
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    one = time.perf_counter() - start
-    return int(min(100, max(1, -(-min_time // max(one, 1e-6)))))
-
-
-def timed_sample(call: Callable[[], Any], inner: int) -> tuple[float, Any]:
-    """Seconds per call of ``inner`` back-to-back calls, waited for at the end, and the last output."""
-    start = time.perf_counter()
-    for _ in range(inner):
-        out = call()
-    out = jax.block_until_ready(out)
-    return (time.perf_counter() - start) / inner, out
 
 
 def time_calls(call: Callable[[], Any], *, compile_s: float, repeats: int, warmup: int = 1,
@@ -319,21 +302,6 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 
-def time_round_robin(calls: list[Callable[[], Any]], repeats: int, min_time: float = 0.0
-                     ) -> tuple[list[list[float]], list]:
-    """Calls every function once (warm-up; its output is returned), then ``repeats`` rounds of one
-    sample of each in turn (a sample: enough back-to-back calls to last ``min_time``): every entry sees
-    the same drift in machine load, so their ratios stay meaningful on a shared, noisy machine. Returns
-    the seconds per call of each, and the warm-up outputs."""
-    outputs = [jax.block_until_ready(call()) for call in calls]
-    inner = [inner_calls(call, min_time) for call in calls]
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for i, call in enumerate(calls):
-            times[i].append(timed_sample(call, inner[i])[0])
-    return times, outputs
-
-
 def _timing(times: list[float], compile_s: float, peak: int) -> Timing:
     return Timing(compile_s, statistics.median(times), min(times), max(times), len(times), peak)
 
@@ -477,9 +445,8 @@ def run_layer_group(group: Group, args: argparse.Namespace, results: "Results") 
             conv = prepared[0]
             pair = [conv] if i == 0 else [conv, layer]
             try:
-                fwd_times, fwd_outs = time_round_robin([e.fwd for e in pair], args.repeats, args.min_time)
-                bwd_times, bwd_outs = time_round_robin([e.fwd_bwd for e in pair], args.repeats,
-                                                       args.min_time)
+                fwd_times, fwd_outs = round_robin([e.fwd for e in pair], args.repeats, args.min_time)
+                bwd_times, bwd_outs = round_robin([e.fwd_bwd for e in pair], args.repeats, args.min_time)
             except Exception as e:  # noqa: BLE001  (e.g. out of memory at run time)
                 rows.append(LayerResult(name, entry_macs, None, None, "-", error=error_text(e)))
                 print_layer_row(rows[-1], rows[0], header=i == 0)
@@ -502,8 +469,8 @@ def run_layer_group(group: Group, args: argparse.Namespace, results: "Results") 
                                  LocalSelfAttention(features=c, num_heads=heads, kernel_size=k,
                                                     impl=AUTODIFF_IMPL, dtype=dtype), x, macs,
                                  bwd_chunk=args.autodiff_chunk)
-            (f_t,), (f_out,) = time_round_robin([slow.fwd], args.repeats, args.min_time)
-            (b_t,), (b_out,) = time_round_robin([slow.fwd_bwd], args.autodiff_repeats)
+            (f_t,), (f_out,) = round_robin([slow.fwd], args.repeats, args.min_time)
+            (b_t,), (b_out,) = round_robin([slow.fwd_bwd], args.autodiff_repeats)
             diff = max(max_abs_diff(f_out, reference[0]), max_abs_diff(b_out, reference[1]))
             rows.append(LayerResult(slow.name, macs, _timing(f_t, slow.fwd_compile_s, slow.fwd_peak),
                                     _timing(b_t, slow.fwd_bwd_compile_s, slow.fwd_bwd_peak),

@@ -20,28 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Callable  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
 
+from timing import first_and_median  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from alite_jax import sparsity  # noqa: E402
 from alite_jax.models import count_params, create_model, init_model  # noqa: E402
-
-
-def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """(first call incl. compile, median of ``repeats`` later calls), in seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def main() -> None:
@@ -64,7 +50,7 @@ def main() -> None:
         state = tx.init(params)
         p = sparsity.apply_masks(params, sparsity.get_masks(state))
         _, state = tx.update(grads, state, p)  # some momentum to rank by
-        first, med = median_time(lambda: sparsity.prune_and_regrow(p, state, 0.3), args.repeats)
+        first, med = first_and_median(lambda: sparsity.prune_and_regrow(p, state, 0.3), args.repeats)
         print(f"   {structure:<10} {first:>12.2f} {med:>9.3f}")
 
     print("\n== optimizer step (update + apply_updates, jitted) ==")
@@ -84,7 +70,7 @@ def main() -> None:
             carry[0], carry[1] = step(carry[0], carry[1], grads)
             return carry[0]
 
-        _, results[name] = median_time(call, args.repeats * 4)
+        _, results[name] = first_and_median(call, args.repeats * 4)
         print(f"   {name:<26} {results[name] * 1e3:8.1f} ms")
     bare, wrapped = results.values()
     print(f"   wrapper overhead: {wrapped / bare:.2f}x the bare step (+{(wrapped - bare) * 1e3:.1f} ms)")

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 from absl import flags
+from command_line import run_cli
 from ml_collections import config_flags
 from tiny_runs import ROOT, tiny_config, write_config
 
@@ -105,14 +106,14 @@ def test_every_numeric_field_has_a_range_and_the_readme_gives_it():
     """A numeric field added to the config without a range fails here: every one is checked."""
     numeric = {name for name, value in leaves(alite_config.base_config()).items()
                if isinstance(value, (int, float, tuple)) and not isinstance(value, bool)}
-    assert numeric == set(alite_config.FIELD_RANGES)
+    assert numeric == set(alite_config.all_field_ranges())
     documented = documented_fields()
-    for name, allowed in alite_config.FIELD_RANGES.items():
+    for name, allowed in alite_config.all_field_ranges().items():
         assert str(allowed) in documented[name], (name, str(allowed), documented[name])
 
 
 @pytest.mark.parametrize("name,value,allowed", ISSUE_CASES + [
-    (name, outside(allowed), str(allowed)) for name, allowed in alite_config.FIELD_RANGES.items()])
+    (name, outside(allowed), str(allowed)) for name, allowed in alite_config.all_field_ranges().items()])
 def test_bad_numbers_are_refused_before_anything_is_written(name, value, allowed, tmp_path):
     """In any mode (the distillation's fields too), with the field and its allowed range named."""
     config = tiny_config("distill", teacher=str(tmp_path / "no_teacher_needed_to_refuse_this"))
@@ -130,11 +131,6 @@ def test_several_bad_fields_are_named_at_once():
         train.check_config(config, 1)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alite_jax.main", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
 @pytest.mark.parametrize("config,flag,message", [
     ("tiny", "--config.distill.temperature=0",
      "error: config.distill.temperature must be > 0 (the softmax temperature rho), got 0.0"),
@@ -146,7 +142,8 @@ def test_cli_prints_one_line_for_a_user_error(config, flag, message, tmp_path):
     if config == "tiny":
         config = write_config(tmp_path / "config.py", "baseline", epochs=1)
     workdir = tmp_path / "run"
-    result = run_cli(f"--config={config}", f"--workdir={workdir}", *([flag] if flag else []))
+    result = run_cli("alite_jax.main", f"--config={config}", f"--workdir={workdir}",
+                     *([flag] if flag else []))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

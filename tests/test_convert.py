@@ -10,10 +10,9 @@ against the real torchvision).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -21,22 +20,21 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+import torch_compare
+from command_line import run_convert
 from fake_imagenet import write_fake_imagenet
+from torch_compare import numpy_state_dict
 from torchvision_reference import ResNet50, randomize
 
-from alite_jax import convert, run_dir
+from alite_jax import convert, methods, run_dir
 from alite_jax.config import base_config
 from alite_jax.convert import CheckpointError
 from alite_jax.distributed import make_mesh
 from alite_jax.errors import ConfigError
-from alite_jax.methods import attentionlite
+from alite_jax.methods import AttentionLite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4  # float32, max abs difference; the measured ones are printed (pytest -s)
-
-
-def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {name: value.numpy() for name, value in module.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +49,8 @@ def imagenet_model():
     return convert.create_resnet("resnet50", 1000, "imagenet")
 
 
-def max_differences(torch_model, model, variables, size, seed=0):
-    """Max abs differences of the logits and of the four stage outputs (NHWC vs NCHW)."""
-    x = np.random.RandomState(seed).randn(2, size, size, 3).astype(np.float32)
-    logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    with torch.no_grad():
-        ref_logits, ref_features = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-    diffs = {"logits": float(np.abs(np.asarray(logits) - ref_logits.numpy()).max())}
-    for s, (a, b) in enumerate(zip(features, ref_features, strict=True), 1):
-        assert a.shape == b.numpy().transpose(0, 2, 3, 1).shape
-        diffs[f"layer{s}"] = float(np.abs(np.asarray(a) - b.numpy().transpose(0, 2, 3, 1)).max())
-    return diffs, np.asarray(logits)
+# The logits' and the four stage outputs' differences, the stages named as torchvision names them.
+max_differences = functools.partial(torch_compare.max_differences, feature="layer{}", first=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,9 +238,9 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
     summary = convert.write_teacher_run(workdir, model, variables, checkpoint=path, say=said.append)
     assert run_dir.is_finished_run(workdir) and not said
     assert summary["converted_from"]["source"] == "torchvision"
-    attentionlite.AttentionLite(distill_config(workdir), 1000).check_inputs()
+    AttentionLite(distill_config(workdir), 1000).check_inputs()
     with pytest.raises(ConfigError, match="takes 224px images, the student 64px"):
-        attentionlite.AttentionLite(distill_config(workdir, image_size=64), 1000).check_inputs()
+        AttentionLite(distill_config(workdir, image_size=64), 1000).check_inputs()
     config = run_dir.read_run_config(workdir)
     assert config["model"] == dict(name="resnet50", layout="imagenet", width=1.0, dtype="float32")
     assert (config["data"]["dataset"], config["data"]["image_size"], config["num_classes"],
@@ -261,11 +250,11 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
     with pytest.raises(ConfigError, match="normalised with data.normalization='imagenet'"):
         student = distill_config(workdir)
         student.data.normalization = "dataset"
-        attentionlite.AttentionLite(student, 1000).check_inputs()
+        AttentionLite(student, 1000).check_inputs()
     stored = run_dir.read_summary(workdir)
     assert stored["converted_from"]["checkpoint"] == os.path.abspath(path)
     assert stored["converted_from"]["file_format"] == "safetensors" and stored["test_accuracy"] is None
-    loaded_model, loaded = run_dir.load_model(workdir, make_mesh())
+    loaded_model, loaded = methods.load_run(workdir, make_mesh())
     assert loaded_model.layout == "imagenet"
     diffs, _ = max_differences(torch_model, loaded_model, loaded, 64)
     assert max(diffs.values()) < TOLERANCE, diffs
@@ -341,14 +330,6 @@ def test_nothing_in_models_sparsity_or_data_imports_convert():
 # The command line, end to end, without torch.
 # --------------------------------------------------------------------------------------------------
 
-NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.argv[0] = 'alite_jax.convert'; "
-            "from absl import app; from alite_jax.convert.__main__ import main; app.run(main)")
-
-
-def run_cli(*flags):
-    return subprocess.run([sys.executable, "-c", NO_TORCH, *flags], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
-
 
 @pytest.mark.slow
 def test_cli_end_to_end_without_torch(reference, tmp_path):
@@ -356,12 +337,13 @@ def test_cli_end_to_end_without_torch(reference, tmp_path):
     path = str(tmp_path / "resnet50.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in torch_model.state_dict().items()}}, path)
     workdir = str(tmp_path / "teacher")
-    result = run_cli("--from=torchvision", "--arch=resnet50", f"--checkpoint={path}", f"--workdir={workdir}",
-                     "--num_classes=1000", "--dataset=imagenet2012", "--image_size=224")
+    result = run_convert("--from=torchvision", "--arch=resnet50", f"--checkpoint={path}",
+                         f"--workdir={workdir}", "--num_classes=1000", "--dataset=imagenet2012",
+                         "--image_size=224")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "25,557,032 parameters" in result.stdout and "--config.teacher.workdir=" in result.stdout
-    attentionlite.AttentionLite(distill_config(workdir), 1000).check_inputs()
-    model, variables = run_dir.load_model(workdir, make_mesh())
+    AttentionLite(distill_config(workdir), 1000).check_inputs()
+    model, variables = methods.load_run(workdir, make_mesh())
     diffs, _ = max_differences(torch_model, model, variables, 64)
     assert max(diffs.values()) < TOLERANCE, diffs
     assert ml_collections.ConfigDict(run_dir.read_run_config(workdir)).model.layout == "imagenet"
@@ -370,7 +352,7 @@ def test_cli_end_to_end_without_torch(reference, tmp_path):
                             "pass --num_classes=1000"),
                            ((f"--checkpoint={tmp_path / 'none.pth'}", f"--workdir={tmp_path / 'z'}"),
                             "no checkpoint file")]:
-        result = run_cli(*flags)
+        result = run_convert(*flags)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-3000:]

@@ -9,28 +9,23 @@ real width, heads, patch, 224x224 and 1000 classes, with 2 of its 12 blocks (the
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from command_line import run_convert
+from torch_compare import max_differences, numpy_state_dict
 from vit_reference import deit, randomize
 
-from alite_jax import convert, run_dir
+from alite_jax import convert, methods, run_dir
 from alite_jax.convert import CheckpointError
 from alite_jax.distributed import make_mesh
 from alite_jax.models import create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4  # float32, max abs difference; the measured ones are printed (pytest -s)
 ARCH = "deit_tiny_patch16_224"
-
-
-def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {name: value.numpy() for name, value in module.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +33,6 @@ def tiny_reference():
     """deit_tiny_patch16_224 with 2 blocks, randomised, and the zoo's model of that shape."""
     torch_model = randomize(deit(ARCH, depth=2), seed=0)
     return torch_model, numpy_state_dict(torch_model), create_model("deit_tiny", 1000, depth=2)
-
-
-def max_differences(torch_model, model, variables, size, seed=0):
-    x = np.random.RandomState(seed).randn(2, size, size, 3).astype(np.float32)
-    logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    with torch.no_grad():
-        ref_logits, ref_features = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-    diffs = {"logits": float(np.abs(np.asarray(logits) - ref_logits.numpy()).max())}
-    for i, (a, b) in enumerate(zip(features, ref_features, strict=True)):
-        diffs[f"block{i}"] = float(np.abs(np.asarray(a) - b.numpy()).max())
-    return diffs, np.asarray(logits)
 
 
 def test_deit_tiny_shape_matches_timm(tiny_reference):
@@ -134,7 +118,7 @@ def test_teacher_run(tiny_reference, tmp_path):
     assert config["model"] == dict(name="deit_tiny", dtype="float32", depth=2)
     assert (config["data"]["dataset"], config["data"]["image_size"], config["data"]["normalization"],
             config["data"]["augment"], config["mode"]) == ("imagenet2012", 224, "imagenet", "deit", "teacher")
-    loaded_model, loaded = run_dir.load_model(workdir, make_mesh())
+    loaded_model, loaded = methods.load_run(workdir, make_mesh())
     assert loaded_model == model
     diffs, _ = max_differences(torch_model, loaded_model, loaded, 224)
     assert max(diffs.values()) < TOLERANCE, diffs
@@ -143,25 +127,16 @@ def test_teacher_run(tiny_reference, tmp_path):
     assert not os.path.exists(tmp_path / "odd")
 
 
-NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.argv[0] = 'alite_jax.convert'; "
-            "from absl import app; from alite_jax.convert.__main__ import main; app.run(main)")
-
-
-def run_cli(*flags):
-    return subprocess.run([sys.executable, "-c", NO_TORCH, *flags], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
-
-
 @pytest.mark.slow
 def test_cli_end_to_end_without_torch(tmp_path):
     torch_model = randomize(deit(ARCH), seed=3)
     path = str(tmp_path / "deit_tiny.pth")
     torch.save({"model": torch_model.state_dict(), "epoch": 299}, path)  # the official release layout
     workdir = str(tmp_path / "teacher")
-    result = run_cli("--from=timm", f"--arch={ARCH}", f"--checkpoint={path}", f"--workdir={workdir}")
+    result = run_convert("--from=timm", f"--arch={ARCH}", f"--checkpoint={path}", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5,717,416 parameters" in result.stdout and "--config.teacher.workdir=" in result.stdout
-    model, variables = run_dir.load_model(workdir, make_mesh())
+    model, variables = methods.load_run(workdir, make_mesh())
     diffs, _ = max_differences(torch_model, model, variables, 224)
     print(f"\nCLI, deit_tiny 224x224, 1000 classes: max abs differences {max(diffs.values()):.3g}")
     assert max(diffs.values()) < TOLERANCE, diffs
@@ -170,7 +145,7 @@ def test_cli_end_to_end_without_torch(tmp_path):
                            ((f"--checkpoint={path}", "--image_size=200"), "positive multiples of 16"),
                            ((f"--checkpoint={path}", "--arch=resnet50"), "unknown --arch 'resnet50'")]:
         flags = ("--from=timm", f"--arch={ARCH}", f"--workdir={tmp_path / 'x'}") + flags
-        result = run_cli(*flags)
+        result = run_convert(*flags)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-3000:]

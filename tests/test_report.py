@@ -2,10 +2,9 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
+from command_line import run_cli
 
 from alite_jax import report
 from alite_jax.errors import RunDirError
@@ -38,11 +37,15 @@ def test_render_writes_table_and_plots(run_dir):
 
 
 def test_cli_and_missing_run(run_dir, tmp_path_factory):
-    out = subprocess.run([sys.executable, "-m", "alite_jax.report", f"--workdir={run_dir}"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "93.74" in out
+    result = run_cli("alite_jax.report", f"--workdir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "93.74" in result.stdout
+    empty = str(tmp_path_factory.mktemp("empty"))
     with pytest.raises(FileNotFoundError, match="summary.json"):
-        report.render(str(tmp_path_factory.mktemp("empty")))
+        report.render(empty)
+    result = run_cli("alite_jax.report", f"--workdir={empty}")  # a user error: one line, status 2
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and "summary.json" in result.stderr, result.stderr
 
 
 def test_figures_leave_the_backend_alone(run_dir):

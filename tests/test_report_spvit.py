@@ -1,10 +1,9 @@
 """SPViT's report (modes spvit_search / spvit_finetune) rendered from hand-written fake run directories."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from command_line import run_cli
 from matplotlib.colors import to_rgba
 
 from alite_jax import report
@@ -115,9 +114,9 @@ def test_render_finetune_skips_absent_figures_and_cli(tmp_path):
     table = report.render(str(run))
     assert "| SPViT-deit_tiny | imagenet | 70.16 | 72.20 | 4.88 | 5.72 |" in table
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".png") == ["accuracy.png"]
-    out = subprocess.run([sys.executable, "-m", "alite_jax.report", f"--workdir={run}"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "SPViT-deit_tiny" in out and "spvit_table.md written" in out
+    result = run_cli("alite_jax.report", f"--workdir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SPViT-deit_tiny" in result.stdout and "spvit_table.md written" in result.stdout
     (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "dense_gmacs"}))
     with pytest.raises(UserError, match="'dense_gmacs'"):
         report.render(str(run))

@@ -13,7 +13,6 @@ to fix it>`` on stderr; 1 for a bug, with its traceback.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags, logging
@@ -21,9 +20,7 @@ from absl import app, flags, logging
 from alite_jax.convert.teacher_run import SOURCES, convert_checkpoint, write_teacher_run
 from alite_jax.convert.timm import ARCHS as TIMM_ARCHS
 from alite_jax.convert.torchvision import ARCHS
-from alite_jax.errors import UserError
-
-EXIT_USER_ERROR = 2
+from alite_jax.errors import exit_on_user_error, exit_with_user_error
 
 _FROM = flags.DEFINE_enum("from", "torchvision", list(SOURCES), "Where the checkpoint comes from.")
 _ARCH = flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(TIMM_ARCHS),
@@ -43,27 +40,20 @@ _EVALUATE = flags.DEFINE_bool("evaluate", False, "Also evaluate the converted te
                               "evaluation split when it is prepared here (else say so and go on).")
 
 
-def _exit_with_user_error(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     if not _CHECKPOINT.value or not _WORKDIR.value:
-        _exit_with_user_error("give --checkpoint=<file.pth or .safetensors> and --workdir=<dir>")
+        exit_with_user_error("give --checkpoint=<file.pth or .safetensors> and --workdir=<dir>")
     start = time.perf_counter()
-    try:
+    with exit_on_user_error():
         model, variables = convert_checkpoint(_CHECKPOINT.value, flags.FLAGS["from"].value, _ARCH.value,
                                               _NUM_CLASSES.value, image_size=_IMAGE_SIZE.value)
         summary = write_teacher_run(
             _WORKDIR.value, model, variables, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
             image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value, source=flags.FLAGS["from"].value,
             arch=_ARCH.value, evaluate=_EVALUATE.value, data_dir=_DATA_DIR.value)
-    except UserError as e:  # the user's to fix: one line, no traceback
-        _exit_with_user_error(str(e))
     print(f"converted {_CHECKPOINT.value} ({summary['params']:,} parameters) into the teacher run "
           f"{_WORKDIR.value} in {time.perf_counter() - start:.0f}s; distil from it with "
           f"--config.teacher.workdir={_WORKDIR.value}", flush=True)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alite_jax.convert.matching import classes_hint, matched_tensors
 from alite_jax.convert.readers import CheckpointError
 from alite_jax.models import VisionTransformer, abstract_variables, create_model
 
@@ -113,6 +114,29 @@ def _arch_name(model: VisionTransformer) -> str:
             f"depth {model.depth})")
 
 
+def _shape_hint(model: VisionTransformer, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """What a tensor of another shape says about the checkpoint: its classes, its image size, or another
+    width."""
+    if name.startswith("head."):
+        hint = classes_hint(got, want)
+        if hint:
+            return hint
+    if name == "pos_embed" and len(got) == 3 and got[2] == want[2]:
+        side = int(round((got[1] - 1) ** 0.5)) * model.patch_size
+        return f"; its {got[1] - 1} patches are {side}x{side} images: pass --image_size={side}"
+    if len(got) == len(want):
+        return "; another width: check --arch (tiny 192, small 384, base 768)"
+    return ""
+
+
+def _unexpected_hint(name: str) -> str:
+    """A distilled DeiT's extra tensors, named as such."""
+    if name in ("dist_token", "head_dist.weight", "head_dist.bias"):
+        return (" (a distilled DeiT: its distillation token and head are not part of this zoo's ViT; convert "
+                "the non-distilled deit_*_patch16_224)")
+    return ""
+
+
 def timm_to_variables(state_dict: Mapping[str, Any], model: VisionTransformer,
                       source: str = "the checkpoint") -> dict[str, Any]:
     """``{"params", "batch_stats": {}}`` of ``model`` (float32 jax arrays) from a timm DeiT/ViT
@@ -122,44 +146,22 @@ def timm_to_variables(state_dict: Mapping[str, Any], model: VisionTransformer,
     order, the first missing one or the first whose shape differs; then the first name of the checkpoint
     (in its order) that the architecture does not have.
     """
-    arch = _arch_name(model)
-    params: dict[str, Any] = {}
     layout = timm_layout(model)
-    for name, shape, targets in layout:
-        if name not in state_dict:
-            raise CheckpointError(
-                f"{source} has no {name!r}, which {arch} has (shape {shape}): it is not a timm DeiT/ViT "
-                f"state_dict of this depth, or a partial one. Convert the state_dict of "
-                f"timm.create_model('<arch>') or of facebookresearch/deit's release")
-        value = np.asarray(state_dict[name])
-        if value.shape != shape:
-            hint = ""
-            if name.startswith("head.") and value.shape[1:] == shape[1:]:
-                hint = f"; it has {value.shape[0]} classes: pass --num_classes={value.shape[0]}"
-            elif name == "pos_embed" and value.ndim == 3 and value.shape[2] == shape[2]:
-                side = int(round((value.shape[1] - 1) ** 0.5)) * model.patch_size
-                hint = (f"; its {value.shape[1] - 1} patches are {side}x{side} images: pass "
-                        f"--image_size={side}")
-            elif value.ndim == len(shape):
-                hint = "; another width: check --arch (tiny 192, small 384, base 768)"
-            raise CheckpointError(f"{source}: {name!r} has shape {value.shape}, but {arch} has {shape}{hint}")
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-            raise CheckpointError(f"{source}: {name!r} is {value.dtype}, not floating point")
-        value = value.astype(np.float32)
-        for path, transform in targets:
+    targets = {name: name_targets for name, _, name_targets in layout}
+    params: dict[str, Any] = {}
+    tensors = matched_tensors(
+        state_dict, [(name, shape) for name, shape, _ in layout], source=source, arch=_arch_name(model),
+        missing="it is not a timm DeiT/ViT state_dict of this depth, or a partial one. Convert the "
+                "state_dict of timm.create_model('<arch>') or of facebookresearch/deit's release",
+        unexpected="it is not a timm deit_*_patch16_224 state_dict of this depth (another architecture, or "
+                   "extra modules)",
+        shape_hint=functools.partial(_shape_hint, model), unexpected_hint=_unexpected_hint)
+    for name, value in tensors:
+        for path, transform in targets[name]:
             node = params
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = jnp.asarray(np.ascontiguousarray(transform(value)))
-    known = {name for name, *_ in layout}
-    for name in state_dict:
-        if name not in known:
-            hint = (" (a distilled DeiT: its distillation token and head are not part of this zoo's "
-                    "ViT; convert the non-distilled deit_*_patch16_224)"
-                    if name in ("dist_token", "head_dist.weight", "head_dist.bias") else "")
-            raise CheckpointError(
-                f"{source} has {name!r}, which {arch} has not{hint}: it is not a timm "
-                f"deit_*_patch16_224 state_dict of this depth (another architecture, or extra modules)")
     expected = jax.tree.map(lambda x: x.shape, abstract_variables(model, model.image_size)["params"])
     got = jax.tree.map(lambda x: x.shape, params)
     assert got == expected, "the timm layout does not cover the zoo's parameter tree"  # a bug, not input

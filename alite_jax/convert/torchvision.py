@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alite_jax.convert.matching import classes_hint, matched_tensors
 from alite_jax.convert.readers import CheckpointError
 from alite_jax.models import abstract_variables, create_model
 
@@ -144,6 +145,15 @@ def expected_state_dict_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, _, shape, _ in torchvision_layout(model)}
 
 
+def _shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """What a tensor of another shape says about the checkpoint: its classes, or the other stem."""
+    if name.startswith("fc."):
+        return classes_hint(got, want)
+    if name == "conv1.weight" and got[2:] != want[2:]:
+        return f"; a {got[2]}x{got[3]} stem is the other layout ({'cifar' if got[2] == 3 else 'imagenet'})"
+    return ""
+
+
 def torchvision_to_variables(state_dict: Mapping[str, Any], model: nn.Module,
                              source: str = "the checkpoint") -> dict[str, Any]:
     """``{"params", "batch_stats"}`` of ``model`` (float32 jax arrays) from a torchvision ResNet
@@ -154,26 +164,25 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], model: nn.Module,
     checkpoint (in its order) that the architecture does not have.
     """
     layout = torchvision_layout(model)
-    arch = f"torchvision's resnet50 ({model.layout} layout, {model.num_classes} classes)"
+    placement = {name: (path, kind) for name, path, _, kind in layout}
+    batchnorms = {name.rsplit(".", 1)[0] for name in placement if name.endswith(".running_var")}
+
+    def batch_counter(name: str) -> bool:
+        """BatchNorm's step counter: not part of the inference computation."""
+        module, _, leaf = name.rpartition(".")
+        return leaf == NUM_BATCHES_TRACKED and module in batchnorms and np.asarray(state_dict[name]).size == 1
+
+    what = "it is not a torchvision ResNet-50 state_dict"
+    how = "Convert the state_dict of torchvision.models.resnet50 (or of a model with its parameter names)"
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for name, path, shape, kind in layout:
-        if name not in state_dict:
-            raise CheckpointError(
-                f"{source} has no {name!r}, which {arch} has (shape {shape}): it is not a torchvision "
-                f"ResNet-50 state_dict, or a partial one. Convert the state_dict of "
-                f"torchvision.models.resnet50 (or of a model with its parameter names)")
-        value = np.asarray(state_dict[name])
-        if value.shape != shape:
-            hint = (f"; it has {value.shape[0]} classes: pass --num_classes={value.shape[0]}"
-                    if name.startswith("fc.") and value.shape[1:] == shape[1:] else "")
-            if name == "conv1.weight" and value.shape[2:] != shape[2:]:
-                hint = (f"; a {value.shape[2]}x{value.shape[3]} stem is the other layout "
-                        f"({'cifar' if value.shape[2] == 3 else 'imagenet'})")
-            raise CheckpointError(f"{source}: {name!r} has shape {value.shape}, but {arch} has "
-                                  f"{shape}{hint}")
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-            raise CheckpointError(f"{source}: {name!r} is {value.dtype}, not floating point")
-        value = value.astype(np.float32)
+    tensors = matched_tensors(
+        state_dict, [(name, shape) for name, _, shape, _ in layout], source=source,
+        arch=f"torchvision's resnet50 ({model.layout} layout, {model.num_classes} classes)",
+        missing=f"{what}, or a partial one. {how}",
+        unexpected=f"{what} (another architecture, or extra modules). {how}",
+        shape_hint=_shape_hint, ignored=batch_counter)
+    for name, value in tensors:
+        path, kind = placement[name]
         if kind == "conv":
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         elif kind == "linear":
@@ -182,16 +191,4 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], model: nn.Module,
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = jnp.asarray(np.ascontiguousarray(value))
-    known = {name for name, *_ in layout}
-    batchnorms = {name.rsplit(".", 1)[0] for name in known if name.endswith(".running_var")}
-    for name in state_dict:
-        if name in known:
-            continue
-        module, _, leaf = name.rpartition(".")
-        if leaf == NUM_BATCHES_TRACKED and module in batchnorms and np.asarray(state_dict[name]).size == 1:
-            continue  # BatchNorm's step counter: not part of the inference computation
-        raise CheckpointError(
-            f"{source} has {name!r}, which {arch} has not: it is not a torchvision ResNet-50 state_dict "
-            f"(another architecture, or extra modules). Convert the state_dict of "
-            f"torchvision.models.resnet50 (or of a model with its parameter names)")
     return variables
