@@ -4,8 +4,8 @@ switch.
 Config files under ``configs/`` start from :func:`base_config` and change what their experiment needs;
 ``python -m alite_jax.main --config=configs/<file>.py:smoke`` shrinks any of them to a quick run, and
 ``--config.<field>=value`` overrides single fields (every field, the text fields without a default
-included). :func:`check_ranges` refuses a numeric field outside its meaning (:data:`FIELD_RANGES`)
-before anything is read or compiled.
+included). :func:`check_ranges` refuses a numeric field outside its meaning (:data:`FIELD_RANGES`, and the
+ranges of the methods' sections) before anything is read or compiled.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from alite_jax.errors import ConfigError
 def base_config() -> ml_collections.ConfigDict:
     """Defaults: the paper's CIFAR-10 sparse distillation of hybrid SA-ResNet26 (§4.1, Table 1)."""
     c = ml_collections.ConfigDict()
-    c.mode = "distill"                # "teacher" | "baseline" | "distill" | "spvit_search" | "spvit_finetune"
+    c.mode = "distill"                # a mode registered in alite_jax.methods (METHODS)
     c.seed = 0                        # parameter init and initial masks (data: data.seed)
     c.num_epochs = 200
     # Before each evaluation, BatchNorm's running statistics are recomputed from this many training
@@ -42,25 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.1, lr_batch=0, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
         decay_epochs=(120, 160, 180), decay_factor=0.1, warmup_epochs=0, min_lr=0.0))
-    # sparsity: see alite_jax.sparsity.sparse_learning and docs/sparse_learning.md.
-    c.sparsity = ml_collections.ConfigDict(dict(
-        density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
-        full_rate_steps=20, redistribution="momentum", min_layer_fraction=0.25,
-        reset_regrown_momentum=True, keep_channels=True, fan_in_init=True))
-    # distill: eq. 2's terms and weights (alite_jax.distill; docs/losses.md says where each comes from).
-    c.distill = ml_collections.ConfigDict(dict(loss="kd+at", alpha=0.1, beta=1000.0, temperature=4.0))
-    # teacher.workdir: a finished teacher run; teacher.dtype: its forward's compute dtype in the
-    # distillation step ("": as it was trained; "bfloat16" halves its cost on bf16 hardware).
-    c.teacher = ml_collections.ConfigDict(dict(workdir="", dtype=""))
-    # spvit: SPViT (alite_jax.methods.spvit, docs/spvit_single_path.md). Both modes: the dense DeiT run
-    # they start from ("": random init). Search ("spvit_search"): the FLOPs loss lambda_ (T - F / 1e9)^2
-    # with T = target_gflops (G MACs, SPViT's "FLOPs"), the gate logits' own AdamW lr (no weight decay).
-    # Fine-tuning ("spvit_finetune"): the architecture found (a search's run directory or its
-    # architecture.json), distill "none" or "hard" (DeiT's hard distillation from teacher.workdir with
-    # weight distill_alpha).
-    c.spvit = ml_collections.ConfigDict(dict(pretrained_workdir="", lambda_=20.0, target_gflops=1.0,
-                                             arch_lr=1e-3, architecture="", distill="none",
-                                             distill_alpha=0.5))
+    # The sections of the registered methods, with their defaults (alite_jax.methods: sparsity, distill
+    # and teacher for AttentionLite, spvit for SPViT; the fields are described in docs/guide.md).
+    from alite_jax.methods import registered_sections
+
+    for name, defaults in registered_sections().items():
+        c[name] = ml_collections.ConfigDict(dict(defaults))
     c.baseline_workdir = ""           # optional dense-student run, for the report's baseline column
     c.log_every_steps = 50
     c.checkpoint_max_to_keep = 3
@@ -218,8 +205,9 @@ def _fraction(meaning: str, low_open: bool = False, high_open: bool = False) -> 
     return Range(0, 1, low_open=low_open, high_open=high_open, meaning=meaning)
 
 
-# Every numeric field of base_config() (a tuple field: each of its elements). A test checks that a
-# numeric field added to the config gets a range here.
+# Every numeric field of the trainer's own sections of base_config() (a tuple field: each of its
+# elements); a method's sections bring their ranges (Method.field_ranges). A test checks that every
+# numeric field of the config gets a range.
 FIELD_RANGES: dict[str, Range] = {
     "seed": _at_least(0, "the seed of the initial parameters and masks"),
     "num_epochs": _at_least(1, "the number of training epochs"),
@@ -251,28 +239,26 @@ FIELD_RANGES: dict[str, Range] = {
     "optimizer.weight_decay": _at_least(0, "the L2 weight decay", integer=False),
     "optimizer.decay_epochs": _at_least(0, "epochs at which the lr is multiplied by decay_factor"),
     "optimizer.decay_factor": _fraction("what the lr is multiplied by at each decay epoch", low_open=True),
-    "sparsity.density": _fraction("the fraction of prunable weights kept", low_open=True),
-    "sparsity.prune_rate": _fraction("the first round's prune rate p0"),
-    "sparsity.full_rate_steps": _at_least(0, "steps an epoch needs to prune at the full rate; 0: off"),
-    "sparsity.min_layer_fraction": _fraction("the floor of each layer's share of its initial weights"),
-    "distill.alpha": _fraction("the weight of cross-entropy against the teacher's KL term"),
-    "distill.beta": _at_least(0, "the weight of attention transfer", integer=False),
-    "distill.temperature": _above(0, "the softmax temperature rho"),
-    "spvit.lambda_": _at_least(0, "the weight of SPViT's FLOPs loss", integer=False),
-    "spvit.target_gflops": _above(0, "SPViT's FLOPs target T in G MACs"),
-    "spvit.arch_lr": _above(0, "the gate logits' AdamW learning rate"),
-    "spvit.distill_alpha": _fraction("the weight of the teacher's hard labels in SPViT's fine-tuning"),
 }
+
+
+def all_field_ranges() -> dict[str, Range]:
+    """:data:`FIELD_RANGES` and the ranges of every registered method's config sections."""
+    from alite_jax.methods import registered_ranges
+
+    return {**FIELD_RANGES, **registered_ranges()}
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming every numeric field of ``config`` outside its range.
 
-    Fields a config does not have (a teacher's model has no attention options) are skipped; the check
-    does not depend on the mode, so a distillation field is checked in a teacher run too.
+    The ranges are :data:`FIELD_RANGES` (the trainer's fields) and those of every registered method's
+    sections (:attr:`alite_jax.methods.Method.field_ranges`). Fields a config does not have (a teacher's
+    model has no attention options) are skipped; the check does not depend on the mode, so a
+    distillation field is checked in a teacher run too.
     """
     problems = []
-    for name, allowed in FIELD_RANGES.items():
+    for name, allowed in all_field_ranges().items():
         *sections, key = name.split(".")
         holder = config
         for section in sections:

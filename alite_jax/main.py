@@ -29,12 +29,12 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alite_jax import distributed, train
-from alite_jax.errors import UserError, user_input
+from alite_jax import distributed, methods, train
+from alite_jax.errors import UserError, exit_on_user_error, exit_with_user_error, user_input
 
-EXIT_USER_ERROR = 2
-# A phase's fields naming another run's directory (or file), relative to the phased run's workdir.
-PHASE_PATHS = ("teacher.workdir", "baseline_workdir", "spvit.pretrained_workdir", "spvit.architecture")
+# The trainer's fields naming another run's directory, relative to a phased run's workdir (a method adds
+# its own: Method.path_fields).
+PHASE_PATHS = ("baseline_workdir",)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=False)
@@ -62,12 +62,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
     num_devices = distributed.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
-        for field in PHASE_PATHS:
-            section, _, key = field.rpartition(".")
-            holder = phase[section] if section else phase
-            if holder.get(key) and not os.path.isabs(holder[key]):
-                holder[key] = os.path.join(workdir, holder[key])
         with user_input(f"phase {name}"):
+            for field in PHASE_PATHS + methods.class_fields(methods.method_class(phase.mode), "path_fields"):
+                section, _, key = field.rpartition(".")
+                holder = phase[section] if section else phase
+                if holder.get(key) and not os.path.isabs(holder[key]):
+                    holder[key] = os.path.join(workdir, holder[key])
             train.check_fields(phase, num_devices)
     result: dict[str, Any] = {}
     for name in config.phase_order:
@@ -80,11 +80,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
         if "preempted_at_step" in result:
             return dict(result, phase=name)
     return result
-
-
-def _exit_with_user_error(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
 
 
 def _innermost_user_error(error: BaseException | None) -> UserError | None:
@@ -110,13 +105,13 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
                              f"Pass --helpshort or --helpfull to see help on flags.\n")
             sys.exit(1)
-        _exit_with_user_error(f"--config: {user_error}")
+        exit_with_user_error(f"--config: {user_error}")
     config = _CONFIG.value
     if config is not None and not isinstance(config, ml_collections.ConfigDict):
         try:  # config_flags keeps a file it could not load as an object that raises when used
             config.to_dict()
         except OSError as e:
-            _exit_with_user_error(f"--config: {e.__cause__ or e}")
+            exit_with_user_error(f"--config: {e.__cause__ or e}")
     return rest
 
 
@@ -129,10 +124,8 @@ def main(argv: list[str]) -> None:
                              "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
-    try:
+    with exit_on_user_error():
         result = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
-    except UserError as e:  # the user's to fix: one line, no traceback
-        _exit_with_user_error(str(e))
     seconds = time.perf_counter() - start
     if "preempted_at_step" in result:
         again = " without --fresh" if _FRESH.value else ""

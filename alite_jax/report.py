@@ -18,14 +18,15 @@ over the epochs: where momentum moved the budget), and ``health.png`` (each laye
 each BatchNorm's largest running variance against epoch, from the ``param_norm`` and ``bn_var`` records
 of :mod:`alite_jax.health`).
 
-SPViT runs (``summary["mode"]`` "spvit_search" or "spvit_finetune") get SPViT's table instead of Table 1
-(ziplab/SPViT README style: top-1, params and GMACs of the found architecture next to the dense DeiT's,
-the MACs reduction), written as ``spvit_table.md``, and besides ``accuracy.png``:
+Which report a run gets is its method's (:attr:`alite_jax.methods.Method.report`, found from
+``summary["mode"]``; an unregistered mode gets Table 1). SPViT's methods ask for SPViT's table instead
+of Table 1 (ziplab/SPViT README style: top-1, params and GMACs of the found architecture next to the
+dense DeiT's, the MACs reduction), written as ``spvit_table.md``, and besides ``accuracy.png``:
 
 * ``spvit_architecture.png`` (:func:`architecture_figure`): per block the kept FFN width as a fraction of
   ``mlp_hidden``, coloured by the attention kept (skip / 1x1 / 3x3 / MSA), from the summary's
   ``arch_attention``, ``arch_ffn`` and ``mlp_hidden``;
-* ``spvit_search.png`` (:func:`search_figure`, search runs whose metrics rows carry ``arch_attention``):
+* ``spvit_search.png`` (:func:`search_figure`, runs whose metrics rows carry ``arch_attention``: searches):
   each block's attention decision per epoch, and the architecture's and the soft (``train_gmacs``) G MACs
   against epoch with the target ``target_gflops`` (G MACs).
 
@@ -37,11 +38,10 @@ naming it. :func:`render` leaves out a figure whose data is absent.
 from __future__ import annotations
 
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from alite_jax import run_dir
-from alite_jax.errors import MissingFileError, UserError
+from alite_jax.errors import MissingFileError, UserError, exit_on_user_error
 from alite_jax.vit_costs import ATTENTION_TYPES
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 COLUMNS = ("student", "dataset", "distill", "pruning", "density", "accuracy (%)", "teacher acc. (%)",
            "dense student acc. (%)", "param. reduction", "FLOPs reduction")
 
-SPVIT_MODES = ("spvit_search", "spvit_finetune")
+REPORTS = ("table1", "spvit")  # what a method's ``report`` may name
 SPVIT_COLUMNS = ("model", "dataset", "top-1 (%)", "dense top-1 (%)", "params (M)", "dense params (M)",
                  "GMACs", "dense GMACs", "MACs reduction", "distillation", "density")
 # One colour per attention decision of an SPViT block (ATTENTION_TYPES order), in both SPViT figures.
@@ -175,13 +175,26 @@ def health_figure(metrics: list[dict[str, Any]], title: str):
     return fig
 
 
+def report_of(summary: Mapping[str, Any]) -> str:
+    """The report the run's method asks for (one of :data:`REPORTS`): its registered class's ``report``,
+    Table 1 for a mode that is not registered here."""
+    from alite_jax.methods import METHODS
+
+    method = METHODS.get(summary.get("mode", ""))
+    kind = method.report if method is not None else "table1"
+    if kind not in REPORTS:
+        raise ReportFieldError(f"the method of mode {summary.get('mode')!r} asks for report {kind!r}, not "
+                               f"one of {REPORTS}")
+    return kind
+
+
 def is_spvit(summary: Mapping[str, Any]) -> bool:
-    """Whether ``summary`` is an SPViT run's (search or fine-tune), reported with SPViT's table."""
-    return summary.get("mode") in SPVIT_MODES
+    """Whether ``summary``'s method reports with SPViT's table (a search or a fine-tune)."""
+    return report_of(summary) == "spvit"
 
 
 def table_file(summary: Mapping[str, Any]) -> str:
-    """The name of the table :func:`render` writes: spvit_table.md for SPViT runs, else table1.md."""
+    """The name of the table :func:`render` writes: spvit_table.md for SPViT's report, else table1.md."""
     return "spvit_table.md" if is_spvit(summary) else "table1.md"
 
 
@@ -209,10 +222,10 @@ def spvit_table_row(summary: Mapping[str, Any]) -> dict[str, str]:
     Top-1 is the final ``test_accuracy``; a search run has no params of its own (the supernet's are not
     the architecture's), so "-" there. MACs reduction = dense GMACs / architecture GMACs.
     """
-    mode = summary.get("mode")
-    if mode not in SPVIT_MODES:
-        raise ReportFieldError(f"summary mode {mode!r} is not an SPViT run (one of {SPVIT_MODES})")
-    search = mode == "spvit_search"
+    if not is_spvit(summary):
+        raise ReportFieldError(f"summary mode {summary.get('mode')!r} is not an SPViT run (its method "
+                               f"reports with another table)")
+    search = summary.get("structure") == "spvit_supernet"  # a search: the supernet, no params of its own
     arch, dense = float(_field(summary, "arch_gmacs")), float(_field(summary, "dense_gmacs"))
     if arch <= 0 or dense <= 0:
         raise ReportFieldError(f"summary has arch_gmacs={arch}, dense_gmacs={dense}: both must be > 0")
@@ -353,7 +366,7 @@ def render(workdir: str) -> str:
     if spvit and all(summary.get(k) for k in ("arch_attention", "arch_ffn", "mlp_hidden")):
         architecture_figure(summary, f"{title}: architecture").savefig(
             os.path.join(workdir, "spvit_architecture.png"), dpi=120)
-    if summary.get("mode") == "spvit_search" and any(m.get("arch_attention") for m in metrics):
+    if spvit and any(m.get("arch_attention") for m in metrics):
         search_figure(metrics, f"{title}: search", summary.get("target_gflops")).savefig(
             os.path.join(workdir, "spvit_search.png"), dpi=120)
     return table
@@ -363,11 +376,8 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    try:
+    with exit_on_user_error():  # a missing or bad file
         print(render(flags.FLAGS.workdir))
-    except UserError as e:  # a missing or bad file: one line, exit status 2 (as alite_jax.main)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     summary = run_dir.read_summary(flags.FLAGS.workdir) or {}
     print(f"plots and {table_file(summary)} written to {flags.FLAGS.workdir}")
 

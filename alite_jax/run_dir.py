@@ -10,13 +10,14 @@ A run directory (``workdir``) holds:
 * ``metrics.jsonl``: one JSON object per finished epoch (:func:`read_metrics`, :func:`append_metrics`).
 * ``tensorboard/``, and at the end ``model/`` (the variables a distillation loads as its teacher,
   :func:`export_model`), ``summary.json`` (:func:`write_summary`), ``table1.md`` and the plots, and the
-  files a method adds (:func:`write_json`): SPViT's runs write ``architecture.json``, the architecture
-  their model has (:data:`ARCHITECTURE`; :func:`run_model` rebuilds it).
+  files a method adds (:func:`write_json`; e.g. SPViT's ``architecture.json``, the architecture its
+  model has).
 
 Rules, so that days of training are never lost to a fault or a slip:
 
 * **One run per directory.** A run started in a directory that holds another run's history (its
-  ``config.json`` differs in any field but those of :data:`MAY_CHANGE`, and it has checkpoints, metrics,
+  ``config.json`` differs in any field but those of :data:`MAY_CHANGE` and the method's, and it has
+  checkpoints, metrics,
   a summary or a model: :func:`history`) is refused before anything is written, naming the fields
   (:func:`check_same_run`).
 * **An unreadable checkpoint is set aside, not trusted and not deleted.** The newest readable
@@ -50,11 +51,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alite_jax.compact.tree import flatten
 from alite_jax.distributed import is_leader, say
 from alite_jax.errors import RunDirError
-from alite_jax.models import VisionTransformer, abstract_variables, model_from_config
-from alite_jax.models.spvit import supernet_of
-from alite_jax.models.spvit_compact import CompactViT, load_architecture
+from alite_jax.models import abstract_variables
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -62,14 +62,13 @@ STATE, DATA = "state", "data"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
 SUMMARY = "summary.json"
-ARCHITECTURE = "architecture.json"  # an SPViT run's architecture (alite_jax.models.spvit_compact)
 
 # Fields that may differ between a run's config.json and the config that resumes it: where files are,
 # how often the run logs, checks its health and keeps checkpoints, and which implementation of the same
-# attention computes. Every other field makes it another run.
+# attention computes; a method adds its own (Method.may_change: e.g. where its teacher run is). Every
+# other field makes it another run.
 MAY_CHANGE = ("log_every_steps", "checkpoint_max_to_keep", "health_factor", "baseline_workdir",
-              "teacher.workdir", "data.data_dir", "data.manual_dir", "data.download", "model.impl",
-              "spvit.pretrained_workdir")
+              "data.data_dir", "data.manual_dir", "data.download", "model.impl")
 FRESH_HINT = ("use another --workdir, or pass --fresh to start over here (the directory is first moved "
               "aside to {aside}, not deleted)")
 
@@ -136,25 +135,16 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classe
         _write_atomically(os.path.join(workdir, CONFIG), text)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(stored: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """The fields, outside :data:`MAY_CHANGE`, whose values differ between a run's stored config and
-    ``config``, as "<field> is <stored> in its config.json, <new> now". Fields only one of them has (a
-    run written by an older version) are not compared."""
-    old = _flatten(stored)
-    new = _flatten(json.loads(json.dumps(config.to_dict())))  # tuples as JSON lists, like the file
+def config_differences(stored: dict[str, Any], config: ml_collections.ConfigDict,
+                       may_change: tuple[str, ...] = ()) -> list[str]:
+    """The fields, outside :data:`MAY_CHANGE` and ``may_change`` (the method's), whose values differ
+    between a run's stored config and ``config``, as "<field> is <stored> in its config.json, <new>
+    now". Fields only one of them has (a run written by an older version) are not compared."""
+    old = flatten(stored, sep=".")
+    new = flatten(json.loads(json.dumps(config.to_dict())), sep=".")  # tuples as JSON lists, like the file
     return [f"{name} is {old[name]!r} in its config.json, {new[name]!r} now"
             for name in sorted(old.keys() & new.keys())
-            if name not in MAY_CHANGE and old[name] != new[name]]
+            if name not in MAY_CHANGE + may_change and old[name] != new[name]]
 
 
 def history(workdir: str) -> list[str]:
@@ -171,15 +161,16 @@ def history(workdir: str) -> list[str]:
     return found + [name for name in (SUMMARY, MODEL) if os.path.exists(os.path.join(workdir, name))]
 
 
-def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_same_run(workdir: str, config: ml_collections.ConfigDict, may_change: tuple[str, ...] = ()) -> None:
     """Raises :class:`RunDirError` when ``workdir`` holds the history of another run than ``config``
-    describes (a config.json without history is simply replaced)."""
+    describes (a config.json without history is simply replaced); ``may_change``: the method's fields
+    that may differ too."""
     if not history(workdir):
         return
     stored = read_run_config(workdir)
     if stored is None:
         return
-    differences = config_differences(stored, config)
+    differences = config_differences(stored, config, may_change)
     if differences:
         raise RunDirError(
             f"{workdir} holds another run: {'; '.join(differences)}. To resume it, run it with its own "
@@ -365,35 +356,16 @@ def is_finished_run(workdir: str) -> bool:
     return all(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG, MODEL))
 
 
-def run_model(config: ml_collections.ConfigDict, workdir: str, dtype: str = "") -> Any:
-    """The model a run's variables belong to: the zoo's model its config names, or for SPViT's runs the
-    supernet of that DeiT's shapes (``mode="spvit_search"``) or the found architecture of
-    ``workdir/architecture.json`` in its fine-tuning (unfolded) form (``mode="spvit_finetune"``)."""
-    model = model_from_config(config.model, config.num_classes, dtype, image_size=config.data.image_size)
-    mode = config.get("mode")
-    if mode == "spvit_search" and isinstance(model, VisionTransformer):
-        return supernet_of(model)
-    if mode == "spvit_finetune":
-        path = os.path.join(workdir, ARCHITECTURE)
-        if not os.path.exists(path):
-            raise RunDirError(f"{workdir} is an SPViT fine-tuning run without {ARCHITECTURE}: run the "
-                              f"fine-tuning again in it to finish it")
-        return CompactViT.from_architecture(load_architecture(path), dtype=model.dtype, folded=False,
-                                            drop_path_rate=config.model.get("drop_path_rate", 0.0))
-    return model
-
-
-def load_model(workdir: str, mesh: jax.sharding.Mesh, dtype: str = "") -> tuple[Any, Any]:
-    """(model, variables) of a finished run (e.g. a distillation's teacher), the variables replicated on
-    ``mesh``. ``dtype`` ("float32" / "bfloat16") overrides the compute dtype the run was trained with."""
-    config = ml_collections.ConfigDict(read_run_config(workdir))
-    model = run_model(config, workdir, dtype)
+def restore_model(workdir: str, model: Any, mesh: jax.sharding.Mesh, image_size: int,
+                  channels: int) -> Any:
+    """The variables of the finished run in ``workdir`` (its ``model/``), for ``model`` (the module they
+    belong to: :func:`alite_jax.methods.run_model` rebuilds it from the run's config), read outside
+    ``jit`` and replicated on ``mesh`` (the run may have been trained on another number of devices)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    # Target shardings for this mesh: the model may have been trained on another number of devices.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            abstract_variables(model, config.data.image_size, config.channels))
+                            abstract_variables(model, image_size, channels))
     with ocp.StandardCheckpointer() as checkpointer:
-        return model, checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
+        return checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
 
 
 def write_json(workdir: str, name: str, data: Any) -> None:

@@ -1,12 +1,10 @@
 """The trainer: one loop for every method, with checkpoints, resume, evaluation and preemption.
 
-``config.mode`` picks the method (:mod:`alite_jax.methods`): ``"teacher"`` and ``"baseline"``
-(cross-entropy), ``"distill"`` (AttentionLite's sparse distillation, Algorithm 1), ``"spvit_search"``
-(SPViT's architecture search of a DeiT supernet) and ``"spvit_finetune"`` (SPViT's fine-tuning of the
-architecture found). The loop knows steps,
-evaluation, checkpoints and preemption; the models, the loss, the optimizer, the end-of-epoch round and
-the summary fields are the method's. Run-directory I/O is :mod:`alite_jax.run_dir`'s; console, jsonl
-and TensorBoard output is :mod:`alite_jax.metric_writers`'.
+``config.mode`` picks the method (:mod:`alite_jax.methods`: its registry lists the modes). The loop knows
+steps, evaluation, checkpoints and preemption, and no mode by name; the models, the loss, the optimizer,
+the end-of-epoch round, the summary fields and the method's config fields are the method's.
+Run-directory I/O is :mod:`alite_jax.run_dir`'s; console, jsonl and TensorBoard output is
+:mod:`alite_jax.metric_writers`'.
 
 The step is ``jax.jit`` over a 1-D device mesh: the batch is sharded over ``"data"``, the state (params,
 BatchNorm statistics, optimizer state with the masks, step, the epoch's running metric sums) is a plain
@@ -36,7 +34,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -44,12 +41,11 @@ from alite_jax import batch_norm_stats, costs, data, health, report, run_dir
 from alite_jax.config import check_ranges
 from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
-from alite_jax.errors import ConfigError, DivergedError, user_input
-from alite_jax.methods import METHODS, Method, State, get_method
+from alite_jax.errors import DivergedError, user_input
+from alite_jax.methods import Method, State, get_method, method_class, registered_may_change
 from alite_jax.metric_writers import MetricWriter, Progress
 from alite_jax.models import STUDENTS, check_model_image_size, count_params, init_model, model_from_config
 
-MODES = tuple(METHODS)
 GATES_STREAM = 1  # folded into the step's key for the method's rng streams (the mixing key is the step's)
 RECOMPUTE_STREAM = 2  # folded into the epoch's key for the rng streams of BatchNorm's recomputation
 
@@ -63,8 +59,7 @@ def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """Raises :class:`ConfigError` for settings that cannot run, reading no file but the data set's
     metadata; returns the number of classes. :func:`check_config` adds the method's inputs (a teacher)."""
     with user_input():
-        if config.mode not in MODES:
-            raise ConfigError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+        method_class(config.mode)  # a registered mode, or an error listing them
         check_ranges(config)
         num_classes = data.num_classes_of(config.data.dataset, config.data.data_dir)
         # unknown model, dtype or options raise here (a ViT: an image size it cannot take too)
@@ -72,8 +67,6 @@ def check_fields(config: ml_collections.ConfigDict, num_devices: int) -> int:
         check_model_image_size(model, config.data.image_size, config.data.image_size)
         data.check_data_config(config.data, num_devices, jax.process_count())
         get_method(config, num_classes).check()
-    if config.mode == "teacher" and config.model.name in STUDENTS:
-        logging.warning("training a self-attention model as a teacher (mode='teacher')")
     return num_classes
 
 
@@ -93,13 +86,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> int:
 
 
 def create_train_state(method: Method, model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       image_size: int, channels: int = 3) -> State:
-    """The trainer's state, a plain tree: params (as the method prepares them, e.g. masked),
-    batch_stats, opt_state, step, and epoch_sums (the running sums of the method's loss terms and the
-    accuracy over the current epoch)."""
+                       image_size: int, channels: int = 3, inputs: Any = None) -> State:
+    """The trainer's state, a plain tree: params (as the method prepares them from ``inputs``, its
+    :meth:`~alite_jax.methods.Method.initial_inputs`: e.g. masked, or pretrained), batch_stats, opt_state,
+    step, and epoch_sums (the running sums of the method's loss terms and the accuracy over the current
+    epoch)."""
     variables = init_model(model, key, image_size, channels)
     opt_state = tx.init(variables["params"])
-    return dict(params=method.prepare_params(variables["params"], opt_state),
+    return dict(params=method.prepare_params(variables["params"], opt_state, inputs),
                 batch_stats=variables["batch_stats"], opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                 epoch_sums={k: jnp.zeros((), jnp.float32) for k in method.loss_terms + ("accuracy",)})
 
@@ -133,7 +127,7 @@ def make_train_step(method: Method, model: nn.Module, teacher: nn.Module | None,
                 {"params": params, "batch_stats": state["batch_stats"]}, images, train=True,
                 mutable=["batch_stats"], **extra)
             teacher_out = None if teacher is None else teacher.apply(teacher_variables, images, train=False)
-            total, terms = method.step_loss(params, logits, features, labels, teacher_out)
+            total, terms = method.loss(params, logits, features, labels, teacher_out)
             # a model without batch statistics (a ViT) returns no "batch_stats" collection
             return total, (terms, logits, updates.get("batch_stats", {}))
 
@@ -309,30 +303,32 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     mesh = make_mesh()
     num_classes = check_config(config, mesh.devices.size)
     if not fresh:
-        run_dir.check_same_run(workdir, config)
+        run_dir.check_same_run(workdir, config, registered_may_change())
     with user_input():  # data sets that cannot be read, splits too small for the batch
         pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.channels
     method = get_method(config, num_classes)
     model, tx = method.student(), method.optimizer(pipe.steps_per_epoch)
     teacher, teacher_variables = method.teacher(mesh) or (None, None)
-    method.read_inputs()
 
-    def init_state(key):
-        return create_train_state(method, model, tx, key, config.data.image_size, channels)
+    def init_state(key, inputs):
+        return create_train_state(method, model, tx, key, config.data.image_size, channels, inputs)
 
     if fresh:
         run_dir.set_aside_run(workdir)
     os.makedirs(workdir, exist_ok=True)
     replicated = NamedSharding(mesh, PartitionSpec())
     manager = run_dir.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
-    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    abstract = jax.eval_shape(init_state, jax.random.key(config.seed), None)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     batches = pipe.train_iterator()
     state = run_dir.restore_checkpoint(manager, abstract, batches)
     if state is None:
         run_dir.check_nothing_to_lose(workdir)
-        state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+        # what the method builds the state from (e.g. pretrained weights), read only for a new state and
+        # passed as an argument: read and placed outside jit, not baked into the program as constants
+        inputs = method.initial_inputs()
+        state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed), inputs)
     epoch = int(state["step"]) // pipe.steps_per_epoch
     history = run_dir.resume_metrics(workdir, epoch, int(state["step"]))
     run_dir.write_run_config(workdir, config, num_classes, channels, (pipe.mean, pipe.std))

@@ -132,11 +132,11 @@ def weight_scales(workdir: str) -> dict[str, float]:
     import jax
     import numpy as np
 
-    from alite_jax import run_dir
+    from alite_jax import methods
     from alite_jax.distributed import make_mesh
     from alite_jax.sparsity.masks import path_name
 
-    _, variables = run_dir.load_model(workdir, make_mesh())
+    _, variables = methods.load_run(workdir, make_mesh())
     return {path_name(p): float(np.max(np.abs(np.asarray(x))))
             for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
             if path_name(p).endswith("kernel")}

@@ -6,7 +6,7 @@ import os
 import pytest
 from tiny_runs import tiny_config
 
-from alite_jax import run_dir
+from alite_jax import methods, run_dir
 from alite_jax.errors import RunDirError
 
 
@@ -18,11 +18,11 @@ def test_only_where_files_are_logging_and_the_attention_impl_may_change_on_resum
     changed.data.data_dir, changed.data.manual_dir, changed.data.download = "/data", "/manual", False
     changed.teacher.workdir, changed.baseline_workdir = "/moved/teacher", "/moved/baseline"
     changed.log_every_steps, changed.checkpoint_max_to_keep, changed.model.impl = 7, 5, "patches"
-    run_dir.check_same_run(workdir, changed)
+    run_dir.check_same_run(workdir, changed, methods.registered_may_change())
     changed.data.image_size = 16
     with pytest.raises(RunDirError, match=r"data\.image_size is 8 in its config\.json, 16 now\. .*--fresh .*"
                                           + tmp_path.name + r"\.previous-1"):
-        run_dir.check_same_run(workdir, changed)
+        run_dir.check_same_run(workdir, changed, methods.registered_may_change())
 
 
 def test_what_counts_as_history(tmp_path):

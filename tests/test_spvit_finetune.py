@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from tiny_runs import load_config
 
-from alite_jax import distill, run_dir, train
+from alite_jax import distill, methods, run_dir, train
+from alite_jax.compact import spvit as compact_spvit
 from alite_jax.distributed import make_mesh
 from alite_jax.errors import ConfigError, MissingFileError
 from alite_jax.methods import METHODS, SPViTFinetune
@@ -72,7 +73,7 @@ def write_arch(tmp_path, config, blocks):
             "depth": len(blocks), "num_heads": config.model.num_heads, "mlp_hidden": 4 * config.model.dim,
             "num_classes": CLASSES, "blocks": blocks}
     path = tmp_path / "architecture.json"
-    spvit_compact.save_architecture(path, arch)
+    compact_spvit.save_architecture(path, arch)
     return path, arch
 
 
@@ -95,7 +96,7 @@ BLOCKS = [{"attention": "3x3", "ffn_units": [0, 5, 17, 100]},
 
 def test_registered():
     assert METHODS["spvit_finetune"] is SPViTFinetune
-    assert "spvit_finetune" in train.MODES
+    assert methods.METHODS["spvit_finetune"] is SPViTFinetune
 
 
 def test_the_found_architecture_starts_from_the_dense_weights(tmp_path):
@@ -108,7 +109,7 @@ def test_the_found_architecture_starts_from_the_dense_weights(tmp_path):
     model = method.student()
     assert isinstance(model, spvit_compact.CompactViT) and not model.folded
     fresh = init_model(model, jax.random.key(0), 8, 1)
-    params = method.prepare_params(fresh["params"], None)
+    params = method.prepare_params(fresh["params"], None, method.initial_inputs())
     d = jax.device_get(dense_vars["params"])
     units = np.asarray(BLOCKS[0]["ffn_units"])
     np.testing.assert_array_equal(params["block0"]["fc1"]["kernel"], d["block0"]["fc1"]["kernel"][:, units])
@@ -121,7 +122,7 @@ def test_the_found_architecture_starts_from_the_dense_weights(tmp_path):
                                   fresh["params"]["block0"]["attn"]["head_probs"])
     # The loop's whole start: the same through the trainer's state (AdamW, no masks at density 1).
     tx = method.optimizer(4)
-    state = train.create_train_state(method, model, tx, jax.random.key(0), 8, 1)
+    state = train.create_train_state(method, model, tx, jax.random.key(0), 8, 1, method.initial_inputs())
     np.testing.assert_array_equal(state["params"]["block1"]["fc1"]["kernel"],
                                   d["block1"]["fc1"]["kernel"][:, np.asarray(BLOCKS[1]["ffn_units"])])
     assert isinstance(dense_model, VisionTransformer)
@@ -177,7 +178,7 @@ def test_miniature_search_extract_finetune_end_to_end(tmp_path):
     for key in ("arch_attention", "arch_ffn", "arch_gmacs", "dense_gmacs"):
         assert search[key] == rows[-1][key]
     assert (search["mode"], search["target_gflops"], search["mlp_hidden"]) == ("spvit_search", 0.25e-3, 128)
-    arch = spvit_compact.load_architecture(workdir / "search" / run_dir.ARCHITECTURE)
+    arch = compact_spvit.load_architecture(workdir / "search" / compact_spvit.ARCHITECTURE)
     assert [b["attention"] for b in arch["blocks"]] == search["arch_attention"]
     assert arch["search"] == {"target_gflops": 0.25e-3, "lambda_": 1e7}
     mesh = make_mesh()
@@ -193,12 +194,12 @@ def test_miniature_search_extract_finetune_end_to_end(tmp_path):
             (workdir / "dense" / "summary.json").read_text())["test_accuracy"]
         assert (workdir / name / "spvit_table.md").exists()
         # The run directory reloads as the fine-tuned (unfolded) model; folded, it computes the same.
-        model, variables = run_dir.load_model(str(workdir / name), mesh)
+        model, variables = methods.load_run(str(workdir / name), mesh)
         assert isinstance(model, spvit_compact.CompactViT)
-        own = spvit_compact.load_architecture(workdir / name / run_dir.ARCHITECTURE)
+        own = compact_spvit.load_architecture(workdir / name / compact_spvit.ARCHITECTURE)
         folded = spvit_compact.CompactViT.from_architecture(own)
         x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-        np.testing.assert_allclose(folded.apply(spvit_compact.fold_variables(variables, own), x)[0],
+        np.testing.assert_allclose(folded.apply(compact_spvit.fold_variables(variables, own), x)[0],
                                    model.apply(variables, x)[0], atol=1e-5, rtol=0)
     sparse = json.loads((workdir / "finetune_kd_sparse" / "summary.json").read_text())
     assert sparse["distill"] == "hard" and sparse["structure"] == "irregular"

@@ -17,7 +17,8 @@ import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
 from alite_jax import data, run_dir, train
-from alite_jax.methods import attentionlite, learning_rate_schedule, needs_teacher
+from alite_jax.methods import learning_rate_schedule, needs_teacher
+from alite_jax.methods import sparse as sparse_method
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
 from alite_jax.models import abstract_variables, init_model, model_from_config
@@ -163,7 +164,7 @@ def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir,
         calls.append(rate)
         return jax.tree.map(jnp.zeros_like, params), state
 
-    monkeypatch.setattr(attentionlite.sparsity, "prune_and_regrow", wipe)
+    monkeypatch.setattr(sparse_method.sparsity, "prune_and_regrow", wipe)
     workdir = str(tmp_path / "wiped")
     train.train_and_evaluate(tiny_config("distill", epochs=2, teacher=teacher_dir, mix=True), workdir)
     rows, expected = epoch_rows(workdir), epoch_rows(reference)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from tiny_runs import assert_same_model, epoch_rows, tiny_config
 
-from alite_jax import health, run_dir, train
+from alite_jax import health, methods, run_dir, train
 from alite_jax.batch_norm_stats import batch_statistics, make_recompute
 from alite_jax.config import base_config
 from alite_jax.distributed import make_mesh
@@ -127,7 +127,7 @@ def test_a_run_with_recomputed_statistics_resumes_exactly(tmp_path, monkeypatch)
     # recomputation trains the same weights, and only the exported statistics differ.
     config.bn_batches = 0
     train.train_and_evaluate(config, str(tmp_path / "running_averages"))
-    (_, recomputed), (_, running) = (run_dir.load_model(d, make_mesh())
+    (_, recomputed), (_, running) = (methods.load_run(d, make_mesh())
                                      for d in (reference, str(tmp_path / "running_averages")))
     for a, b in zip(jax.tree.leaves(recomputed["params"]), jax.tree.leaves(running["params"]), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -155,7 +155,7 @@ def _run_16x16(workdir, mode, **sparsity):
     config.bn_batches = sparsity.pop("bn_batches", base_config().bn_batches)  # tiny runs turn it off
     config.sparsity.update(sparsity)
     train.train_and_evaluate(config, str(workdir))
-    model, variables = run_dir.load_model(str(workdir), make_mesh())
+    model, variables = methods.load_run(str(workdir), make_mesh())
     max_abs = {path_name(p): float(jnp.max(jnp.abs(x)))
                for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
                if path_name(p).endswith("kernel")}

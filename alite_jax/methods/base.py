@@ -1,113 +1,84 @@
 """The seam between the trainer and what it trains: a :class:`Method`.
 
 The loop in :mod:`alite_jax.train` knows steps, evaluation, checkpoints and preemption, and nothing of
-teachers, masks or loss terms. Everything that differs between what it runs is a method's:
+teachers, masks or loss terms. Everything that differs between what it runs is a method's, and nothing
+outside the method names its mode:
 
-* the models it needs: :meth:`Method.student` (trained) and :meth:`Method.teacher` (a frozen model and
-  its variables, or None);
-* the loss and what it reports: :meth:`Method.loss` and :attr:`Method.loss_terms` (a loss that reads the
-  parameters too, e.g. a FLOPs term of gate logits: :meth:`Method.step_loss`);
+* its part of the config: the sections it owns with their defaults (:attr:`Method.sections`, merged into
+  :func:`alite_jax.config.base_config`), their numeric ranges (:attr:`Method.field_ranges`), the fields
+  that name another run or file (:attr:`Method.path_fields`: a phased config takes them relative to its
+  workdir) and those that may change when a run resumes (:attr:`Method.may_change`);
+* the models: :meth:`Method.student` (trained), :meth:`Method.run_model` (the model a finished run's
+  variables belong to, which teacher loading and export rebuild) and :meth:`Method.teacher` (a frozen
+  model and its variables, or None);
+* what the initial state is built from, read outside ``jit``: :meth:`Method.initial_inputs` (e.g. a
+  pretrained run's parameters), handed to :meth:`Method.prepare_params` as an argument of the jitted
+  initialisation (never closed over as a constant);
+* the loss and what it reports: :meth:`Method.loss` (of the parameters too, e.g. a FLOPs term of gate
+  logits) and :attr:`Method.loss_terms`;
 * the random streams the student's training forward draws (sampled gates, drop path):
   :meth:`Method.apply_rngs`;
-* the optimizer (and its parameter groups): :meth:`Method.optimizer`, :meth:`Method.prepare_params`;
+* the optimizer (and its parameter groups): :meth:`Method.optimizer`;
 * what happens at the end of an epoch, after evaluation: :meth:`Method.end_of_epoch` (prune/regrow for
   sparse distillation; nothing for a teacher);
-* what it adds to the run's summary and directory: :meth:`Method.summary_fields`, :meth:`Method.run_files`;
+* what it adds to the run's summary and directory, and the report it wants: :meth:`Method.summary_fields`,
+  :meth:`Method.run_files`, :attr:`Method.report` (a name in :data:`alite_jax.report.REPORTS`);
 * the checks of its own settings and inputs, before anything is written or compiled:
   :meth:`Method.check`, :meth:`Method.check_inputs`.
 
-A method is built from the run's config and the number of classes; the only thing it keeps is the
-teacher model it built, for the summary. The state is the loop's plain tree (params, batch_stats,
-opt_state, step, epoch_sums).
+A method is built from the run's config and the number of classes and keeps nothing else: every hook is
+a function of those and of its arguments. The state is the loop's plain tree (params, batch_stats,
+opt_state, step, epoch_sums). Shared pieces live beside it: :mod:`~alite_jax.methods.optim` (optimizers
+and schedules), :mod:`~alite_jax.methods.teacher` (a teacher run in the step) and
+:mod:`~alite_jax.methods.sparse` (sparse learning).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
 import ml_collections
 import optax
 
+from alite_jax.config import Range
 from alite_jax.distill import distillation_loss
-from alite_jax.errors import ConfigError
+from alite_jax.methods.optim import learning_rate_schedule, optimizer_from_config
 from alite_jax.models import model_from_config
 
 State = dict[str, Any]
 Teacher = tuple[nn.Module, Any]  # (model, variables); None when the method needs none
+TeacherOut = tuple[jax.Array, tuple[jax.Array, ...]]  # a teacher's (logits, features)
 
 
-SCHEDULES = ("step", "cosine")
-
-
-def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """``optimizer.lr``, scaled linearly with the batch when ``optimizer.lr_batch`` is set (Goyal et al.,
-    "Accurate, Large Minibatch SGD": lr 0.1 x batch / 256 for ResNet-50 on ImageNet)."""
-    opt = config.optimizer
-    reference = opt.get("lr_batch", 0)
-    return opt.lr * config.data.batch_size / reference if reference else opt.lr
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """The learning rate per step: ``optimizer.schedule`` "step" (the peak lr, multiplied by decay_factor
-    at each epoch of decay_epochs: paper §4.1) or "cosine" (cosine decay to ``optimizer.min_lr``, 0 by
-    default, at the last epoch; timm's and DeiT's min_lr, not scaled with the batch), after
-    ``optimizer.warmup_epochs`` of linear warm-up from 0 (0: none)."""
-    opt = config.optimizer
-    if opt.get("schedule", "step") not in SCHEDULES:
-        raise ConfigError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
-    peak, warmup = peak_learning_rate(config), int(opt.get("warmup_epochs", 0) * steps_per_epoch)
-    if opt.get("schedule", "step") == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(1, config.num_epochs * steps_per_epoch - warmup),
-                                           alpha=opt.get("min_lr", 0.0) / peak)
-    else:
-        main = optax.piecewise_constant_schedule(
-            peak, {int(e) * steps_per_epoch - warmup: opt.decay_factor for e in opt.decay_epochs})
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def sgd(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with momentum and (coupled, PyTorch-style) weight decay, on the config's schedule."""
-    opt = config.optimizer
-    return optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=opt.momentum,
-                                 nesterov=opt.get("nesterov", False)))
-
-
-def decay_mask(params: Any) -> Any:
-    """Weight decay on parameters of rank >= 2 (kernels, embeddings), none on biases and norms: timm's
-    AdamW convention (``param_groups_weight_decay``), which DeiT and SPViT train with."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
-
-
-def adamw(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay ``optimizer.weight_decay`` on :func:`decay_mask`) on the config's
-    schedule: DeiT's optimizer."""
-    return optax.adamw(learning_rate_schedule(config, steps_per_epoch),
-                       weight_decay=config.optimizer.weight_decay, mask=decay_mask)
-
-
-def optimizer_from_config(config: ml_collections.ConfigDict, steps_per_epoch: int
-                          ) -> optax.GradientTransformation:
-    """``optimizer.name``: "sgd" (the paper's, the default) or "adamw"."""
-    name = config.optimizer.get("name", "sgd")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
-    return (adamw if name == "adamw" else sgd)(config, steps_per_epoch)
+def class_fields(cls: type, name: str) -> Any:
+    """A class attribute merged along the method's MRO (mixins included): dicts updated, tuples joined
+    without repeats, base classes first."""
+    merged: Any = None
+    for klass in reversed(cls.__mro__):
+        value = vars(klass).get(name)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            merged = {**(merged or {}), **value}
+        else:
+            merged = tuple(dict.fromkeys((merged or ()) + tuple(value)))
+    return merged if merged is not None else ()
 
 
 class Method:
     """Supervised training of ``config.model`` with cross-entropy: the teacher and the dense baseline.
 
-    Subclasses override what differs (see the module docstring)."""
+    Subclasses (and mixins) override what differs (see the module docstring). The class attributes below
+    are merged along the MRO by :func:`class_fields`: a mixin adds its own section, ranges and fields."""
 
     loss_terms: tuple[str, ...] = ("ce", "total")
+    sections: ClassVar[dict[str, dict[str, Any]]] = {}  # config sections this class owns: {name: defaults}
+    field_ranges: ClassVar[dict[str, Range]] = {}  # "section.field" -> its allowed values
+    path_fields: ClassVar[tuple[str, ...]] = ()  # fields naming another run's directory or a file
+    may_change: ClassVar[tuple[str, ...]] = ()  # fields that may differ when the run resumes
+    report: ClassVar[str] = "table1"  # the report alite_jax.report writes for a finished run
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         self.config, self.num_classes = config, num_classes
@@ -124,31 +95,39 @@ class Method:
         not match (e.g. a teacher run); called before anything is written or compiled."""
 
     # Models --------------------------------------------------------------------------------------
-    def student(self) -> nn.Module:
-        """The model this method trains."""
-        return model_from_config(self.config.model, self.num_classes, image_size=self.config.data.image_size)
+    def student(self, dtype: str = "") -> nn.Module:
+        """The model this method trains (``dtype``: another compute dtype than ``model.dtype``)."""
+        return model_from_config(self.config.model, self.num_classes, dtype,
+                                 image_size=self.config.data.image_size)
+
+    def run_model(self, workdir: str, dtype: str = "") -> nn.Module:
+        """The model the variables of this method's finished run in ``workdir`` belong to (what a
+        distillation loads as its teacher, and the export): the student, unless the run's directory
+        holds what defines it."""
+        return self.student(dtype)
 
     def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
         """A frozen model and its variables (replicated on ``mesh``) used inside the step, or None."""
         return None
 
-    def read_inputs(self) -> None:
-        """Reads the files the initial state is built from (e.g. pretrained weights), called before the
-        state is built: :meth:`prepare_params` runs traced, where no file can be read."""
+    def initial_inputs(self) -> Any:
+        """What the initial parameters are built from besides the random init, read from files here,
+        outside ``jit`` (e.g. a pretrained run's parameters on the host), or None. The trainer passes it
+        to the jitted initialisation as an argument, and from there to :meth:`prepare_params`."""
+        return None
+
+    def prepare_params(self, params: Any, opt_state: Any, inputs: Any = None) -> Any:
+        """The initial parameters, given the freshly initialised optimizer state (e.g. masked) and
+        :meth:`initial_inputs`; runs traced."""
+        return params
 
     # Loss ----------------------------------------------------------------------------------------
-    def loss(self, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
-             teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(total, {name: term for name in loss_terms}) for one batch; runs inside the jitted step."""
+    def loss(self, params: Any, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
+             teacher_out: TeacherOut | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(total, {name: term for name in loss_terms}) for one batch, what the step differentiates in
+        ``params`` (the student's parameter tree: a method may add terms of the parameters themselves);
+        runs inside the jitted step."""
         return distillation_loss(logits, None, labels, None, None, mode="ce")
-
-    def step_loss(self, params: Any, logits: jax.Array, features: tuple[jax.Array, ...], labels: jax.Array,
-                  teacher_out: tuple[jax.Array, tuple[jax.Array, ...]] | None
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """What the step differentiates: :meth:`loss`, plus terms of the parameters themselves for a method
-        that overrides this (``params`` is the student's parameter tree being differentiated)."""
-        return self.loss(logits, features, labels, teacher_out)
 
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         """The rng streams of the student's training forward (``model.apply(..., rngs=...)``), from a key
@@ -160,10 +139,6 @@ class Method:
     # Optimizer -----------------------------------------------------------------------------------
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
         return optimizer_from_config(self.config, steps_per_epoch)
-
-    def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        """The initial parameters, given the freshly initialised optimizer state (e.g. masked)."""
-        return params
 
     def learning_rate(self, steps_per_epoch: int) -> optax.Schedule:
         """The schedule the metrics report as ``lr``."""

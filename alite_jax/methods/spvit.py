@@ -21,7 +21,7 @@ norms undecayed), and the gate logits (``msa_gate_logits``, ``ffn_gate_logits``)
 with no weight decay. Evaluation thresholds the gates (sigmoid(theta) > 0.5). After every epoch the
 metrics row gets the thresholded architecture (each block's attention type and kept FFN width) and its
 MACs; the summary gets the final one, and the run directory its ``architecture.json``
-(:func:`alite_jax.models.spvit_compact.extract_architecture`, with the search's target and lambda).
+(:func:`alite_jax.compact.spvit.extract_architecture`, with the search's target and lambda).
 
 Fine-tuning
 -----------
@@ -36,7 +36,7 @@ cross-entropy with the data config's soft targets (label smoothing, Mixup/CutMix
 (:func:`alite_jax.distill.hard_distillation_loss`, weight ``spvit.distill_alpha`` = 0.5, no distillation
 token); one AdamW group (:func:`alite_jax.methods.base.adamw`, timm's decay convention). With
 ``sparsity.density < 1`` AttentionLite's sparse learning prunes it on top
-(:func:`alite_jax.methods.attentionlite.sparse_optimizer` around the AdamW, whose first moment is the
+(:func:`alite_jax.methods.sparse.sparse_optimizer` around the AdamW, whose first moment is the
 momentum that regrows weights, and a prune/regrow round after every epoch but the last): both papers'
 compressions in one run.
 """
@@ -44,7 +44,7 @@ compressions in one run.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax
 import flax.linen as nn
@@ -55,12 +55,16 @@ import numpy as np
 import optax
 
 from alite_jax import distill, run_dir, sparsity, vit_costs
+from alite_jax.config import Range
 from alite_jax.distributed import make_mesh
-from alite_jax.errors import ConfigError, MissingFileError
-from alite_jax.methods.attentionlite import (SparseLearning, check_sparsity, check_teacher_run, is_sparse,
-                                             load_teacher)
-from alite_jax.methods.base import Method, State, Teacher, adamw, decay_mask, learning_rate_schedule
+from alite_jax.errors import ConfigError, MissingFileError, RunDirError
+from alite_jax.methods import registry
+from alite_jax.methods.base import Method, State
+from alite_jax.methods.optim import adamw, decay_mask, learning_rate_schedule
+from alite_jax.methods.sparse import SparseLearning
+from alite_jax.methods.teacher import TeacherRun
 from alite_jax.models import VisionTransformer, count_params, model_from_config
+from alite_jax.compact import spvit as compact_spvit
 from alite_jax.models import spvit_compact
 from alite_jax.models.spvit import SupernetViT, supernet_of
 from alite_jax.models.zoo import VITS
@@ -104,12 +108,12 @@ def merge_pretrained(params: Any, dense: Any) -> tuple[Any, list[str]]:
     return flax.traverse_util.unflatten_dict(flat), taken
 
 
-def dense_vit(config: ml_collections.ConfigDict, num_classes: int) -> VisionTransformer:
+def dense_vit(config: ml_collections.ConfigDict, num_classes: int, dtype: str = "") -> VisionTransformer:
     """The dense DeiT ``config.model`` names (the supernet and the found architecture take its shapes)."""
     if config.model.name not in VITS:
         raise ConfigError(f"mode {config.mode!r} works on a DeiT: config.model.name must be one of {VITS}, "
                           f"got {config.model.name!r}")
-    return model_from_config(config.model, num_classes, image_size=config.data.image_size)
+    return model_from_config(config.model, num_classes, dtype, image_size=config.data.image_size)
 
 
 def check_pretrained_run(workdir: str, dense: VisionTransformer) -> None:
@@ -119,7 +123,7 @@ def check_pretrained_run(workdir: str, dense: VisionTransformer) -> None:
                                f"needs config.json and model/): convert a timm checkpoint (python -m "
                                f"alite_jax.convert) or train one, or leave it empty for a random init")
     other = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
-    theirs = run_dir.run_model(other, workdir)
+    theirs = registry.run_model(workdir)
     if not isinstance(theirs, VisionTransformer) or any(getattr(theirs, k) != getattr(dense, k)
                                                         for k in SHAPE_FIELDS):
         raise ConfigError(f"the run at {workdir} is {other.model.name} ({type(theirs).__name__}, mode "
@@ -129,7 +133,7 @@ def check_pretrained_run(workdir: str, dense: VisionTransformer) -> None:
 
 def read_pretrained_params(workdir: str) -> Any:
     """The dense run's parameters, on the host."""
-    _, variables = run_dir.load_model(workdir, make_mesh())
+    _, variables = registry.load_run(workdir, make_mesh())
     return jax.device_get(variables["params"])
 
 
@@ -138,12 +142,12 @@ def read_found_architecture(path: str) -> dict[str, Any]:
     if not path:
         raise ConfigError("mode 'spvit_finetune' needs config.spvit.architecture: the architecture.json a "
                           "search wrote, or its run directory")
-    file = os.path.join(path, run_dir.ARCHITECTURE) if os.path.isdir(path) else path
+    file = os.path.join(path, compact_spvit.ARCHITECTURE) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise MissingFileError(f"no architecture at config.spvit.architecture={path!r} ({file} does not "
                                f"exist): run the search (mode 'spvit_search') to the end first")
     try:
-        return spvit_compact.load_architecture(file)
+        return compact_spvit.load_architecture(file)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{file} is not an SPViT architecture: {e}") from e
 
@@ -157,29 +161,40 @@ def dense_macs_params(dense: VisionTransformer, in_chans: int) -> tuple[int, int
 
 
 class SPViTMethod(Method):
-    """What SPViT's search and fine-tuning share: the dense DeiT ``config.model`` names (whose shapes the
-    supernet and the found architecture take) and its pretrained parameters
-    (``spvit.pretrained_workdir``), read once before setup traces :meth:`prepare_params`."""
+    """What SPViT's search and fine-tuning share: the ``spvit`` config section, the dense DeiT
+    ``config.model`` names (whose shapes the supernet and the found architecture take) and its pretrained
+    parameters (``spvit.pretrained_workdir``), read outside ``jit`` as the initial inputs."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-        super().__init__(config, num_classes)
-        self._dense: Any = None
+    # spvit (docs/spvit_single_path.md). Both modes: the dense DeiT run they start from ("": random
+    # init). Search: the FLOPs loss lambda_ (T - F / 1e9)^2 with T = target_gflops (G MACs, SPViT's
+    # "FLOPs"), the gate logits' own AdamW lr (no weight decay). Fine-tuning: the architecture found (a
+    # search's run directory or its architecture.json), distill "none" or "hard" (DeiT's hard
+    # distillation from teacher.workdir with weight distill_alpha).
+    sections: ClassVar[dict[str, dict[str, Any]]] = {"spvit": dict(
+        pretrained_workdir="", lambda_=20.0, target_gflops=1.0, arch_lr=1e-3, architecture="", distill="none",
+        distill_alpha=0.5)}
+    field_ranges: ClassVar[dict[str, Range]] = {
+        "spvit.lambda_": Range(0, meaning="the weight of SPViT's FLOPs loss"),
+        "spvit.target_gflops": Range(0, low_open=True, meaning="SPViT's FLOPs target T in G MACs"),
+        "spvit.arch_lr": Range(0, low_open=True, meaning="the gate logits' AdamW learning rate"),
+        "spvit.distill_alpha": Range(0, 1, meaning="the weight of the teacher's hard labels in SPViT's "
+                                                   "fine-tuning"),
+    }
+    path_fields: ClassVar[tuple[str, ...]] = ("spvit.pretrained_workdir", "spvit.architecture")
+    may_change: ClassVar[tuple[str, ...]] = ("spvit.pretrained_workdir",)
+    report: ClassVar[str] = "spvit"
 
-    def dense_model(self) -> VisionTransformer:
-        return dense_vit(self.config, self.num_classes)
+    def dense_model(self, dtype: str = "") -> VisionTransformer:
+        return dense_vit(self.config, self.num_classes, dtype)
 
     def check(self) -> None:
         super().check()
         self.dense_model()
 
-    def read_inputs(self) -> None:
-        if self.config.spvit.pretrained_workdir and self._dense is None:
-            self._dense = read_pretrained_params(self.config.spvit.pretrained_workdir)
-
-    def pretrained_params(self) -> Any:
+    def initial_inputs(self) -> Any:
         """The dense run's parameters on the host (None without ``spvit.pretrained_workdir``)."""
-        self.read_inputs()
-        return self._dense
+        workdir = self.config.spvit.pretrained_workdir
+        return read_pretrained_params(workdir) if workdir else None
 
 
 class SPViTSearch(SPViTMethod):
@@ -201,15 +216,15 @@ class SPViTSearch(SPViTMethod):
             check_pretrained_run(self.config.spvit.pretrained_workdir, self.dense_model())
 
     # Models ---------------------------------------------------------------------------------------
-    def student(self) -> SupernetViT:
-        return supernet_of(self.dense_model())
+    def student(self, dtype: str = "") -> SupernetViT:
+        return supernet_of(self.dense_model(dtype))
 
     def apply_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         return {**super().apply_rngs(jax.random.fold_in(key, 1)), "gates": key}
 
-    def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        dense = self.pretrained_params()
-        return params if dense is None else merge_pretrained(params, dense)[0]
+    def prepare_params(self, params: Any, opt_state: Any, inputs: Any = None) -> Any:
+        """The random init, with every weight the pretrained dense DeiT (``inputs``) has."""
+        return params if inputs is None else merge_pretrained(params, inputs)[0]
 
     # Loss -----------------------------------------------------------------------------------------
     def macs(self, params: Any) -> jax.Array:
@@ -220,16 +235,13 @@ class SPViTSearch(SPViTMethod):
         return vit_costs.supernet_macs(msa, ffn, m.image_size, m.patch_size, m.dim, m.num_heads,
                                        self.num_classes, channels)
 
-    def step_loss(self, params, logits, features, labels, teacher_out):
+    def loss(self, params, logits, features, labels, teacher_out):
         s = self.config.spvit
         ce = distill.cross_entropy(logits, labels)
         macs = self.macs(params)
         flops = vit_costs.flops_loss(macs, s.target_gflops, s.lambda_)
         total = ce + flops
         return total, dict(ce=ce, flops_loss=flops, gmacs=jax.lax.stop_gradient(macs) / 1e9, total=total)
-
-    def loss(self, logits, features, labels, teacher_out):
-        raise NotImplementedError("SPViTSearch's loss reads the gate logits: the step calls step_loss")
 
     # Optimizer ------------------------------------------------------------------------------------
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -265,21 +277,22 @@ class SPViTSearch(SPViTMethod):
     def run_files(self, state: State) -> dict[str, Any]:
         """``architecture.json``: the found architecture (what the fine-tuning reads), with the search's
         target and lambda."""
-        arch = spvit_compact.extract_architecture(jax.device_get(state["params"]))
+        arch = compact_spvit.extract_architecture(jax.device_get(state["params"]))
         s = self.config.spvit
         arch["search"] = dict(target_gflops=s.target_gflops, lambda_=s.lambda_)
-        return {run_dir.ARCHITECTURE: arch}
+        return {compact_spvit.ARCHITECTURE: arch}
 
 
-class SPViTFinetune(SparseLearning, SPViTMethod):
+class SPViTFinetune(SparseLearning, TeacherRun, SPViTMethod):
     """SPViT's fine-tuning of a found architecture, optionally distilled and sparse (module docstring)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-        super().__init__(config, num_classes)
-        self.sparse = is_sparse(config)
-        self.hard = config.spvit.get("distill", "none") == "hard"
-        self._arch: dict[str, Any] | None = None
-        self.teacher_model = None
+    @property
+    def hard(self) -> bool:
+        """DeiT's hard distillation from ``teacher.workdir`` (``spvit.distill="hard"``)."""
+        return self.config.spvit.get("distill", "none") == "hard"
+
+    def uses_teacher(self) -> bool:
+        return self.hard
 
     @property
     def loss_terms(self) -> tuple[str, ...]:
@@ -293,13 +306,12 @@ class SPViTFinetune(SparseLearning, SPViTMethod):
             raise ConfigError(f"config.spvit.distill must be one of {DISTILL_MODES}, got {s.distill!r}")
         if not s.get("architecture", ""):
             read_found_architecture("")
-        check_sparsity(self.config)
+        self.check_teacher()
+        self.check_sparsity()
 
     def architecture(self) -> dict[str, Any]:
-        """The found architecture (read once)."""
-        if self._arch is None:
-            self._arch = read_found_architecture(self.config.spvit.architecture)
-        return self._arch
+        """The found architecture (``spvit.architecture``)."""
+        return read_found_architecture(self.config.spvit.architecture)
 
     def check_inputs(self) -> None:
         """The architecture (of this DeiT's shapes and classes), the pretrained run, the teacher run."""
@@ -314,32 +326,36 @@ class SPViTFinetune(SparseLearning, SPViTMethod):
                               f"fine-tune with the model and data config the search ran with")
         if self.config.spvit.pretrained_workdir:
             check_pretrained_run(self.config.spvit.pretrained_workdir, dense)
-        if self.hard:
-            check_teacher_run(self.config, self.num_classes)
+        self.check_teacher_inputs()
 
     # Models ---------------------------------------------------------------------------------------
-    def student(self) -> nn.Module:
-        dense = self.dense_model()
+    def compact_vit(self, arch: dict[str, Any], dtype: str = "") -> nn.Module:
+        """The found architecture ``arch`` in its fine-tuning (unfolded) form, at the DeiT's dtype."""
         return spvit_compact.CompactViT.from_architecture(
-            self.architecture(), dtype=dense.dtype, folded=False,
+            arch, dtype=self.dense_model(dtype).dtype, folded=False,
             drop_path_rate=self.config.model.get("drop_path_rate", 0.0))
 
-    def teacher(self, mesh: jax.sharding.Mesh) -> Teacher | None:
-        if not self.hard:
-            return None
-        model, variables = load_teacher(self.config, mesh)
-        self.teacher_model = model
-        return model, variables
+    def student(self, dtype: str = "") -> nn.Module:
+        return self.compact_vit(self.architecture(), dtype)
 
-    def prepare_params(self, params: Any, opt_state: Any) -> Any:
-        dense = self.pretrained_params()
-        if dense is not None:
-            variables, _ = spvit_compact.compact_from_dense(dense, self.architecture(), {"params": params})
+    def run_model(self, workdir: str, dtype: str = "") -> nn.Module:
+        """The architecture of the run's own ``architecture.json`` (the one it was fine-tuned with)."""
+        path = os.path.join(workdir, compact_spvit.ARCHITECTURE)
+        if not os.path.exists(path):
+            raise RunDirError(f"{workdir} is an SPViT fine-tuning run without {compact_spvit.ARCHITECTURE}: "
+                              f"run the fine-tuning again in it to finish it")
+        return self.compact_vit(compact_spvit.load_architecture(path), dtype)
+
+    def prepare_params(self, params: Any, opt_state: Any, inputs: Any = None) -> Any:
+        """The found architecture's weights taken from the pretrained dense DeiT (``inputs``), under the
+        initial masks when sparse (not rescaled: the weights are pretrained)."""
+        if inputs is not None:
+            variables, _ = compact_spvit.compact_from_dense(inputs, self.architecture(), {"params": params})
             params = variables["params"]
         return sparsity.apply_masks(params, sparsity.get_masks(opt_state)) if self.sparse else params
 
     # Loss and optimizer ---------------------------------------------------------------------------
-    def loss(self, logits, features, labels, teacher_out):
+    def loss(self, params, logits, features, labels, teacher_out):
         if not self.hard:
             ce = distill.cross_entropy(logits, labels)
             return ce, dict(ce=ce, total=ce)
@@ -355,13 +371,10 @@ class SPViTFinetune(SparseLearning, SPViTMethod):
         arch, dense = self.architecture(), self.dense_model()
         blocks, shapes = spvit_compact.arch_blocks(arch), spvit_compact.arch_cost_kwargs(arch)
         dense_macs, dense_params = dense_macs_params(dense, channels)
-        masks = self.masks(state)
         pretrained = self.config.spvit.pretrained_workdir
         search = arch.get("search", {})
         fields = dict(
-            distill=self.config.spvit.get("distill", "none"),
-            structure=self.config.sparsity.structure if self.sparse else "dense",
-            per_layer_density=sparsity.layer_densities(masks) if masks is not None else {},
+            distill=self.config.spvit.get("distill", "none"), **self.sparsity_fields(state),
             arch_attention=[kind for kind, _ in blocks], arch_ffn=[width for _, width in blocks],
             mlp_hidden=arch["mlp_hidden"], arch_gmacs=vit_costs.vit_arch_macs(blocks, **shapes) / 1e9,
             dense_gmacs=dense_macs / 1e9, arch_params=count_params(state["params"]),
@@ -370,11 +383,10 @@ class SPViTFinetune(SparseLearning, SPViTMethod):
             dense_test_accuracy=(run_dir.read_summary(pretrained) or {}).get("test_accuracy") if pretrained
             else None,
             target_gflops=search.get("target_gflops"), lambda_=search.get("lambda_"))
-        if self.teacher_model is not None:
-            fields["teacher_test_accuracy"] = (run_dir.read_summary(self.config.teacher.workdir) or {}).get(
-                "test_accuracy")
+        if self.uses_teacher():
+            fields["teacher_test_accuracy"] = self.teacher_summary().get("test_accuracy")
         return fields
 
     def run_files(self, state: State) -> dict[str, Any]:
-        """``architecture.json``: the run's own copy (what :func:`alite_jax.run_dir.run_model` rebuilds)."""
-        return {run_dir.ARCHITECTURE: self.architecture()}
+        """``architecture.json``: the run's own copy (what :meth:`run_model` rebuilds)."""
+        return {compact_spvit.ARCHITECTURE: self.architecture()}
