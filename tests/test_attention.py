@@ -485,6 +485,7 @@ def _flatten(tree):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name,mode", GRAD_RUNS, ids=[f"{n}-{m}" for n, m in GRAD_RUNS])
+@pytest.mark.slow
 def test_gradients(name, mode, impl):
     if impl == "blocked" and mode == "eager":
         pytest.skip("blocked is for inference: its gradients are checked under jit; op by op they take 12 s")
@@ -512,6 +513,7 @@ def test_gradients(name, mode, impl):
 @pytest.mark.parametrize("impl", TRAINING_IMPLS)
 @pytest.mark.parametrize("c", [VALUE_CASES[1], VALUE_CASES[9]],
                          ids=[VALUE_IDS[1], VALUE_IDS[9]])
+@pytest.mark.slow
 def test_eager_matches_jit(c, impl):
     layer, variables, x = _setup(c, impl)
     y_jit = jitted_apply(layer)(variables, x)
@@ -538,6 +540,7 @@ LOCALITY_CASES = [
 @pytest.mark.parametrize("c", LOCALITY_CASES, ids=[
     "hw{}x{}-h{}-k{}-s{}-{}".format(c[0][0], c[0][1], c[3], c[4], c[5], c[7])
     for c in LOCALITY_CASES])
+@pytest.mark.slow
 def test_gradient_is_local_to_window(c, impl):
     (hw, c_in, c_out, heads, k, stride, scaling, layout, pixels) = c
     layer, variables, x = setup_case(c_in, c_out, heads, k, stride, scaling, layout,
@@ -586,6 +589,7 @@ EQUIV_CASES = [
 @pytest.mark.parametrize("impl", TRAINING_IMPLS)
 @pytest.mark.parametrize("c", EQUIV_CASES, ids=[
     "cin{}-cout{}-h{}-k{}-{}-{}".format(*c) for c in EQUIV_CASES])
+@pytest.mark.slow
 def test_translation_equivariance(c, impl):
     c_in, c_out, heads, k, scaling, layout = c
     hw = (16, 16)
@@ -648,6 +652,7 @@ def test_param_shapes_and_count(c, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_bfloat16_dtypes(impl):
     c = VALUE_CASES[8]  # stride 2
     layer, variables, x = _setup(c, impl, dtype_name="bfloat16")
@@ -772,6 +777,7 @@ GRAD_NAMES = ("q", "k", "v", "rel_rows", "rel_cols")
 
 @pytest.mark.parametrize("hw", FUSED_MAPS, ids=[f"{h}x{w}" for h, w in FUSED_MAPS])
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.slow
 def test_fused_kernels_match_the_dense_reference(family, hw):
     args, ct, kw = _fused_case(hw)
     ref_out, ref_lse, biggest, ref_grads = _dense_reference_grads(args, ct, kw)
@@ -788,6 +794,7 @@ def test_fused_kernels_match_the_dense_reference(family, hw):
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.slow
 def test_fused_kernels_bfloat16(family):
     # bfloat16 in and out, float32 inside: against the float64 reference on the same bf16-rounded inputs,
     # the error is the final rounding of each output and gradient to bfloat16 (2^-9 of its own size)

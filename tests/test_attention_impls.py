@@ -77,6 +77,7 @@ def test_default_chunk():
 
 @pytest.mark.parametrize("block", [None, (1, 1), (2, 3), (3, 2), (7, 5)])
 @pytest.mark.parametrize("hw,k", [((5, 7), 3), ((6, 5), 9), ((12, 10), 5)])
+@pytest.mark.slow
 def test_halo_blocks_match_patches(block, hw, k):
     args = _inputs(2, *hw, 2, 4, k)
     kw = dict(kernel_size=k, qk_scale=0.3, qr_scale=0.7)
@@ -85,6 +86,7 @@ def test_halo_blocks_match_patches(block, hw, k):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 6])
+@pytest.mark.slow
 def test_halo_chunks_match_patches(chunk):
     args = _inputs(6, 9, 8, 2, 4, 5, seed=3)
     kw = dict(kernel_size=5, qk_scale=0.5, qr_scale=0.5)
@@ -101,6 +103,7 @@ def test_halo_rejects_chunk_not_dividing_batch():
 @pytest.mark.parametrize("impl,block,chunk,hw,k", [  # chunks of one image: the symbolic-batch test below
     ("blocked", None, None, (6, 5), 3), ("blocked", (2, 3), 2, (12, 10), 5),
     ("blocked_unchunked", (3, 2), None, (9, 7), 7)])
+@pytest.mark.slow
 def test_blocked_matches_patches(impl, block, chunk, hw, k):
     # eager and jit values, and gradients: "blocked" is for inference, but JAX differentiates it
     args = _inputs(4, *hw, 2, 3, k, seed=5)
@@ -128,6 +131,7 @@ def test_blocked_chunks_the_batch_on_the_cpu_only():
     assert "while" not in unchunked.lower(*args[:3]).as_text()
 
 
+@pytest.mark.slow
 def test_blocked_takes_a_symbolic_batch():
     args = _inputs(3, 9, 8, 2, 4, 5, seed=2)
     kw = dict(kernel_size=5, qk_scale=0.4, qr_scale=0.6)
@@ -162,6 +166,7 @@ def test_auto_dispatches_per_backend():
 
 
 @pytest.mark.parametrize("shape,block", [((2, 6, 5, 2, 4, 5), None), ((1, 16, 16, 8, 8, 7), (4, 8))])
+@pytest.mark.slow
 def test_pallas_matches_patches(shape, block):
     # The kernel runs in Pallas' interpret mode here; on GPU/TPU it compiles. Under jit, and eagerly.
     args = _inputs(*shape)
@@ -171,6 +176,7 @@ def test_pallas_matches_patches(shape, block):
     np.testing.assert_allclose(fn(*args), jax.jit(fn)(*args), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pallas_layer_bfloat16():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 16)), jnp.float32)
     layer = LocalSelfAttention(16, num_heads=2, kernel_size=3, impl="pallas", dtype=jnp.bfloat16)
@@ -182,6 +188,7 @@ def test_pallas_layer_bfloat16():
     assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))) < 0.03 * float(jnp.max(jnp.abs(y_ref)))
 
 
+@pytest.mark.slow
 def test_self_normalising_backward_matches_halo():
     # The pallas impl's backward renormalises its own recomputed logits (o and lse None); on the same
     # inputs it must give the halo backward's gradients, which use the forward's o and lse.
@@ -212,6 +219,7 @@ def test_self_normalising_backward_matches_halo():
     ("gpu", dict(block_tokens=64, num_warps=2), (1, 9, 11, 1, 6, 7)),  # d = 6 padded to 8
     ("tpu", dict(head_group=2), (1, 7, 9, 4, 6, 3)),         # two programs of 2 heads; d = 6 padded to 8
 ])
+@pytest.mark.slow
 def test_fused_tilings_match_patches(platform, options, shape):
     args = _inputs(*shape, seed=7)
     kw = dict(kernel_size=shape[-1], qk_scale=0.35, qr_scale=0.5)

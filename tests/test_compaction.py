@@ -78,6 +78,7 @@ STUDENTS = [
 
 
 @pytest.mark.parametrize("name,size,options", STUDENTS, ids=["hybrid", "homogeneous", "imagenet"])
+@pytest.mark.slow
 def test_compact_equals_masked_students(name, size, options):
     model, variables = student(name, size, **options)
     compact, params = compact_student(model, variables)
@@ -109,6 +110,7 @@ def hard_prune(params, seed=3):
     return jax.tree.map(jnp.asarray, params)
 
 
+@pytest.mark.slow
 def test_whole_channels_vanish():
     model, variables = student("sa_resnet26", 16, variant="hybrid", stages=ONE_BLOCK)
     variables = {"params": hard_prune(variables["params"]), "batch_stats": variables["batch_stats"]}
@@ -133,6 +135,7 @@ def test_teacher_conv_spatial_and_taps():
         check_equal(model, variables, x, compact, params, eager=False)
 
 
+@pytest.mark.slow
 def test_conv_apply_against_lax_conv():
     """The k x k compact conv against lax.conv on the dense kernel with the pruned rows zeroed."""
     rng = np.random.default_rng(0)
@@ -152,6 +155,7 @@ def test_conv_apply_against_lax_conv():
         conv_apply(p, x, 3, 2, 1, "im2col")
 
 
+@pytest.mark.slow
 def test_real_digits_and_compact_run(tmp_path):
     """Real images (the embedded 8x8 digits) through a 1-channel student, compacted from a run directory
     as the trainer leaves it (config.json, model/, summary.json)."""
@@ -175,6 +179,7 @@ def test_real_digits_and_compact_run(tmp_path):
     check_equal(model, variables, images, compact, params, eager=False)
 
 
+@pytest.mark.slow
 def test_artifact_round_trip_size_and_export(tmp_path):
     model, variables = student("sa_resnet26", 16, variant="hybrid", stages=ONE_BLOCK)
     compact, params = compact_student(model, variables)
@@ -201,6 +206,7 @@ def test_refuses_other_models():
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5])
+@pytest.mark.slow
 def test_sparse_store_round_trip(tmp_path, density):
     model = create_model("sa_resnet26", 10, width=0.25).clone(stage_sizes=ONE_BLOCK)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -222,6 +228,7 @@ def test_sparse_store_round_trip(tmp_path, density):
         load_sparse(str(tmp_path / "plain.npz"))
 
 
+@pytest.mark.slow
 def test_densify_is_decode_in_jax():
     # Sizes that are not multiples of 8 (the bitmask's padding), an all-zero kernel, a fully dense one,
     # negative zeros (stored as zeros, restored as +0.0), eager and under jit.

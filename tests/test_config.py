@@ -151,6 +151,7 @@ def test_cli_prints_one_line_for_a_user_error(config, flag, message, tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_cli_keeps_the_traceback_of_a_bug(tmp_path):
     """An error that is not the user's (a bug; here one is planted) is not hidden behind one line."""
     config_path = write_config(tmp_path / "config.py", "baseline", epochs=1)

@@ -58,6 +58,7 @@ max_differences = functools.partial(torch_compare.max_differences, feature="laye
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_imagenet_layout_matches_torchvision_resnet50(reference, imagenet_model):
     torch_model, state_dict = reference
     variables = convert.torchvision_to_variables(state_dict, imagenet_model)
@@ -67,6 +68,7 @@ def test_imagenet_layout_matches_torchvision_resnet50(reference, imagenet_model)
     assert np.abs(logits).max() > 1.0  # not a vacuous comparison of near-zero outputs
 
 
+@pytest.mark.slow
 def test_cifar_layout_matches_the_torchvision_like_cifar_variant():
     torch_model = randomize(ResNet50(10, cifar_stem=True), seed=1, image_size=32)
     model = convert.create_resnet("resnet50", 10, "cifar")
@@ -117,6 +119,7 @@ def test_batchnorm_conventions_are_pytorchs():
 
 
 @pytest.mark.parametrize("form", ["plain", "model", "state_dict", "data_parallel", "safetensors"])
+@pytest.mark.slow
 def test_files_round_trip(reference, imagenet_model, tmp_path, form):
     torch_model, state_dict = reference
     tensors = torch_model.state_dict()
@@ -229,6 +232,7 @@ def safetensors_file(reference, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetensors_file, tmp_path):
     torch_model, _ = reference
     path = safetensors_file
@@ -270,6 +274,7 @@ def test_teacher_run_loads_and_is_accepted_by_a_distillation(reference, safetens
         convert.write_teacher_run(str(trained), model, variables, checkpoint=path)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_test_accuracy_or_says_the_data_is_missing(reference, safetensors_file, monkeypatch,
                                                                   tmp_path):
     """--evaluate on a fake ImageNet prepared by TFDS (JPEGs in the real tar layout): the accuracy written

@@ -35,6 +35,7 @@ def tiny_reference():
     return torch_model, numpy_state_dict(torch_model), create_model("deit_tiny", 1000, depth=2)
 
 
+@pytest.mark.slow
 def test_deit_tiny_shape_matches_timm(tiny_reference):
     torch_model, state_dict, model = tiny_reference
     variables = convert.timm_to_variables(state_dict, model)
@@ -44,6 +45,7 @@ def test_deit_tiny_shape_matches_timm(tiny_reference):
     assert np.abs(logits).max() > 1.0  # not a vacuous comparison of near-zero outputs
 
 
+@pytest.mark.slow
 def test_miniature_matches_timm():
     torch_model = randomize(deit(ARCH, img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
                                  num_classes=10), seed=1)
@@ -106,6 +108,7 @@ def test_mismatches_are_refused_with_the_first_mismatching_name(tiny_reference):
         convert.create_vit("vit_huge")
 
 
+@pytest.mark.slow
 def test_teacher_run(tiny_reference, tmp_path):
     torch_model, state_dict, model = tiny_reference
     path = str(tmp_path / "deit.safetensors")

@@ -18,6 +18,7 @@ from alite_jax.models import (MODEL_NAMES, STUDENTS, VITS, abstract_variables, c
 from alite_jax.models.spvit import supernet_of
 
 
+@pytest.mark.slow
 def test_reference_macs_and_reductions():
     teacher = count_costs(create_model("resnet50", 10), 32)
     assert teacher["macs"] == 1_297_829_888 and teacher["params"] == 23_520_842  # 1.298 G
@@ -38,6 +39,7 @@ def test_reference_macs_and_reductions():
         4 * 1_297_829_888, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_imagenet_layout_counts_against_published_ones():
     """torchvision's ResNet-50 at 224x224 (4.09 G multiply-adds, the usual "4.1 GFLOPs") and SASA's Table 1
     for the conv-stem SA-ResNet-26/38/50 at 224 (4.5 / 5.7 / 7.0 B FLOPs, 10.3M / 14.1M / 18.0M params)."""
@@ -105,6 +107,7 @@ def test_masked_counts_on_hand_made_masks():
     assert sparse["flops_sparse"] == 2 * sparse["macs_sparse"]
 
 
+@pytest.mark.slow
 def test_dense_count_agrees_with_xla_cost_analysis():
     """XLA's count of the compiled forward pass, for the teacher.
 
@@ -150,6 +153,7 @@ def _small(name: str) -> tuple[list[str], object]:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.slow
 def test_cli_counts_every_zoo_model(capsys, name):
     options, model = _small(name)
     out = _cli(capsys, f"--model={name}", "--num_classes=10", "--image_size=32", *options)
@@ -162,6 +166,7 @@ def test_cli_counts_every_zoo_model(capsys, name):
         assert "spvit_macs" not in out
 
 
+@pytest.mark.slow
 def test_cli_counts_spvit_supernet_and_found_architectures(capsys, tmp_path):
     # The supernet computes every branch of its attention slot: the dense DeiT's count plus two conv slots
     # per block, (N - 1)(9 D hd + hd D) and (N - 1)(D hd + hd D).
@@ -216,6 +221,7 @@ def test_options_a_model_does_not_take_are_errors(capsys):
         costs.model_options("resnet18")
 
 
+@pytest.mark.slow
 def test_cli_table_and_reductions(capsys):
     argv = ["--model=sa_resnet26", "--num_classes=10", "--image_size=32", "--density=0.1",
             "--teacher=resnet50"]
@@ -230,6 +236,7 @@ def test_cli_table_and_reductions(capsys):
     assert "stem_attention" in table and "parameter reduction" in table and "convention" in table
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_as_a_module():
     """One real subprocess: DeiT-Ti as timm counts it (5,717,416 parameters) and SPViT's 1.251 G MACs."""
     run = run_cli("alite_jax.costs", "--model=deit_tiny", "--num_classes=1000", "--image_size=224", "--json")

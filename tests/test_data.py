@@ -260,6 +260,7 @@ def test_fake_imagenet_through_the_deit_and_imagenet_recipes(tmp_path):
         assert sum(int(np.asarray(b["mask"]).sum()) for b in ev) == pipe.num_eval_examples
 
 
+@pytest.mark.slow
 def test_sharded_over_eight_devices():
     script = textwrap.dedent("""
         import jax

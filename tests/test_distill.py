@@ -305,6 +305,7 @@ def test_defaults_are_eq2_with_the_papers_constants():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_matches_numpy_reference(mode):
     inputs = random_inputs()
     total, terms = distillation_loss(*as_jax(*inputs), mode=mode)
@@ -319,6 +320,7 @@ def test_matches_numpy_reference(mode):
 
 @pytest.mark.parametrize("temperature,p,alpha,beta",
                          [(1.0, 2.0, 0.3, 2.0), (2.5, 1.0, 0.9, 50.0), (4.0, 3.0, 0.0, 1e4)])
+@pytest.mark.slow
 def test_matches_numpy_reference_other_settings(temperature, p, alpha, beta):
     inputs = random_inputs(seed=1, batch=3, classes=7)
     kw = dict(alpha=alpha, beta=beta, temperature=temperature, p=p)

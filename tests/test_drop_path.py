@@ -41,6 +41,7 @@ def test_linspace_rates_and_validation():
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_eval_is_unaffected_and_train_drops_samples_at_the_linspace_rates(name):
     model = MODELS[name]
     batch = 256
@@ -76,6 +77,7 @@ def test_eval_is_unaffected_and_train_drops_samples_at_the_linspace_rates(name):
             assert not np.array_equal(masks[0], masks[1])  # two independent draws
 
 
+@pytest.mark.slow
 def test_a_kept_branch_is_scaled_by_exactly_one_over_keep():
     """One block (timm's Block with drop_path=r) against a hand computation from its own sublayers."""
     rate, d = 0.3, 8
@@ -113,6 +115,7 @@ def test_a_kept_branch_is_scaled_by_exactly_one_over_keep():
     assert np.all(z == z[:, :1])  # one draw per sample
 
 
+@pytest.mark.slow
 def test_missing_dropout_rng_is_a_clear_error():
     model = MODELS["vit"]
     variables = init(model)

@@ -117,6 +117,7 @@ def relative_difference(out, ref):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inference_function_folds_the_pipelines_normalisation(runs, images):
     fn, variables, meta, logits = reference(runs["resnet"], images)
     mean, std = np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"])
@@ -135,6 +136,7 @@ def test_inference_function_folds_the_pipelines_normalisation(runs, images):
     assert std.tolist() == pytest.approx([0.229, 0.224, 0.225])
 
 
+@pytest.mark.slow
 def test_a_compactor_replaces_the_model(runs, images):
     calls = []
 
@@ -180,6 +182,7 @@ PLAIN_JAX = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_in_plain_jax_without_alite_jax(runs, images, tmp_path):
     # The homogeneous student (attention stem) is exported by the CLI's test. "irregular": an irregularly
     # pruned student (d = 0.1), whose weights the export stores as non-zeros in a second program.
@@ -403,6 +406,7 @@ def spvit_finetune_run(workdir):
 
 
 @pytest.mark.parametrize("kind", ["column", "spvit"])
+@pytest.mark.slow
 def test_auto_exports_the_compact_model_computing_the_same(tmp_path, column_run, images, kind):
     from alite_jax.export import compactors
 

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # fresh interpreters, a few seconds each: not in the fast tier
+
 HEAVY = textwrap.dedent("""
     import sys
     def heavy():

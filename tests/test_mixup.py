@@ -52,6 +52,7 @@ def test_smooth_one_hot():
     np.testing.assert_array_equal(smooth_one_hot(jnp.array([1]), 3, 0.0), [[0, 1, 0]])
 
 
+@pytest.mark.slow
 def test_targets_are_distributions_within_off_and_on():
     x, y = _batch()
     off, on = 0.1 / K, 1 - 0.1 + 0.1 / K
@@ -61,6 +62,7 @@ def test_targets_are_distributions_within_off_and_on():
         assert float(t.min()) >= off - 1e-7 and float(t.max()) <= on + 1e-6
 
 
+@pytest.mark.slow
 def test_mixup_lam_is_beta_and_images_are_the_convex_combination():
     p = _params(4000, cutmix_alpha=0.0)
     lam = np.asarray(p.lam)
@@ -130,6 +132,7 @@ def test_no_mixing_when_prob_is_zero():
         mix_batch(jax.random.key(0), x, y, K, mixup_alpha=0.0, cutmix_alpha=0.0)
 
 
+@pytest.mark.slow
 def test_eager_equals_jit_and_dtype_is_kept():
     x, y = _batch()
     for seed, kw in ((0, {}), (3, {"mixup_alpha": 0.0}), (1, {"cutmix_alpha": 0.0})):  # both, CutMix, Mixup
@@ -144,6 +147,7 @@ def test_eager_equals_jit_and_dtype_is_kept():
     assert mixed_u.dtype == jnp.uint8
 
 
+@pytest.mark.slow
 def test_gradient_flows_through_mixing():
     x, y = _batch()
 

@@ -43,6 +43,7 @@ def _make(name, variant, num_classes, **kw):
 
 
 @pytest.mark.parametrize("key", list(EXPECTED_PARAMS), ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.slow
 def test_parameter_counts(key):
     for num_classes, expected in EXPECTED_PARAMS[key].items():
         variables = abstract_variables(_make(*key, num_classes))
@@ -73,6 +74,7 @@ def test_imagenet_layout_stage_shapes_at_224():
                                             (2, 7, 7, 2048)], name
 
 
+@pytest.mark.slow
 def test_imagenet_stem_matches_lax_reference():
     """Stem conv 7x7/2 (padding 3) + BN (running statistics) + ReLU + max-pool 3x3/2 (padding 1, -inf),
     written out with lax, against the model's input to its first block (the run stops there)."""
@@ -115,6 +117,7 @@ def test_imagenet_stem_matches_lax_reference():
 
 
 @pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.slow
 def test_student_features_match_teacher(size):
     images = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
 
@@ -215,6 +218,7 @@ def test_batchnorm_train_and_eval_modes():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_width_multiplier_and_grayscale_input():
     model = create_model("sa_resnet38", 100, width=0.5, variant="homogeneous")
     variables = abstract_variables(model, 32, channels=1)  # shapes only: the forward runs elsewhere
@@ -262,6 +266,7 @@ def test_bad_options_fail_before_tracing(kwargs, match):
         create_model(name, 10, **kwargs)
 
 
+@pytest.mark.slow
 def test_summary_lists_every_model():
     text = summary(10, 32)
     for count in ("23,520,842", "8,306,442", "12,154,442", "8,305,738"):

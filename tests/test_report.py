@@ -36,6 +36,7 @@ def test_render_writes_table_and_plots(run_dir):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_cli_and_missing_run(run_dir, tmp_path_factory):
     result = run_cli("alite_jax.report", f"--workdir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -108,6 +108,7 @@ def test_render_search_run(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_render_finetune_skips_absent_figures_and_cli(tmp_path):
     summary = {k: v for k, v in _summary("spvit_finetune").items() if k != "arch_ffn"}
     run = _write(tmp_path, summary, [dict(epoch=0, test_accuracy=0.6)])

@@ -83,6 +83,7 @@ def _read(records, index, queue):
     queue.put((record["image"].tobytes(), record["image"].shape, record["label"]))
 
 
+@pytest.mark.slow
 def test_records_pickle_small_and_read_in_a_spawned_process(imagenet):
     _, _, train = imagenet
     raw = pickle.dumps(train.records)

@@ -43,6 +43,7 @@ def min_unit(masks, structure):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_allocate_proportional_and_exact():
     g = allocate(jnp.array([0.5, 0.3, 0.2]), jnp.array([100, 100, 100]), jnp.array([1, 1, 1]),
                  jnp.int32(10))
@@ -73,6 +74,7 @@ def test_allocate_columns_fall_short_by_less_than_a_unit():
 
 @pytest.mark.parametrize("structure", sparsity.STRUCTURES)
 @pytest.mark.parametrize("distribution", sparsity.DISTRIBUTIONS)
+@pytest.mark.slow
 def test_init_meets_budget(structure, distribution):
     params = small_params()
     state = sparsity.sparse_learning(sgd(), density=0.3, structure=structure,
@@ -92,6 +94,7 @@ def test_init_meets_budget(structure, distribution):
         assert masks[name]["kernel"].shape == params[name]["kernel"].shape
 
 
+@pytest.mark.slow
 def test_column_masks_are_constant_along_cout():
     params = small_params()
     tx = sparsity.sparse_learning(sgd(), density=0.4, structure="column")
@@ -140,6 +143,7 @@ def test_bad_arguments_fail_clearly():
         tx.update(small_params(), state)
 
 
+@pytest.mark.slow
 def test_custom_is_prunable_tree():
     params = small_params()
     flags = jax.tree.map(lambda _: False, params)
@@ -227,6 +231,7 @@ def _layers(a, b, shape=(2, 4)):  # two (2, 4) kernels from flat lists
             "b": {"kernel": jnp.asarray(b, jnp.float32).reshape(shape)}}
 
 
+@pytest.mark.slow
 def test_prune_and_regrow_hand_computed():
     weights = _layers([1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0])
     masks = jax.tree.map(lambda w: w != 0, weights)
@@ -297,6 +302,7 @@ def test_prune_rate_zero_changes_nothing(structure):
 
 @pytest.mark.parametrize("structure", sparsity.STRUCTURES)
 @pytest.mark.parametrize("distribution", sparsity.DISTRIBUTIONS)
+@pytest.mark.slow
 def test_budget_holds_over_many_rounds_and_compiles_once(structure, distribution):
     params = small_params()
     tx = sparsity.sparse_learning(sgd(), density=0.25, structure=structure, distribution=distribution)
@@ -349,6 +355,7 @@ def test_layer_with_more_momentum_gets_more_regrowth():
     assert after["conv/kernel"] < before["conv/kernel"] and after["head/kernel"] < before["head/kernel"]
 
 
+@pytest.mark.slow
 def test_floor_holds_a_starved_layer_and_regrows_it_to_its_floor():
     # a: 16 weights, 8 active, no momentum; b: 16 weights, 8 active, all the momentum. min_layer_fraction
     # 0.5 gives a floor of ceil(0.5 * 8) = 4 units. Rate 0.75 prunes 6 of a's 8 (2 kept) and 6 of b's 8:
@@ -372,6 +379,7 @@ def test_floor_holds_a_starved_layer_and_regrows_it_to_its_floor():
 
 
 @pytest.mark.parametrize("structure", sparsity.STRUCTURES)
+@pytest.mark.slow
 def test_budget_exact_and_floors_hold_over_hundreds_of_rounds_with_skewed_momentum(structure):
     """300 rounds; one layer's momentum is 100x smaller than the others', so momentum redistribution
     starves it round after round: the floor, not luck, must hold it, and the budget never moves."""
@@ -420,6 +428,7 @@ def test_budget_exact_and_floors_hold_over_hundreds_of_rounds_with_skewed_moment
 
 @pytest.mark.parametrize("inner", ["sgd", "adamw"])
 @pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.slow
 def test_regrown_weights_restart_with_zero_momentum(inner, reset):
     params = small_params()
     opt = sgd() if inner == "sgd" else optax.adamw(1e-2, weight_decay=1e-2)
@@ -471,6 +480,7 @@ def test_no_redistribution_keeps_every_layers_count():
                                                          jax.tree.leaves(masks)))  # masks did move
 
 
+@pytest.mark.slow
 def test_eager_equals_jit():
     params = small_params()
     tx = sparsity.sparse_learning(sgd(), density=0.3, structure="irregular", distribution="erk")
@@ -550,6 +560,7 @@ def test_sa_resnet26_parameters():
     assert count_nonzero_masked(sparsity.get_masks(state))[0] == state.budget
 
 
+@pytest.mark.slow
 def test_mlp_trains_sparse_to_known_accuracy():
     """A 3-layer MLP on 4 Gaussian classes in 16-D at 20% density, prune/regrow after every epoch."""
     r = np.random.default_rng(0)
@@ -632,6 +643,7 @@ def test_state_checkpoints_with_orbax(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_channel_starts_with_a_weight_and_the_budget_stays_exact():
     # At d = 0.1 a (3, 3, 1, 16) stem would get round(14.4) = 14 weights for 16 channels: it is raised to
     # 16 and the 2 come from the largest layer. Without keep_channels the draw leaves channels empty.
@@ -654,6 +666,7 @@ def test_every_channel_starts_with_a_weight_and_the_budget_stays_exact():
         sparsity.layer_units(params, 0.01)
 
 
+@pytest.mark.slow
 def test_a_channels_last_weight_is_never_pruned():
     # Two channels: channel 0 holds 1 and 2, channel 1 holds 5 alone. Rate 1 prunes ceil(3) = 3 by
     # magnitude under the paper's rule, emptying both channels; with keep_channels each channel's

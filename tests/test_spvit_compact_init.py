@@ -135,6 +135,7 @@ def test_unfolded_head_probs_init_is_the_supernets():
 
 
 @pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.slow
 def test_unfolded_compact_model_equals_the_supernet_in_eval(images, jit):
     arch = make_arch()
     variables = forced_gates(random_like(SUPERNET, seed=1), arch)
@@ -148,6 +149,7 @@ def test_unfolded_compact_model_equals_the_supernet_in_eval(images, jit):
     assert float(jnp.abs(ref[0]).max()) > 0.1  # not a trivially small output
 
 
+@pytest.mark.slow
 def test_unfolded_compact_model_matches_the_supernet_in_training(images):
     """train=True: the branch's BatchNorm on batch statistics, the same logits and running-mean update."""
     arch = make_arch(("1x1", "3x3", "msa"))
@@ -165,6 +167,7 @@ def test_unfolded_compact_model_matches_the_supernet_in_training(images):
 
 
 @pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.slow
 def test_fold_variables_gives_the_same_logits(images, jit):
     """Random unfolded variables (non-uniform head mixing, random BN statistics) -> folded: same logits."""
     arch = make_arch()
@@ -213,6 +216,7 @@ def test_all_msa_all_units_is_the_dense_vit(images):
     np.testing.assert_allclose(apply_fn(model)(variables, images)[0], want, **TOL)
 
 
+@pytest.mark.slow
 def test_dropped_units_are_the_dense_vit_with_fc1_columns_zeroed_and_a_new_head_stays_fresh(images):
     arch = make_arch(("msa",) * 3, keep=0.5, num_classes=7)
     dvars = random_like(dense_model(depth=3), seed=6)

@@ -84,6 +84,7 @@ def compact_of(variables):
 
 @pytest.mark.parametrize("scenario, jit", [(s, True) for s in sorted(SCENARIOS)]
                          + [("forced2", False)])
+@pytest.mark.slow
 def test_compact_model_equals_the_supernet_in_eval(setup, scenario, jit):
     x, variables = setup
     variables = with_gates(variables, **SCENARIOS[scenario])
@@ -106,6 +107,7 @@ def test_compact_model_equals_the_supernet_in_eval(setup, scenario, jit):
         np.testing.assert_allclose(f, r, rtol=0, atol=1e-4 * float(jnp.abs(r).max()))
 
 
+@pytest.mark.slow
 def test_compact_model_in_training_mode_matches_the_supernet(setup):
     """train=True: the BatchNorm of the found branch uses batch statistics in both, with the same result."""
     x, variables = setup

@@ -99,6 +99,7 @@ def test_registered():
     assert methods.METHODS["spvit_finetune"] is SPViTFinetune
 
 
+@pytest.mark.slow
 def test_the_found_architecture_starts_from_the_dense_weights(tmp_path):
     config = finetune_config(tmp_path, "")
     arch_path, arch = write_arch(tmp_path, config, BLOCKS)

@@ -139,6 +139,7 @@ def branch_reference(x, variables, size, train=False, conv=lax_conv):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.slow
 def test_msa_setting_is_multi_head_attention(attention_setup, jit):
     layer, x, variables = attention_setup
     out = apply_eval(layer, variables, x, spvit.MSA_SETTINGS["msa"], jit)
@@ -281,6 +282,7 @@ def test_slow_down_rule():
     np.testing.assert_array_equal(spvit.msa_indicators(jnp.array([1.0, 0.0, 1.0])), [1.0, 0.0, 0.0])
 
 
+@pytest.mark.slow
 def test_every_gate_logit_and_head_probs_get_gradients_in_training():
     block = spvit.SupernetBlock(num_heads=HEADS)
     x = jax.random.normal(jax.random.key(6), (B, N, D))
@@ -343,6 +345,7 @@ def test_block_with_every_gate_on_is_the_dense_block():
     np.testing.assert_allclose(block.apply(variables, x), out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_supernet_vit_shapes_names_and_training_step():
     model = spvit.SupernetViT(num_classes=5, image_size=16, patch_size=4, dim=D, depth=2, num_heads=HEADS)
     images = jax.random.normal(jax.random.key(16), (B, 16, 16, 3))
@@ -360,6 +363,7 @@ def test_supernet_vit_shapes_names_and_training_step():
     assert len(gate_paths) == 4  # msa_gate_logits and ffn_gate_logits in each block
 
 
+@pytest.mark.slow
 def test_dense_vit_params_drop_into_the_supernet():
     vit = pytest.importorskip("alite_jax.models.vit")  # the dense model (a parallel change)
     kwargs = dict(num_classes=5, image_size=16, patch_size=4, dim=D, depth=2, num_heads=HEADS)

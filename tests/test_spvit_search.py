@@ -37,6 +37,7 @@ def test_registered():
     assert METHODS["spvit_search"] is SPViTSearch
 
 
+@pytest.mark.slow
 def test_optimizer_groups_on_a_handcrafted_tree():
     """Gate logits: their own lr, no weight decay; weights: the lr and weight decay (kernels only)."""
     lr, wd, arch_lr = 0.01, 0.5, 0.2
@@ -79,6 +80,7 @@ def search():
     return method, step, lambda: init(jax.random.key(config.seed)), batch
 
 
+@pytest.mark.slow
 def test_the_flops_term_pushes_the_macs_down_to_the_target(search):
     method, step, init, batch = search
     state = init()
@@ -91,6 +93,7 @@ def test_the_flops_term_pushes_the_macs_down_to_the_target(search):
     assert float(metrics["gmacs"]) == pytest.approx(after, rel=1e-5)  # the loss's F is the thresholded arch
 
 
+@pytest.mark.slow
 def test_same_seed_same_params_and_the_gates_rng_changes_with_the_step(search):
     _, step, init, batch = search
     runs = []
@@ -133,6 +136,7 @@ def dense_run(tmp_path, config, **changes):
     return workdir, variables["params"]
 
 
+@pytest.mark.slow
 def test_pretrained_dense_weights_start_the_supernet(tmp_path):
     config = tiny()
     config.spvit.pretrained_workdir, dense = dense_run(tmp_path, config)
@@ -153,6 +157,7 @@ def test_pretrained_dense_weights_start_the_supernet(tmp_path):
     np.testing.assert_array_equal(params["block0"]["ffn_gate_logits"], fresh["block0"]["ffn_gate_logits"])
 
 
+@pytest.mark.slow
 def test_a_pretrained_run_of_other_shapes_or_none_is_refused(tmp_path):
     config = tiny()
     config.spvit.pretrained_workdir, _ = dense_run(tmp_path, config, dim=16)

@@ -55,6 +55,7 @@ def test_health_records_and_checks_by_hand():
     assert health.nonfinite(grown) == "bn (running var)"
 
 
+@pytest.mark.slow
 def test_recomputed_statistics_are_the_batches_own():
     model = create_model("sa_resnet26", 10, width=0.25)
     variables = init_model(model, jax.random.key(0), 8, 1)
@@ -77,6 +78,7 @@ def test_recomputed_statistics_are_the_batches_own():
                                atol=1e-7)
 
 
+@pytest.mark.slow
 def test_recomputed_statistics_draw_the_methods_random_streams():
     """A model whose train mode draws random numbers (here dropout before a BatchNorm, as SPViT's sampled
     gates) gets them from ``rngs`` of the key folded with the batch's index, and refuses to run

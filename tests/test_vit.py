@@ -37,6 +37,7 @@ def test_deit_parameter_counts_are_the_published_ones(name, expected):
     assert "block12" not in params and params["head"]["kernel"].shape == (dim, 1000)
 
 
+@pytest.mark.slow
 def test_miniature_forward_shapes_and_features():
     model = create_model("deit_tiny", 10, **MINI)
     assert isinstance(model, VisionTransformer) and model.num_heads == 4
@@ -56,6 +57,7 @@ def test_miniature_forward_shapes_and_features():
     np.testing.assert_allclose(model.apply(variables, x[1:2])[0], logits[1:2], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
     model = create_model("deit_tiny", 10, dtype="bfloat16", **MINI)
     variables = init_model(model, jax.random.key(0), 32)
@@ -94,6 +96,7 @@ def test_model_from_config_takes_the_image_size_and_leaves_resnets_alone():
     assert resnet.layout == "cifar"
 
 
+@pytest.mark.slow
 def test_miniature_trains_one_step_through_the_trainer():
     config = config_lib.teacher_config("cifar10")
     config.model = dict(name="deit_tiny", dtype="float32", **{k: v for k, v in MINI.items()

@@ -68,6 +68,7 @@ def _random_gates(key, depth=12, hidden=768):
     return jax.random.normal(k1, (depth, 3)) * 2, jax.random.normal(k2, (depth, hidden)) * 2
 
 
+@pytest.mark.slow
 def test_supernet_forward_equals_the_thresholded_architecture():
     for seed in range(4):
         msa, ffn = _random_gates(jax.random.PRNGKey(seed))
@@ -106,6 +107,7 @@ def _macs_of_values(values, ffn_values, dim=192, heads=3, hw=196):
                  + 2 * hw * dim * np.sum(ffn_values))
 
 
+@pytest.mark.slow
 def test_gradients_match_finite_differences_of_the_soft_part():
     """d macs / d theta_j: with the other gates at their (hard) forward values, gate j's value moves as
     hard_j + soft_j(theta) - soft_j(theta_0); central differences of that, in float64."""
@@ -136,6 +138,7 @@ def test_gradients_match_finite_differences_of_the_soft_part():
         assert float(g_ffn[b, j]) > 0
 
 
+@pytest.mark.slow
 def test_flops_loss():
     assert float(flops_loss(1.25e9, 1.0, 20.0)) == pytest.approx(20 * 0.25 ** 2)
     msa, ffn = _random_gates(jax.random.PRNGKey(1))
@@ -180,6 +183,7 @@ def _tiny_vit(img, p, d, depth, heads, hidden, classes, linear):
     return cost["flops"] / 2
 
 
+@pytest.mark.slow
 def test_dense_count_agrees_with_xla_cost_analysis():
     """DeiT-Ti's shape. XLA's "flops" / 2 of the matmuls-only forward equals our matmul terms exactly once
     SPViT's two conventions are undone (its 2 d N norm MACs dropped; the FFN on all N tokens rather than
