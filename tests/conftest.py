@@ -32,12 +32,13 @@ if "jax" in sys.modules:  # imported before this file (by a plugin): set what th
 # The files that take longest (minutes of compiling and end-to-end runs on 2 cores), longest first.
 # pytest-xdist's --dist loadfile hands out whole files in collection order; started last (they sort late
 # by name), the longest would run alone at the end while the other worker idles.
-# Measured with -n 0 on a loaded 2-core machine: test_multihost 930 s (its two processes wait on
-# each other, so it suffers most when the cores are shared), test_train 545 s, test_notebook 330 s,
-# test_spvit_search 134-260 s; test_training_health about 200 s.
-LONGEST_FIRST = ("test_multihost.py", "test_training_health.py", "test_train.py", "test_notebook.py",
-                 "test_spvit_search.py", "test_mixed_precision.py", "test_models.py", "test_sparsity.py",
-                 "test_attention.py", "test_attention_impls.py")
+# Measured with --durations on the whole suite (-n 2, 2 cores), seconds of a worker: test_train 428,
+# test_training_health 369, test_multihost 280, test_attention 233, test_notebook about 135, test_sparsity
+# 140, test_export 130, test_models 127, test_attention_impls 112, test_compaction 109.
+LONGEST_FIRST = ("test_train.py", "test_training_health.py", "test_multihost.py", "test_attention.py",
+                 "test_notebook.py", "test_sparsity.py", "test_export.py", "test_models.py",
+                 "test_attention_impls.py", "test_compaction.py", "test_method_plugin.py",
+                 "test_mixed_precision.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
