@@ -33,12 +33,20 @@ def teacher_dir(tmp_path_factory):
     return workdir
 
 
+def student_config(teacher_dir):
+    """The config of :func:`student_run` (the resume tests run it again)."""
+    return tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True, bn_batches=2)
+
+
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory, teacher_dir):
     """An uninterrupted sparse-distillation run, in a subprocess like the interrupted ones, with
-    Mixup/CutMix in the step (so every resume test also checks that the mixing resumes exactly)."""
+    Mixup/CutMix in the step and BatchNorm's statistics recomputed before each evaluation (so every
+    resume test also checks that the mixing and the recomputation resume exactly: the recomputation reads
+    its batches apart from the training iterator, and the statistics it leaves are in the checkpoint)."""
     base = tmp_path_factory.mktemp("student")
-    config_path = write_config(base / "config.py", "distill", epochs=3, teacher=teacher_dir, mix=True)
+    config_path = write_config(base / "config.py", "distill", epochs=3, teacher=teacher_dir, mix=True,
+                               bn_batches=2)
     workdir = str(base / "run")
     run_main(config_path, workdir)
     return config_path, workdir
@@ -141,7 +149,7 @@ def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(teacher_dir,
     evaluation and metrics row come before the checkpoint, so resuming at step 8 skips none of them."""
     _, reference = student_run
     workdir = str(tmp_path / "stopped_at_epoch_end")
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True)
+    config = student_config(teacher_dir)
     monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 8)
     assert train.train_and_evaluate(config, workdir) == {"preempted_at_step": 8}
     rows = epoch_rows(workdir)
@@ -166,9 +174,9 @@ def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir,
 
     monkeypatch.setattr(sparse_method.sparsity, "prune_and_regrow", wipe)
     workdir = str(tmp_path / "wiped")
-    train.train_and_evaluate(tiny_config("distill", epochs=2, teacher=teacher_dir, mix=True), workdir)
+    train.train_and_evaluate(student_config(teacher_dir), workdir)
     rows, expected = epoch_rows(workdir), epoch_rows(reference)
-    assert calls == [pytest.approx(0.1)]
+    assert calls == [pytest.approx(0.1), pytest.approx(0.05)]
     for key in ("test_accuracy", "test_loss", "train_total", "prune_rate"):
         assert rows[0][key] == expected[0][key], key
     assert rows[1]["test_loss"] != expected[1]["test_loss"]
@@ -193,15 +201,20 @@ def snapshot(workdir):
     return files
 
 
-def test_unreadable_checkpoints_are_set_aside_and_replaced(teacher_dir, student_run, tmp_path, capsys):
-    """Step 12 left empty (a kill in the first moments of a save; before, that made every checkpoint
-    unreadable: the run restarted from scratch, emptied metrics.jsonl and crashed saving) and step 8 full
-    of garbage (a disk fault; before, it was skipped but never replaced, so every later run warned and
-    retrained). Now each is reported and set aside as <step>.corrupt-1 (kept, not deleted), step 4
-    restores, steps 8 and 12 are saved again, and the run ends as an uninterrupted one."""
+def test_unreadable_checkpoints_and_a_partial_metrics_line_are_set_aside(teacher_dir, student_run, tmp_path,
+                                                                         capsys):
+    """Step 12 left empty (a kill in the first moments of a save) and step 8 full of garbage (a disk
+    fault): each is reported and set aside as <step>.corrupt-1 (kept, not deleted), step 4 restores, steps
+    8 and 12 are saved again. The last metrics line cut in half (a kill while writing it): reported and
+    dropped, not a JSONDecodeError. The run ends as an uninterrupted one."""
     _, reference = student_run
     workdir = str(tmp_path / "run")
     unfinished_copy(reference, workdir)
+    path = os.path.join(workdir, "metrics.jsonl")
+    text = open(path).read()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    with open(path, "w") as f:
+        f.write(text[:len(text) - len(last) // 2 - 1])
     checkpoints = os.path.join(workdir, "checkpoints")
     shutil.rmtree(os.path.join(checkpoints, "12"))
     os.mkdir(os.path.join(checkpoints, "12"))
@@ -210,8 +223,9 @@ def test_unreadable_checkpoints_are_set_aside_and_replaced(teacher_dir, student_
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     damaged = {step: snapshot(os.path.join(checkpoints, step)) for step in ("8", "12")}
-    train.train_and_evaluate(tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True), workdir)
+    train.train_and_evaluate(student_config(teacher_dir), workdir)
     out = capsys.readouterr().out
+    assert f"{path}: its last line is incomplete" in out, out
     for step in (12, 8):
         assert f"checkpoint at step {step} in {checkpoints} is unreadable" in out, out
         assert f"set aside as {step}.corrupt-1" in out, out
@@ -236,12 +250,12 @@ def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(tea
     workdir = str(tmp_path / "finished")
     shutil.copytree(reference, workdir)
     before = snapshot(workdir)
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True)
+    config = student_config(teacher_dir)
     config.model.variant = "homogeneous"
     with pytest.raises(RunDirError, match=r"holds another run: model\.variant is 'hybrid' in its "
                                           r"config\.json, 'homogeneous' now\..*another --workdir.*--fresh"):
         train.train_and_evaluate(config, workdir)
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True)
+    config = student_config(teacher_dir)
     config.optimizer.momentum, config.num_epochs = 0.8, 5
     with pytest.raises(RunDirError,
                        match=r"num_epochs is 3 .*, 5 now; optimizer\.momentum is 0\.9 .*, 0\.8 now"):
@@ -260,34 +274,15 @@ def test_history_is_not_started_over_unless_asked(teacher_dir, student_run, tmp_
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     before = snapshot(workdir)
-    config = tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True)
+    config = student_config(teacher_dir)
     with pytest.raises(RunDirError, match=r"none of its checkpoints \(steps 12, 8, 4\) can be read.*--fresh"):
         train.train_and_evaluate(config, workdir)
     assert snapshot(workdir) == before
-    config = tiny_config("distill", epochs=1, teacher=teacher_dir, mix=True)  # fresh: any config: shorter
+    config.seed = 1  # fresh takes any config: here another run (another seed), compiled as the reference
     train.train_and_evaluate(config, workdir, fresh=True)
     assert snapshot(str(tmp_path / "run.previous-1")) == before
-    assert [r["epoch"] for r in epoch_rows(workdir)] == [0]
-    assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 1
-
-
-def test_partial_last_metrics_line_does_not_block_resume(teacher_dir, student_run, tmp_path, capsys):
-    """Killed while writing epoch 2's metrics line (so before its checkpoint): the half line is reported and
-    dropped, and the run resumes at step 8 and ends as an uninterrupted one (before: a JSONDecodeError)."""
-    _, reference = student_run
-    workdir = str(tmp_path / "run")
-    unfinished_copy(reference, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
-    path = os.path.join(workdir, "metrics.jsonl")
-    text = open(path).read()
-    last = text.rstrip("\n").rsplit("\n", 1)[1]
-    with open(path, "w") as f:
-        f.write(text[:len(text) - len(last) // 2 - 1])
-    train.train_and_evaluate(tiny_config("distill", epochs=3, teacher=teacher_dir, mix=True), workdir)
-    out = capsys.readouterr().out
-    assert f"{path}: its last line is incomplete" in out and f"resuming {workdir} at step 8 " in out, out
-    assert_same_model(reference, workdir)
-    assert epoch_rows(workdir) == epoch_rows(reference)
+    assert [r["epoch"] for r in epoch_rows(workdir)] == [0, 1, 2]
+    assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 1
 
 
 def test_one_and_eight_devices_agree(tmp_path):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_runs import assert_same_model, epoch_rows, tiny_config
+from tiny_runs import tiny_config
 
 from alite_jax import health, methods, run_dir, train
 from alite_jax.batch_norm_stats import batch_statistics, make_recompute
@@ -110,27 +110,20 @@ def test_recomputed_statistics_draw_the_methods_random_streams():
 
 
 @pytest.mark.slow
-def test_a_run_with_recomputed_statistics_resumes_exactly(tmp_path, monkeypatch):
-    """Preempted mid-epoch and resumed, a sparse run that recomputes BatchNorm's statistics before each
-    evaluation ends with the uninterrupted run's variables and metrics: the recomputation reads its
-    batches apart from the training iterator, and the statistics it leaves are in the checkpoint."""
+def test_recomputed_statistics_leave_training_untouched(tmp_path):
+    """Train mode normalises with each batch's own statistics, so a run that recomputes BatchNorm's
+    statistics before each evaluation trains the same weights as one that keeps the running averages;
+    only the exported statistics differ. (That such a run resumes exactly is the trainer's resume tests':
+    their runs recompute, tests/test_train.py.)"""
     config = tiny_config("distill", epochs=2)
     config.distill.loss = "ce"
-    config.bn_batches = 2
-    reference, workdir = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")
-    train.train_and_evaluate(config, reference)
-    monkeypatch.setattr(train.Preemption, "should_stop", lambda self, step: step == 6)  # inside epoch 1
-    assert train.train_and_evaluate(config, workdir) == {"preempted_at_step": 6}
-    monkeypatch.undo()
-    train.train_and_evaluate(config, workdir)
-    assert_same_model(reference, workdir)
-    assert epoch_rows(workdir) == epoch_rows(reference)
-    # Training is untouched (train mode normalises with each batch's own statistics): the run without the
-    # recomputation trains the same weights, and only the exported statistics differ.
-    config.bn_batches = 0
-    train.train_and_evaluate(config, str(tmp_path / "running_averages"))
-    (_, recomputed), (_, running) = (methods.load_run(d, make_mesh())
-                                     for d in (reference, str(tmp_path / "running_averages")))
+    runs = {}
+    for bn_batches in (2, 0):
+        config.bn_batches = bn_batches
+        workdir = str(tmp_path / f"bn_batches_{bn_batches}")
+        train.train_and_evaluate(config, workdir)
+        runs[bn_batches] = methods.load_run(workdir, make_mesh())[1]
+    recomputed, running = runs[2], runs[0]
     for a, b in zip(jax.tree.leaves(recomputed["params"]), jax.tree.leaves(running["params"]), strict=True):
         np.testing.assert_array_equal(a, b)
     var = [v["batch_stats"]["stem_bn"]["var"] for v in (recomputed, running)]

@@ -31,8 +31,9 @@ def get_config(arg=None):
     c.sparsity.density = 0.2
     c.log_every_steps = 1
     # BatchNorm statistics recomputed before each evaluation cost a compile per run; the runs that test
-    # it set it (tests/test_training_health.py), the rest keep the running averages.
-    c.bn_batches = 0
+    # it set it (the trainer's resume tests, tests/test_training_health.py), the rest keep the running
+    # averages.
+    c.bn_batches = {bn_batches}
     c.teacher.workdir = {teacher!r}
     if {mix}:  # DeiT's batch mixing in the step: Mixup or CutMix, label smoothing
         c.data.update(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
@@ -52,14 +53,14 @@ def load_config(name, arg=None):
     return module.get_config(arg)
 
 
-def tiny_config(mode, epochs=3, teacher="", mix=False):
+def tiny_config(mode, epochs=3, teacher="", mix=False, bn_batches=0):
     namespace = {}
-    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix), namespace)
+    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches), namespace)
     return namespace["get_config"]()
 
 
-def write_config(path, mode, epochs=3, teacher="", mix=False):
-    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix))
+def write_config(path, mode, epochs=3, teacher="", mix=False, bn_batches=0):
+    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches))
     return str(path)
 
 
