@@ -51,6 +51,7 @@ import numpy as np
 
 from alite_jax import vit_costs
 from alite_jax.compact import spvit as compact_spvit
+from alite_jax.errors import exit_with_user_error
 from alite_jax.models import (LAYOUTS, MODEL_NAMES, STUDENTS, VARIANTS, VITS, LocalSelfAttention,
                               abstract_variables, count_params, create_model, create_vit, spvit,
                               spvit_compact)
@@ -412,11 +413,11 @@ def _flag(option: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``error: <message>``, and exit status 2 (the package's command
-    lines' form for what the user can fix), without the usage."""
+    """argparse whose errors take the package's form for what the user can fix
+    (:func:`alite_jax.errors.exit_with_user_error`: one line, exit status 2), without the usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {' '.join(message.split())}\n")
+        exit_with_user_error(message)
 
 
 def _density(text: str) -> float:

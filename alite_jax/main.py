@@ -49,6 +49,16 @@ _FRESH = flags.DEFINE_bool(
     "cannot be read): its contents are first moved aside to <workdir>.previous-<n>, not deleted.")
 
 
+def resolve_phase_paths(phase: ml_collections.ConfigDict, workdir: str) -> None:
+    """Makes a phase's relative paths (:data:`PHASE_PATHS` and its method's ``path_fields``) relative to
+    the phased run's ``workdir``, in place."""
+    for field in PHASE_PATHS + methods.class_fields(methods.method_class(phase.mode), "path_fields"):
+        section, _, key = field.rpartition(".")
+        holder = phase[section] if section else phase
+        if holder.get(key) and not os.path.isabs(holder[key]):
+            holder[key] = os.path.join(workdir, holder[key])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> dict[str, Any]:
     """Runs a config (or each phase of a phased config) in ``workdir``.
 
@@ -63,11 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
     for name in config.phase_order:
         phase = config.phases[name]
         with user_input(f"phase {name}"):
-            for field in PHASE_PATHS + methods.class_fields(methods.method_class(phase.mode), "path_fields"):
-                section, _, key = field.rpartition(".")
-                holder = phase[section] if section else phase
-                if holder.get(key) and not os.path.isabs(holder[key]):
-                    holder[key] = os.path.join(workdir, holder[key])
+            resolve_phase_paths(phase, workdir)
             train.check_fields(phase, num_devices)
     result: dict[str, Any] = {}
     for name in config.phase_order:

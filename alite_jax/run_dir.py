@@ -16,10 +16,9 @@ A run directory (``workdir``) holds:
 Rules, so that days of training are never lost to a fault or a slip:
 
 * **One run per directory.** A run started in a directory that holds another run's history (its
-  ``config.json`` differs in any field but those of :data:`MAY_CHANGE` and the method's, and it has
-  checkpoints, metrics,
-  a summary or a model: :func:`history`) is refused before anything is written, naming the fields
-  (:func:`check_same_run`).
+  ``config.json`` differs in any field but those of :data:`MAY_CHANGE` and the registered methods'
+  ``may_change``, and it has checkpoints, metrics, a summary or a model: :func:`history`) is refused
+  before anything is written, naming the fields (:func:`check_same_run`).
 * **An unreadable checkpoint is set aside, not trusted and not deleted.** The newest readable
   checkpoint is restored; each newer, unreadable one is reported and renamed ``<step>.corrupt-<n>``, so
   the step is saved again when the run gets there (:func:`restore_checkpoint`).
@@ -137,7 +136,7 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classe
 
 def config_differences(stored: dict[str, Any], config: ml_collections.ConfigDict,
                        may_change: tuple[str, ...] = ()) -> list[str]:
-    """The fields, outside :data:`MAY_CHANGE` and ``may_change`` (the method's), whose values differ
+    """The fields, outside :data:`MAY_CHANGE` and ``may_change`` (the methods'), whose values differ
     between a run's stored config and ``config``, as "<field> is <stored> in its config.json, <new>
     now". Fields only one of them has (a run written by an older version) are not compared."""
     old = flatten(stored, sep=".")
@@ -163,8 +162,8 @@ def history(workdir: str) -> list[str]:
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict, may_change: tuple[str, ...] = ()) -> None:
     """Raises :class:`RunDirError` when ``workdir`` holds the history of another run than ``config``
-    describes (a config.json without history is simply replaced); ``may_change``: the method's fields
-    that may differ too."""
+    describes (a config.json without history is simply replaced); ``may_change``: the methods' fields
+    that may differ too (:func:`alite_jax.methods.registered_may_change`)."""
     if not history(workdir):
         return
     stored = read_run_config(workdir)

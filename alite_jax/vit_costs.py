@@ -263,8 +263,7 @@ def format_arch_table(arch: Sequence[tuple[str, int]], image_size: int | tuple[i
 
 
 if __name__ == "__main__":
-    import sys
+    from alite_jax.errors import exit_with_user_error
 
-    print("error: alite_jax.vit_costs has no command line; count a model with python -m alite_jax.costs, "
-          "e.g. --model=deit_tiny --num_classes=1000 --arch=spvit_deit_tiny", file=sys.stderr)
-    sys.exit(2)
+    exit_with_user_error("alite_jax.vit_costs has no command line; count a model with python -m "
+                         "alite_jax.costs, e.g. --model=deit_tiny --num_classes=1000 --arch=spvit_deit_tiny")

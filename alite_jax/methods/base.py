@@ -77,7 +77,7 @@ class Method:
     sections: ClassVar[dict[str, dict[str, Any]]] = {}  # config sections this class owns: {name: defaults}
     field_ranges: ClassVar[dict[str, Range]] = {}  # "section.field" -> its allowed values
     path_fields: ClassVar[tuple[str, ...]] = ()  # fields naming another run's directory or a file
-    may_change: ClassVar[tuple[str, ...]] = ()  # fields that may differ when the run resumes
+    may_change: ClassVar[tuple[str, ...]] = ()  # fields that may differ on resume (any registered method's)
     report: ClassVar[str] = "table1"  # the report alite_jax.report writes for a finished run
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):

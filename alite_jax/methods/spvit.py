@@ -43,6 +43,7 @@ compressions in one run.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, ClassVar, Mapping
 
@@ -202,14 +203,7 @@ class SPViTSearch(SPViTMethod):
 
     loss_terms = ("ce", "flops_loss", "gmacs", "total")
 
-    # Checks ---------------------------------------------------------------------------------------
-    def check(self) -> None:
-        super().check()
-        s = self.config.spvit
-        if not s.target_gflops > 0 or s.lambda_ < 0 or not s.arch_lr > 0:  # also in config.FIELD_RANGES
-            raise ConfigError(f"config.spvit needs target_gflops > 0, lambda_ >= 0 and arch_lr > 0; got "
-                              f"{s.target_gflops}, {s.lambda_}, {s.arch_lr}")
-
+    # Checks (the spvit fields' ranges are SPViTMethod.field_ranges, which check_ranges applies) ------
     def check_inputs(self) -> None:
         """The pretrained run: there, finished, a DeiT of the same shapes (the head may differ)."""
         if self.config.spvit.pretrained_workdir:
@@ -309,9 +303,14 @@ class SPViTFinetune(SparseLearning, TeacherRun, SPViTMethod):
         self.check_teacher()
         self.check_sparsity()
 
-    def architecture(self) -> dict[str, Any]:
-        """The found architecture (``spvit.architecture``)."""
+    @functools.cached_property
+    def found(self) -> dict[str, Any]:
+        """The found architecture (``spvit.architecture``), read on first use: the checks, the student,
+        the initial parameters (traced) and the summary all use this one reading."""
         return read_found_architecture(self.config.spvit.architecture)
+
+    def architecture(self) -> dict[str, Any]:
+        return self.found
 
     def check_inputs(self) -> None:
         """The architecture (of this DeiT's shapes and classes), the pretrained run, the teacher run."""
