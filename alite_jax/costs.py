@@ -59,7 +59,7 @@ from alite_jax.models.spvit import UnifiedAttention
 from alite_jax.models.spvit_compact import UnfoldedConvAttention
 from alite_jax.models.vit import Attention
 from alite_jax.models.zoo import ATTENTION_DEFAULTS, VIT_CONFIGS, VIT_DEFAULTS
-from alite_jax.sparsity.masks import path_name, prunable_tree
+from alite_jax.sparsity.masks import layer_densities, path_name, prunable_tree
 from alite_jax.vit_costs import RELEASED_ARCHS
 
 CONVENTION = ("MACs counted analytically per image: conv H_out*W_out*kh*kw*C_in*C_out, dense C_in*C_out "
@@ -144,11 +144,6 @@ def layer_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
     return records
 
 
-def _kernel_densities(masks: Any) -> dict[str, float]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)
-    return {path_name(p): float(np.mean(np.asarray(m))) for p, m in flat if m is not None}
-
-
 def count_costs(model: nn.Module, image_size: int | tuple[int, int], channels: int = 3, *,
                 masks: Any = None, density: float | None = None) -> dict[str, Any]:
     """Totals and per-layer costs of ``model``, dense and sparse.
@@ -166,7 +161,7 @@ def count_costs(model: nn.Module, image_size: int | tuple[int, int], channels: i
     prunable = dict(zip([path_name(p) for p, _ in flat], jax.tree.leaves(prunable_tree(params))))
     sizes = {path_name(p): int(np.prod(x.shape)) for p, x in flat}
     if masks is not None:
-        densities = _kernel_densities(masks)
+        densities = layer_densities(masks)
     else:
         d = 1.0 if density is None else float(density)
         densities = {k: d for k, is_p in prunable.items() if is_p}

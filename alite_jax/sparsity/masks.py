@@ -1,8 +1,11 @@
 """Masks: which tensors are prunable, how a global budget is split over layers, and mask helpers.
 
-A mask tree is parallel to the parameter tree: a boolean array of the parameter's shape for every
-prunable leaf, ``None`` for every other leaf (biases, normalisation parameters, relative embeddings).
-Masks are plain arrays, so they jit, shard and checkpoint like the parameters.
+A mask tree is parallel to the parameter tree, a boolean array at every leaf: of the parameter's shape for
+a pruned leaf (True: active), a scalar True for every other leaf (biases, normalisation parameters,
+relative embeddings). A scalar broadcasts, so ``jax.tree.map(lambda p, m: p * m, params, masks)`` or
+``jnp.where(m, g, 0)`` need no special case, and the tree says by itself which leaves are pruned
+(:func:`is_pruned`) at no memory cost. Masks are plain arrays, so they jit, shard and checkpoint like the
+parameters.
 
 Pruning works on *units*: a single weight (``structure="irregular"``) or a column
 (``structure="column"``). A conv kernel (kh, kw, C_in, C_out) has kh*kw*C_in columns and a dense kernel
@@ -20,35 +23,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alite_jax.sparsity.state import Masks, Params, masks_of
+
 STRUCTURES = ("irregular", "column")
 DISTRIBUTIONS = ("uniform", "erk")
 MASK_STREAM = 0x6D61736B  # "mask": the initial masks' random stream, apart from any key(seed) a model uses
 
-Params = Any
-Masks = Any
 IsPrunable = Callable[[tuple, Any], bool]
 
 
-def is_none(x: Any) -> bool:
-    """``is_leaf`` for mask trees: an unprunable leaf's mask is None, which jax.tree would drop."""
-    return x is None
+def is_pruned(mask: Any) -> bool:
+    """Whether a mask leaf belongs to a pruned parameter (an array of its shape; the others are a scalar
+    True)."""
+    return jnp.ndim(mask) > 0
+
+
+def not_pruned() -> jax.Array:
+    """The mask of a leaf that is not pruned: a scalar True."""
+    return jnp.ones((), bool)
+
+
+def named_keys(path: tuple) -> tuple:
+    """A key path without the ``.value`` attribute keys of ``flax.nnx`` variables (``nnx.state`` trees
+    hold each array inside a Variable), so 'l1/kernel/value' reads as 'l1/kernel'."""
+    return tuple(k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
 
 
 def default_is_prunable(path: tuple, leaf: Any) -> bool:
-    """Every conv and dense kernel: leaves named ``kernel`` with at least 2 dimensions.
+    """Every conv and dense kernel: leaves named ``kernel`` with at least 2 dimensions (Linen's and
+    nnx's parameter trees alike).
 
     That covers the convolutions, the attention projections (query/key/value) and the classifier, and
     leaves out biases, BatchNorm scales and biases and the relative position embeddings (sparse
     momentum's code leaves out only biases and BatchNorm; docs/sparse_learning.md).
     """
-    last = path[-1] if path else None
+    keys = named_keys(path)
+    last = keys[-1] if keys else None
     name = getattr(last, "key", getattr(last, "name", None))
     return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
 
 
 def path_name(path: tuple) -> str:
     """'stage1_block1/conv1/kernel' for a key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in named_keys(path))
+    return "/".join(str(n) for n in names)
 
 
 def prunable_tree(params: Params, is_prunable: IsPrunable | Params | None = None) -> Any:
@@ -90,40 +108,42 @@ def scale_to_fan_in(params: Params, masks: Masks) -> Params:
     each channel's expected squared norm; for a channel followed by BatchNorm that multiplies its
     effective learning rate (lr / |w|^2) by 1/d. Channels with no active weight stay zero."""
     def scale(m, p):
-        if m is None:
+        if not is_pruned(m):
             return p
         per_channel = m.reshape(-1, m.shape[-1])
         active = jnp.sum(per_channel, axis=0, dtype=jnp.float32)
         factor = jnp.sqrt(per_channel.shape[0] / jnp.maximum(active, 1.0))
         return jnp.where(m, p * factor.astype(p.dtype), jnp.zeros_like(p))
 
-    return jax.tree.map(scale, masks, params, is_leaf=is_none)
+    return jax.tree.map(scale, masks_of(masks, params), params)
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:
-    """Zeroes the inactive weights of ``params`` (leaves with mask None are returned as they are)."""
-    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-                        masks, params, is_leaf=is_none)
+    """Zeroes the inactive weights of ``params`` (leaves that are not pruned are returned as they are).
+    ``masks`` may also be an optimizer state that contains a sparse-learning state."""
+    return jax.tree.map(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)) if is_pruned(m) else p,
+                        masks_of(masks, params), params)
 
 
 def count_nonzero_masked(masks: Masks) -> tuple[int, int]:
-    """(active, total) weights over the prunable leaves of a mask tree."""
-    leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+    """(active, total) weights over the pruned leaves of a mask tree (or of an optimizer state's)."""
+    leaves = [m for m in jax.tree.leaves(masks_of(masks)) if is_pruned(m)]
     active = sum(int(jnp.sum(m)) for m in leaves)
     total = sum(int(np.prod(m.shape)) for m in leaves)
     return active, total
 
 
 def global_density(masks: Masks) -> float:
-    """Fraction of prunable weights that are active."""
+    """Fraction of prunable weights that are active, from a mask tree or an optimizer state."""
     active, total = count_nonzero_masked(masks)
     return active / max(total, 1)
 
 
 def layer_densities(masks: Masks) -> dict[str, float]:
-    """{'stage1_block1/conv1/kernel': density, ...} for every prunable leaf, in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
-    return {path_name(p): float(jnp.mean(m)) for p, m in flat if m is not None}
+    """{'stage1_block1/conv1/kernel': density, ...} for every pruned leaf, in tree order, from a mask
+    tree or an optimizer state."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks_of(masks))
+    return {path_name(p): float(jnp.mean(m)) for p, m in flat if is_pruned(m)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +232,9 @@ def layer_units(params: Params, density: float, structure: str = "irregular",
     """
     flags = prunable_tree(params, is_prunable)
     shapes = [tuple(x.shape) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(flags)) if f]
+    if any(not s for s in shapes):
+        raise ValueError("is_prunable selects a scalar parameter; a pruned parameter needs at least one "
+                         "dimension (its mask is an array of its shape, a scalar mask means 'not pruned')")
     if not shapes:
         raise ValueError("no parameter is prunable: check is_prunable (the default prunes leaves named "
                          "'kernel' with at least 2 dimensions)")
@@ -273,7 +296,7 @@ def draw_masks(params: Params, counts: tuple[int, ...], structure: str = "irregu
                              f"from layer_units(..., keep_channels=True)")
     drawn = iter(draw_leaf_masks(seed, shapes, tuple(int(c) for c in counts), structure,
                                  bool(keep_channels)))
-    masks = [None] * len(flat)
+    masks = [not_pruned() for _ in flat]
     for i in idx:
         masks[i] = next(drawn)
     return jax.tree.unflatten(treedef, masks)

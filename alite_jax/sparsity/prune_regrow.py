@@ -14,39 +14,57 @@ the prune rate's schedule.
    come back, at value zero, and (``reset_regrown_momentum``) with their momentum set to zero.
 
 docs/sparse_learning.md explains the floor and the momentum reset, which the paper leaves out, and
-shows what happens without them. Ranks come from a full stable argsort compared with traced counts, so
-one compilation serves every prune rate and every mask.
+shows what happens without them. Ranks come from a full stable argsort compared with traced counts, and
+every setting but the structure is an array of the state, so one compilation serves every prune rate,
+mask, density and switch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from alite_jax.sparsity.masks import Masks, Params, is_none, allocate, rank_of, unit_view
-from alite_jax.sparsity.transform import find_momentum, find_state, replace_momentum, replace_state
+from alite_jax.sparsity.masks import allocate, apply_masks, is_pruned, rank_of, unit_view
+from alite_jax.sparsity.state import (Masks, Params, SparseLearningState, find_momentum, find_state, merge,
+                                      replace_momentum, replace_state, restrict)
 
 SCHEDULES = ("linear", "cosine")
 FULL_RATE_STEPS = 20  # steps between rounds below which a round prunes proportionally less
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "budget", "min_units", "redistribution",
-                                             "reset_regrown_momentum", "keep_channels"))
-def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: jax.Array, *,
-                  structure: str, budget: int, min_units: tuple[int, ...], redistribution: str,
-                  reset_regrown_momentum: bool, keep_channels: bool) -> tuple[Params, Masks, Params]:
-    flat_masks, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+def round_masks(params: Params, masks: Masks, momentum: Params, prune_rate: jax.Array, *, structure: str,
+                budget: jax.Array, min_units: jax.Array, redistribute: jax.Array | bool = True,
+                reset_regrown_momentum: jax.Array | bool = True,
+                keep_channels: jax.Array | bool = True) -> tuple[Masks, Masks, Params]:
+    """The round's arithmetic on plain trees (traceable; :func:`prune_and_regrow` and the in-update rounds
+    of :func:`alite_jax.sparsity.sparse_learning` both call it).
+
+    Returns:
+      ``(keep, masks, momentum)``: ``keep`` is True where a weight keeps its value (active before and
+      after; every other weight is zero after the round), ``masks`` the new masks, ``momentum`` the
+      momentum with the regrown weights' zeroed when ``reset_regrown_momentum``. Leaves that are not
+      pruned come back as they are (``keep`` is their scalar True).
+    """
+    flat_masks, treedef = jax.tree.flatten(masks)
     flat_params = treedef.flatten_up_to(params)
     flat_mom = treedef.flatten_up_to(momentum)
-    idx = [i for i, m in enumerate(flat_masks) if m is not None]
+    idx = [i for i, m in enumerate(flat_masks) if is_pruned(m)]
     if not idx:
-        return params, masks, momentum
+        return masks, masks, momentum
+    keep_channels = jnp.asarray(keep_channels, bool)
+    # Kernels sharded over explicit mesh axes (jax.make_mesh's default) are gathered for the round: its
+    # reshapes and sorts need whole kernels. The results go back to the masks' and momentum's shardings.
+    specs = {i: (explicit_spec(flat_masks[i]), explicit_spec(flat_mom[i])) for i in idx}
+    flat_params, flat_masks, flat_mom = list(flat_params), list(flat_masks), list(flat_mom)
+    for i in idx:
+        flat_params[i], flat_masks[i], flat_mom[i] = (gathered(x) for x in (flat_params[i], flat_masks[i],
+                                                                            flat_mom[i]))
 
     # Unit views: (units, weights per unit); a unit's mask is its first weight's (columns are constant).
     w_units = [unit_view(flat_params[i], structure) for i in idx]
@@ -69,11 +87,11 @@ def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: ja
     for j, (m, w, k) in enumerate(zip(m_units, w_units, n_prune)):
         strength = jnp.linalg.norm(w.astype(jnp.float32), axis=1)
         candidates = m
-        if keep_channels and structure == "irregular":
+        if structure == "irregular":
             channels = flat_masks[idx[j]].shape[-1]
             per_channel = jnp.where(m, strength, -1.0).reshape(-1, channels)
             strongest = jnp.arange(per_channel.shape[0])[:, None] == jnp.argmax(per_channel, axis=0)[None, :]
-            candidates = m & ~(strongest.reshape(-1) & m)
+            candidates = jnp.where(keep_channels, m & ~(strongest.reshape(-1) & m), m)
             k = jnp.minimum(k, jnp.sum(candidates, dtype=jnp.int32))
         kept.append(m & ~(candidates & (rank_of(jnp.where(candidates, strength, jnp.inf)) < k)))
 
@@ -81,35 +99,82 @@ def _prune_regrow(params: Params, masks: Masks, momentum: Params, prune_rate: ja
     # held), then the rest in proportion to importance, capped by free units. Every layer held at least
     # its floor before the round, so the floors never need more than the budget.
     kept_count = jnp.stack([jnp.sum(k, dtype=jnp.int32) for k in kept])
-    target = active if redistribution == "none" else jnp.asarray(min_units, jnp.int32)
+    target = jnp.where(jnp.asarray(redistribute, bool), jnp.asarray(min_units, jnp.int32), active)
     owed = jnp.maximum(target - kept_count, 0)
-    deficit = budget - jnp.sum((kept_count + owed) * unit)
+    deficit = jnp.asarray(budget, jnp.int32) - jnp.sum((kept_count + owed) * unit)
     n_regrow = owed + allocate(importance, n_units - kept_count - owed, unit, deficit)
 
     # 4. Inside a layer, the free units with the largest momentum come back, at zero.
-    new_params, new_masks, new_mom = list(flat_params), list(flat_masks), list(flat_mom)
+    new_keep, new_masks, new_mom = list(flat_masks), list(flat_masks), list(flat_mom)
     for j, i in enumerate(idx):
         pull = jnp.linalg.norm(mom_units[j].astype(jnp.float32), axis=1)
         grow = ~kept[j] & (rank_of(jnp.where(kept[j], jnp.inf, -pull)) < n_regrow[j])
-        unit_mask = kept[j] | grow
         shape = flat_masks[i].shape
-        mask = jnp.broadcast_to(unit_mask[:, None], w_units[j].shape).reshape(shape)
-        keep = jnp.broadcast_to(kept[j][:, None], w_units[j].shape).reshape(shape)
-        new_masks[i] = mask
-        new_params[i] = jnp.where(keep, flat_params[i], jnp.zeros_like(flat_params[i]))
-        if reset_regrown_momentum:
-            grown = jnp.broadcast_to(grow[:, None], w_units[j].shape).reshape(shape)
-            new_mom[i] = jnp.where(grown, jnp.zeros_like(flat_mom[i]), flat_mom[i])
-    return treedef.unflatten(new_params), treedef.unflatten(new_masks), treedef.unflatten(new_mom)
+        as_weights = lambda u: jnp.broadcast_to(u[:, None], w_units[j].shape).reshape(shape)  # noqa: B023
+        new_masks[i] = as_weights(kept[j] | grow)
+        new_keep[i] = as_weights(kept[j])
+        reset = as_weights(grow) & jnp.asarray(reset_regrown_momentum, bool)
+        new_mom[i] = jnp.where(reset, jnp.zeros_like(flat_mom[i]), flat_mom[i])
+        mask_spec, mom_spec = specs[i]
+        new_keep[i], new_masks[i] = placed(new_keep[i], mask_spec), placed(new_masks[i], mask_spec)
+        new_mom[i] = placed(new_mom[i], mom_spec)
+    return treedef.unflatten(new_keep), treedef.unflatten(new_masks), treedef.unflatten(new_mom)
+
+
+def explicit_spec(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """The sharding of ``x``'s type when it is sharded over explicit mesh axes, else None (unsharded, or
+    sharded over automatic axes, where the compiler places the round's intermediates itself)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return None
+    return sharding if any(axis is not None for axis in sharding.spec) else None
+
+
+def gathered(x: jax.Array) -> jax.Array:
+    """``x`` replicated if it is sharded over explicit axes (see :func:`explicit_spec`)."""
+    sharding = explicit_spec(x)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+def placed(x: jax.Array, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
+    """``x`` resharded to ``sharding`` (None: left as it is)."""
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def round_state(params: Params, sparse: SparseLearningState,
+                prune_rate: jax.Array) -> tuple[Masks, SparseLearningState]:
+    """A round on a :class:`SparseLearningState`: ``(keep, state)`` with the new masks and momentum (see
+    :func:`round_masks` for ``keep``)."""
+    momentum = find_momentum(sparse.inner_state, params)
+    keep, masks, momentum = round_masks(
+        params, sparse.masks, momentum, jnp.asarray(prune_rate, jnp.float32), structure=sparse.structure,
+        budget=sparse.budget, min_units=sparse.min_units, redistribute=sparse.redistribute,
+        reset_regrown_momentum=sparse.reset_regrown_momentum, keep_channels=sparse.keep_channels)
+    inner = replace_momentum(sparse.inner_state, params, momentum)
+    return keep, dataclasses.replace(sparse, masks=masks, inner_state=inner)
+
+
+@jax.jit
+def _prune_and_regrow(params: Params, sparse: SparseLearningState,
+                      prune_rate: jax.Array) -> tuple[Params, SparseLearningState]:
+    keep, sparse = round_state(params, sparse, prune_rate)
+    return apply_masks(params, keep), sparse
 
 
 def prune_and_regrow(params: Params, state: optax.OptState,
                      prune_rate: float | jax.Array) -> tuple[Params, optax.OptState]:
     """One prune/regrow round; returns the new params (pruned and regrown weights zero) and state.
 
+    For rounds run from outside the step (the trainer runs one after each epoch's evaluation); the
+    same round runs inside ``update`` with ``sparse_learning(..., round_every=N)``.
+
     Args:
       params: the current parameters.
-      state: a :func:`sparse_learning` state, or any optimizer state that contains one (a chain's).
+      state: a :func:`sparse_learning` state, or any optimizer state that contains one (a chain's,
+        ``optax.masked``'s or ``optax.multi_transform``'s: the round then covers the wrapper's group).
       prune_rate: fraction of each layer's active units to prune, in [0, 1]; 0 changes nothing.
     Returns:
       (params, state) with the new masks in the state (and, with ``reset_regrown_momentum``, the
@@ -118,16 +183,10 @@ def prune_and_regrow(params: Params, state: optax.OptState,
       below its floor (``min_layer_fraction`` of :func:`sparse_learning`).
     """
     sparse = find_state(state)
-    momentum = find_momentum(sparse.inner_state, params)
-    new_params, new_masks, new_momentum = _prune_regrow(
-        params, sparse.masks, momentum, jnp.asarray(prune_rate, jnp.float32),
-        structure=sparse.structure, budget=sparse.budget, min_units=sparse.min_units,
-        redistribution=sparse.redistribution, reset_regrown_momentum=sparse.reset_regrown_momentum,
-        keep_channels=sparse.keep_channels)
-    inner = sparse.inner_state
-    if sparse.reset_regrown_momentum:
-        inner = replace_momentum(inner, params, new_momentum)
-    return new_params, replace_state(state, dataclasses.replace(sparse, masks=new_masks, inner_state=inner))
+    # Under optax.masked / multi_transform the sparse state covers one group: run the round on its view.
+    view = restrict(params, sparse.masks)
+    new_view, new_sparse = _prune_and_regrow(view, sparse, jnp.asarray(prune_rate, jnp.float32))
+    return merge(new_view, params, sparse.masks), replace_state(state, new_sparse)
 
 
 def prune_rate_schedule(p0: float, num_epochs: int, kind: str = "linear", *,
@@ -164,5 +223,30 @@ def prune_rate_schedule(p0: float, num_epochs: int, kind: str = "linear", *,
         t = min(max(epoch, 0), span) / span
         base = p0 * (1.0 - t) if kind == "linear" else p0 * 0.5 * (1.0 + math.cos(math.pi * t))
         return base * scale
+
+    return rate
+
+
+def round_prune_rate(p0: float, total_steps: int, round_every: int, kind: str = "linear", *,
+                     full_rate_steps: int = FULL_RATE_STEPS) -> Callable[[jax.Array], jax.Array]:
+    """The prune rate of in-update rounds (``sparse_learning(..., round_every=N)``) as a function of the
+    update count: Algorithm 1's schedule with "epochs" of ``round_every`` steps.
+
+    The round at update k = (e + 1) x ``round_every`` gets exactly the rate that
+    :func:`prune_rate_schedule` (``p0``, ``total_steps // round_every`` epochs, ``kind``,
+    ``steps_per_epoch=round_every``, ``full_rate_steps``) gives the round after epoch e, so per-epoch
+    rounds and in-update rounds every ``steps_per_epoch`` steps make the same masks. Rounds at or after
+    ``total_steps`` get 0 (they change nothing). Traceable: the rates are a table indexed by the count.
+    """
+    if total_steps < 1 or round_every < 1:
+        raise ValueError(f"need total_steps >= 1 and round_every >= 1, got {total_steps} and {round_every}")
+    rounds = max(total_steps // round_every, 1)
+    epoch_rate = prune_rate_schedule(p0, rounds, kind, steps_per_epoch=round_every,
+                                     full_rate_steps=full_rate_steps)
+    table = np.array([epoch_rate(e) for e in range(rounds - 1)] + [0.0], np.float32)
+
+    def rate(count: jax.Array) -> jax.Array:
+        index = jnp.clip(jnp.asarray(count) // round_every - 1, 0, rounds - 1)
+        return jnp.asarray(table)[index]
 
     return rate

@@ -10,162 +10,39 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, Masks, Params, is_none,
-                                      channel_units, draw_masks, layer_units)
+from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, channel_units, draw_masks,
+                                      is_pruned, layer_units)
+from alite_jax.sparsity.prune_regrow import round_state
+from alite_jax.sparsity.state import Params, SparseLearningState, find_momentum
 
 REDISTRIBUTIONS = ("momentum", "none")
-
-MOMENTUM_FIELDS = ("trace", "mu")  # optax.TraceState.trace; ScaleByAdamState.mu, ScaleByLionState.mu, ...
-
-
-@dataclasses.dataclass(frozen=True)
-class SparseLearningState:
-    """State of :func:`sparse_learning`.
-
-    The arrays (masks, inner state) are the pytree's leaves; the rest is static configuration that
-    :func:`alite_jax.sparsity.prune_and_regrow` reads, fixed by :func:`sparse_learning`.
-
-    Attributes:
-      masks: booleans parallel to params (None for leaves that are not pruned).
-      inner_state: the inner optimizer's state.
-      structure: "irregular" or "column" (static).
-      budget: the global number of active prunable weights, round(density x prunable weights) (static).
-      min_units: per prunable leaf (tree order), the fewest active units prune/regrow leaves it (static).
-      redistribution: "momentum" or "none" (static; see :func:`sparse_learning`).
-      reset_regrown_momentum: whether regrown weights restart with zero momentum (static).
-      keep_channels: whether every output channel keeps an active weight (irregular; static).
-    """
-
-    masks: Masks
-    inner_state: optax.OptState
-    structure: str
-    budget: int
-    min_units: tuple[int, ...]
-    redistribution: str
-    reset_regrown_momentum: bool
-    keep_channels: bool = True
-
-
-jax.tree_util.register_dataclass(
-    SparseLearningState, data_fields=["masks", "inner_state"],
-    meta_fields=["structure", "budget", "min_units", "redistribution", "reset_regrown_momentum",
-                 "keep_channels"])
-
-
-def _children(node: Any) -> Iterator[tuple[Any, Any]]:
-    """(key, child) pairs of an optimizer-state node: tuple/list index, dict key, or the inner state."""
-    if isinstance(node, SparseLearningState):
-        yield "inner_state", node.inner_state
-    elif isinstance(node, (tuple, list)):
-        yield from enumerate(node)
-    elif isinstance(node, dict):
-        yield from node.items()
-
-
-def _momentum_path(inner_state: optax.OptState, params: Params) -> tuple[tuple[Any, ...], str]:
-    """Where the momentum / first-moment trace lives: (keys from the root to its node, field name).
-
-    The first node (breadth first) with a field named as in MOMENTUM_FIELDS whose value is a tree
-    parallel to ``params``.
-    """
-    target = jax.tree.structure(params)
-    queue = [((), inner_state)]
-    while queue:
-        path, node = queue.pop(0)
-        for field in MOMENTUM_FIELDS:
-            value = getattr(node, field, None) if hasattr(node, "_fields") else None
-            if value is not None and jax.tree.structure(value) == target:
-                return path, field
-        queue.extend((path + (k,), c) for k, c in _children(node))
-    raise ValueError(
-        "sparse_learning regrows weights by their momentum, but the inner optimizer keeps no momentum / "
-        f"first-moment trace parallel to the parameters (no field named {MOMENTUM_FIELDS} in its "
-        "state). Use one that does, e.g. optax.sgd(lr, momentum=0.9), optax.sgd(lr, momentum=0.9, "
-        "nesterov=True), optax.adam(lr) or optax.adamw(lr).")
-
-
-def find_momentum(inner_state: optax.OptState, params: Params) -> Params:
-    """The inner optimizer's momentum / first-moment tree (a ``trace`` or ``mu`` parallel to params).
-
-    Raises:
-      ValueError: the inner optimizer keeps no such trace (e.g. plain optax.sgd without momentum).
-    """
-    path, field = _momentum_path(inner_state, params)
-    node = inner_state
-    for key in path:
-        node = node.inner_state if isinstance(node, SparseLearningState) else node[key]
-    return getattr(node, field)
-
-
-def replace_momentum(inner_state: optax.OptState, params: Params, momentum: Params) -> optax.OptState:
-    """``inner_state`` with the trace :func:`find_momentum` finds replaced by ``momentum``."""
-    path, field = _momentum_path(inner_state, params)
-
-    def rebuild(node, keys):
-        if not keys:
-            return node._replace(**{field: momentum})
-        key, rest = keys[0], keys[1:]
-        if isinstance(node, SparseLearningState):
-            return dataclasses.replace(node, inner_state=rebuild(node.inner_state, rest))
-        if isinstance(node, dict):
-            return type(node)({k: rebuild(v, rest) if k == key else v for k, v in node.items()})
-        items = [rebuild(c, rest) if i == key else c for i, c in enumerate(node)]
-        return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
-
-    return rebuild(inner_state, path)
-
-
-def find_state(state: optax.OptState) -> SparseLearningState:
-    """The :class:`SparseLearningState` inside an optimizer state (e.g. one element of a chain's)."""
-    stack = [state]
-    while stack:
-        node = stack.pop(0)
-        if isinstance(node, SparseLearningState):
-            return node
-        stack.extend(c for _, c in _children(node))
-    raise ValueError("no SparseLearningState in this optimizer state: was it built with "
-                     "alite_jax.sparsity.sparse_learning?")
-
-
-def replace_state(state: optax.OptState, new: SparseLearningState) -> optax.OptState:
-    """``state`` with its :class:`SparseLearningState` replaced by ``new``."""
-    if isinstance(state, SparseLearningState):
-        return new
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(replace_state(s, new) for s in state))
-    if isinstance(state, (tuple, list)):
-        return type(state)(replace_state(s, new) for s in state)
-    if isinstance(state, dict):
-        return type(state)({k: replace_state(v, new) for k, v in state.items()})
-    return state
-
-
-def get_masks(state: optax.OptState) -> Masks:
-    """The masks of a sparse-learning state (or of any optimizer state that contains one)."""
-    return find_state(state).masks
 
 
 def sparse_learning(inner: optax.GradientTransformation, *, density: float,
                     structure: str = "irregular", distribution: str = "uniform",
                     is_prunable: IsPrunable | Params | None = None, seed: int = 0,
                     redistribution: str = "momentum", min_layer_fraction: float = 0.25,
-                    reset_regrown_momentum: bool = True,
-                    keep_channels: bool = True) -> optax.GradientTransformation:
+                    reset_regrown_momentum: bool = True, keep_channels: bool = True,
+                    round_every: int | None = None,
+                    prune_rate: float | Callable[[jax.Array], jax.Array] | None = None,
+                    ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that training keeps a global fraction ``density`` of the prunable weights.
 
-    The options after ``seed`` choose how :func:`alite_jax.sparsity.prune_and_regrow` moves the budget
+    The rounds that move the masks run either inside ``update`` (``round_every``: nothing else to call)
+    or from outside the step (:func:`alite_jax.sparsity.prune_and_regrow`, as the trainer does after each
+    epoch's evaluation). The options after ``seed`` choose how a round moves the budget
     (docs/sparse_learning.md says why the defaults are what they are, with the measurements).
 
     Args:
       inner: the optimizer; it must keep a momentum / first-moment trace (sgd with momentum, nesterov,
-        adam, adamw, lion, ...), which :func:`prune_and_regrow` uses to regrow weights. It may itself
-        be a chain (e.g. with ``optax.add_decayed_weights``).
+        adam, adamw, lion, ...), by which a round regrows weights. It may itself be a chain (e.g. with
+        ``optax.add_decayed_weights``) and take extra arguments (they are passed on to it).
       density: target fraction of active prunable weights, in (0, 1].
       structure: "irregular" (single weights) or "column" (columns of C_out weights).
       distribution: how the initial budget is split over layers: "uniform" (the same density
@@ -189,9 +66,19 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         channel followed by BatchNorm has zero variance, where BatchNorm's gradient grows as
         1/sqrt(epsilon): weights regrown into it take steps of 10^4-10^6 and blow the network's weights
         and statistics up (docs/sparse_learning.md). False is the paper's rule.
+      round_every: run a prune/regrow round inside ``update`` after every ``round_every`` updates
+        (under ``lax.cond``: other steps cost the masking only). None: rounds only from outside.
+      prune_rate: with ``round_every``, the rounds' prune rate: a number in [0, 1], or a function of the
+        update count (this update included), e.g. :func:`alite_jax.sparsity.round_prune_rate` (the
+        paper's linear decay) or an optax schedule.
     Returns:
-      A GradientTransformation. ``init(params)`` draws the masks (apply them to the parameters with
-      :func:`apply_masks`); ``update(grads, state, params)`` needs ``params``.
+      A GradientTransformationExtraArgs. ``init(params)`` draws the masks (apply them to the parameters
+      with :func:`apply_masks`); ``update(grads, state, params, **extra_args)`` needs ``params``. Its
+      updates make inactive weights exactly zero: a weight a round prunes gets ``-w``; the round judges
+      ``params + updates``, so transformations chained after this one are not seen by it. Put weight
+      decay inside ``inner`` (``optax.adamw``, or ``optax.chain(optax.add_decayed_weights(wd), sgd)``) or
+      before this transformation: chained after it, decay adds ``wd x w`` to the ``-w`` of a weight an
+      in-update round has just pruned, and the weight never reaches zero.
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -203,27 +90,67 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         raise ValueError(f"unknown redistribution {redistribution!r}; choose one of {REDISTRIBUTIONS}")
     if not 0.0 <= min_layer_fraction <= 1.0:
         raise ValueError(f"min_layer_fraction must be in [0, 1], got {min_layer_fraction}")
+    if round_every is not None and (isinstance(round_every, bool) or not isinstance(round_every, int)
+                                    or round_every < 1):
+        raise ValueError(f"round_every must be a whole number of updates >= 1 (or None), got {round_every!r}")
+    if (round_every is None) != (prune_rate is None):
+        raise ValueError("in-update rounds need both round_every and prune_rate (e.g. round_every=100, "
+                         "prune_rate=sparsity.round_prune_rate(0.5, total_steps, 100)); give neither to run "
+                         "the rounds with prune_and_regrow")
+    if prune_rate is not None and not callable(prune_rate) and not 0.0 <= prune_rate <= 1.0:
+        raise ValueError(f"prune_rate must be in [0, 1] or a function of the update count, got {prune_rate}")
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Params) -> SparseLearningState:
         inner_state = inner.init(params)
-        find_momentum(inner_state, params)  # fail now, not at the end of the first epoch
+        find_momentum(inner_state, params)  # fail now, not at the first round
         units, budget = layer_units(params, density, structure, distribution, is_prunable, keep_channels)
-        masks = draw_masks(params, units, structure, is_prunable, seed, keep_channels)
+        if budget >= 2 ** 31:
+            raise ValueError(f"a budget of {budget} weights does not fit the state's int32 counts")
+        masks = jax.tree.map(_sharded_like, draw_masks(params, units, structure, is_prunable, seed,
+                                                       keep_channels), params)
         channels = [channel_units(m.shape, structure) if keep_channels else 1
-                    for m in jax.tree.leaves(masks)]
-        min_units = tuple(min(u, max(c, math.ceil(min_layer_fraction * u))) for u, c in zip(units, channels))
-        return SparseLearningState(masks, inner_state, structure, budget, min_units, redistribution,
-                                   bool(reset_regrown_momentum), bool(keep_channels))
+                    for m in jax.tree.leaves(masks) if is_pruned(m)]
+        min_units = [min(u, max(c, math.ceil(min_layer_fraction * u))) for u, c in zip(units, channels)]
+        return SparseLearningState(
+            masks=masks, inner_state=inner_state, count=jnp.zeros((), jnp.int32),
+            budget=jnp.asarray(budget, jnp.int32), min_units=jnp.asarray(min_units, jnp.int32),
+            redistribute=jnp.asarray(redistribution == "momentum"),
+            reset_regrown_momentum=jnp.asarray(bool(reset_regrown_momentum)),
+            keep_channels=jnp.asarray(bool(keep_channels)), structure=structure)
 
-    def update_fn(updates: Params, state: SparseLearningState,
-                  params: Params | None = None) -> tuple[Params, SparseLearningState]:
+    def update_fn(updates: Params, state: SparseLearningState, params: Params | None = None,
+                  **extra_args) -> tuple[Params, SparseLearningState]:
         if params is None:
             raise ValueError("sparse_learning's update needs params: call update(grads, state, params)")
-        updates, inner_state = inner.update(updates, state.inner_state, params)
-        # Inactive weights get -w: zero after optax.apply_updates even if params were never masked
-        # (and exactly 0 when they were, so later linear transforms such as weight decay keep them 0).
-        updates = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-                               state.masks, updates, params, is_leaf=is_none)
-        return updates, dataclasses.replace(state, inner_state=inner_state)
+        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # Inactive weights get -w: zero after optax.apply_updates even if params were never masked (and
+        # exactly 0 when they were, so a linear transformation chained after this one keeps them 0).
+        updates = _zero_inactive(state.masks, updates, params)
+        count = optax.safe_int32_increment(state.count)
+        state = dataclasses.replace(state, inner_state=inner_state, count=count)
+        if round_every is None:
+            return updates, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def run_round(operand):
+            updates, state = operand
+            rate = prune_rate(count) if callable(prune_rate) else prune_rate
+            keep, state = round_state(optax.apply_updates(params, updates), state, rate)
+            return _zero_inactive(keep, updates, params), state
+
+        return jax.lax.cond(count % round_every == 0, run_round, lambda operand: operand, (updates, state))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zero_inactive(masks, updates: Params, params: Params) -> Params:
+    """``updates`` where the mask is True, ``-params`` elsewhere (so the weight becomes exactly zero)."""
+    return jax.tree.map(lambda m, u, p: jnp.where(m, u, -p).astype(u.dtype) if is_pruned(m) else u,
+                        masks, updates, params)
+
+
+def _sharded_like(mask: jax.Array, param: jax.Array) -> jax.Array:
+    """A pruned leaf's mask placed like its (concrete) parameter, so sharded params get sharded masks."""
+    if is_pruned(mask) and isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+        return jax.device_put(mask, param.sharding)
+    return mask
