@@ -241,6 +241,23 @@ def test_unreadable_checkpoints_and_a_partial_metrics_line_are_set_aside(teacher
     assert "is unreadable" not in capsys.readouterr().out
 
 
+def test_rounds_inside_the_step_every_epochs_length_equal_the_rounds_after_each_epoch(teacher_dir,
+                                                                                     student_run, tmp_path):
+    """``sparsity.round_every`` = the steps of an epoch runs the same rounds at the same moments, inside
+    the optimizer's update instead of after each epoch's evaluation (which reads the state and changes
+    nothing of it): the same model, masks and densities."""
+    _, reference = student_run
+    config = student_config(teacher_dir)
+    config.sparsity.round_every = 4  # 128 images, batch 32
+    workdir = str(tmp_path / "rounds")
+    train.train_and_evaluate(config, workdir)
+    rows, expected = epoch_rows(workdir), epoch_rows(reference)
+    assert [r["density"] for r in rows] == [r["density"] for r in expected]
+    assert [r["per_layer_density"] for r in rows] == [r["per_layer_density"] for r in expected]
+    assert not any("prune_rate" in r for r in rows)  # the rounds are the optimizer's now
+    assert_same_model(workdir, reference)
+
+
 def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(teacher_dir, student_run,
                                                                               tmp_path):
     """Before, a homogeneous student started in a finished hybrid run's workdir read as corruption: it

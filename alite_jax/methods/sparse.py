@@ -18,9 +18,11 @@ from alite_jax.methods.base import State
 from alite_jax.methods.optim import optimizer_from_config
 
 # sparsity: the options of alite_jax.sparsity.sparse_learning and of the rounds (docs/sparse_learning.md).
+# round_every: 0 runs a round after each epoch's evaluation (Algorithm 1); N > 0 runs them inside the
+# optimizer's update every N steps, whatever the epoch's length, with the same schedule over the run's steps.
 SECTION = dict(density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
                full_rate_steps=20, redistribution="momentum", min_layer_fraction=0.25,
-               reset_regrown_momentum=True, keep_channels=True, fan_in_init=True)
+               reset_regrown_momentum=True, keep_channels=True, fan_in_init=True, round_every=0)
 RANGES = {
     "sparsity.density": Range(0, 1, low_open=True, meaning="the fraction of prunable weights kept"),
     "sparsity.prune_rate": Range(0, 1, meaning="the first round's prune rate p0"),
@@ -28,26 +30,37 @@ RANGES = {
                                       meaning="steps an epoch needs to prune at the full rate; 0: off"),
     "sparsity.min_layer_fraction": Range(0, 1, meaning="the floor of each layer's share of its initial "
                                                        "weights"),
+    "sparsity.round_every": Range(0, integer=True, meaning="steps between in-update rounds; 0: a round after "
+                                                           "each epoch"),
 }
 
 
-def sparse_optimizer(config: ml_collections.ConfigDict,
-                     inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``inner`` wrapped in :func:`alite_jax.sparsity.sparse_learning` with the config's sparsity."""
+def sparse_optimizer(config: ml_collections.ConfigDict, inner: optax.GradientTransformation,
+                     steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """``inner`` wrapped in :func:`alite_jax.sparsity.sparse_learning` with the config's sparsity; with
+    ``sparsity.round_every`` its rounds run inside the update, on Algorithm 1's schedule over the run's
+    ``num_epochs * steps_per_epoch`` steps (:func:`alite_jax.sparsity.round_prune_rate`)."""
     s = config.sparsity
+    rounds = {}
+    if s.get("round_every", 0):
+        rounds = dict(round_every=s.round_every, prune_rate=sparsity.round_prune_rate(
+            s.prune_rate, config.num_epochs * steps_per_epoch, s.round_every, s.schedule,
+            full_rate_steps=s.full_rate_steps))
     return sparsity.sparse_learning(
         inner, density=s.density, structure=s.structure, distribution=s.distribution, seed=config.seed,
         redistribution=s.redistribution, min_layer_fraction=s.min_layer_fraction,
-        reset_regrown_momentum=s.reset_regrown_momentum, keep_channels=s.get("keep_channels", True))
+        reset_regrown_momentum=s.reset_regrown_momentum, keep_channels=s.get("keep_channels", True),
+        **rounds)
 
 
 def sparse_round(config: ml_collections.ConfigDict, state: State, epoch: int,
                  steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
     """Algorithm 1's end of epoch: a prune/regrow round after every epoch but the last (after its
-    evaluation: the model that epoch trained is the one evaluated), and the densities for the metrics."""
+    evaluation: the model that epoch trained is the one evaluated), unless the rounds run inside the
+    update (``sparsity.round_every``), and the densities for the metrics."""
     row = {}
     s, num_epochs = config.sparsity, config.num_epochs
-    if epoch < num_epochs - 1:
+    if epoch < num_epochs - 1 and not s.get("round_every", 0):
         rate = sparsity.prune_rate_schedule(s.prune_rate, num_epochs, s.schedule,
                                             steps_per_epoch=steps_per_epoch,
                                             full_rate_steps=s.full_rate_steps)(epoch)
@@ -89,7 +102,7 @@ class SparseLearning:
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
         inner = self.inner_optimizer(steps_per_epoch)
-        return sparse_optimizer(self.config, inner) if self.sparse else inner
+        return sparse_optimizer(self.config, inner, steps_per_epoch) if self.sparse else inner
 
     def masked_params(self, params: Any, opt_state: Any) -> Any:
         """The initial weights under the initial masks: with ``sparsity.fan_in_init`` each output channel
