@@ -7,7 +7,8 @@ student of the demo under each setting:
     d = 0.1), its variants (channels allowed to empty and the masked dense initialisation: the
     defaults before they changed; each of the two alone; ERK), column KD+AT (d = 0.5), and sparse KD+AT
     and sparse CE with the paper's rule taken literally (no floors, regrown weights keep their momentum,
-    full-rate rounds however short the epoch: what collapsed before).
+    full-rate rounds however short the epoch: what collapsed before), and sparse KD+AT with its rounds
+    inside the optimizer's update every 10, 20 or 40 steps instead of after each epoch.
 
 "dense" is density 1.0 (no pruning); every other field is the demo student's. Each run is a normal run
 directory under ``--workdir`` (a finished one is reused, an interrupted one resumes), and the table of
@@ -67,6 +68,9 @@ SETTINGS = {
                         "kd+at", 0.1, "irregular", PAPER_RULE),
     "paper_rule_ce": ("sparse CE, d = 0.1, paper's rule (no floors, momentum kept)", "distill", "ce",
                       0.1, "irregular", PAPER_RULE),
+    # Rounds inside the optimizer's update every N steps instead of after each epoch (sparsity.round_every).
+    **{f"sparse_kdat_every{n}": (f"sparse KD+AT, d = 0.1, a round every {n} steps", "distill", "kd+at", 0.1,
+                                 "irregular", dict(round_every=n)) for n in (10, 20, 40)},
 }
 
 

@@ -21,7 +21,10 @@ def test_python_examples_run(capsys):
         exec(compile(block, name, "exec"), namespace)
     out = capsys.readouterr().out
     assert "531402" in out.replace(",", "")
-    assert "density 0.250" in out  # the sparse-learning example keeps its budget
+    # The sparse-learning example keeps its budget and reaches the accuracy the README states (about 0.9;
+    # 0.88-0.91 over seeds, the same CNN dense 0.93).
+    found = re.search(r"test accuracy (0\.\d+) at density 0\.10", out)
+    assert found and float(found.group(1)) > 0.85, out[-2000:]
     assert "22 6 359" in out  # the data example's steps and eval coverage
 
 
