@@ -89,7 +89,7 @@ def test_masked_counts_on_hand_made_masks():
     model = create_model("sa_resnet26", 10, width=0.25)
     params = abstract_variables(model, 32)["params"]
     flags = sparsity.masks.prunable_tree(params)
-    masks = jax.tree.map(lambda p, f: np.ones(p.shape, bool) if f else None, params, flags)
+    masks = jax.tree.map(lambda p, f: np.ones(p.shape if f else (), bool), params, flags)
     masks["stage1_block1"]["attention"]["query"]["kernel"] = jnp.zeros((16, 16), bool)
     stem = np.ones((3, 3, 3, 16), bool)
     stem[..., :8] = False  # half of the stem's weights

@@ -69,7 +69,7 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     own = printed(cells["own_code"])
     match = re.search(r"train accuracy ([\d.]+)%, density ([\d.]+)", own)
     assert match and float(match[2]) == 0.3, own  # the user's optimizer keeps the budget exactly
-    assert float(match[1]) > 50, own  # and the pruned CNN learnt (measured 67%)
+    assert float(match[1]) > 50, own  # and the pruned CNN learnt (measured 64%)
 
 
 def test_the_settings_cell_switches_to_the_papers_configs():

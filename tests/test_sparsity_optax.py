@@ -475,6 +475,56 @@ def test_masks_map_like_params():
     assert 0 < int(np.sum(masks["dense"]["kernel"])) < 72 * 16
 
 
+def test_a_loop_from_init_compiles_its_step_once():
+    """A training loop as users write it (parameters and state straight from init, uncommitted) runs
+    its jitted step with one program: init places masks only like committed parameters."""
+    r = np.random.default_rng(0)
+    params = {"dense": {"kernel": jnp.asarray(r.standard_normal((8, 4)), jnp.float32)},
+              "head": {"kernel": jnp.asarray(r.standard_normal((4, 3)), jnp.float32)}}
+    tx = sparsity.sparse_learning(sgd(), density=DENSITY, round_every=2, prune_rate=0.3)
+    state = tx.init(params)
+    params = sparsity.apply_masks(params, state)
+
+    @jax.jit
+    def step(p, s):
+        u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(4):
+        params, state = step(params, state)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("inner", ["adamw", "decay inside"])
+def test_weight_decay_inside_and_bfloat16_updates_keep_pruned_weights_at_zero(inner):
+    """Weight decay in the inner optimizer (adamw's own, or add_decayed_weights chained before sgd) and
+    a bfloat16 momentum (so bfloat16 updates for float32 weights): a weight an in-update round prunes,
+    and a weight never masked, end at exactly zero."""
+    make = {"adamw": lambda: optax.adamw(1e-2, weight_decay=0.1, mu_dtype=jnp.bfloat16),
+            "decay inside": lambda: optax.chain(optax.add_decayed_weights(0.1),
+                                                optax.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.bfloat16))}
+    tx = sparsity.sparse_learning(make[inner](), density=DENSITY, round_every=2, prune_rate=0.5)
+    params = small_params()  # not masked: the first update sends the inactive weights to zero
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    first = sparsity.get_masks(state)
+    for k in range(4):
+        params, state = step_with(update, params, state, k)
+        assert_inactive_zero(params, sparsity.get_masks(state))
+    assert not trees_equal(first, sparsity.get_masks(state))
+
+
+def test_two_sparse_states_in_one_optimizer_are_refused():
+    tx = optax.partition({"a": sparsity.sparse_learning(sgd(), density=0.5),
+                          "b": sparsity.sparse_learning(sgd(), density=0.5)},
+                         {"conv": "a", "dense": "b", "head": "b"})
+    state = tx.init(small_params())
+    for call in (lambda: sparsity.get_masks(state), lambda: sparsity.global_density(state),
+                 lambda: sparsity.prune_and_regrow(small_params(), state, 0.3)):
+        with pytest.raises(ValueError, match="holds 2 sparse_learning states"):
+            call()
+
+
 @pytest.mark.slow
 def test_settings_share_one_tree_structure_and_one_compilation():
     params = small_params()
@@ -619,6 +669,12 @@ for axis_types in (None, (AxisType.Auto,) * 2):
     state = tx.init(params)
     for name in ("conv", "dense"):  # init places a pruned leaf's mask like its parameter
         assert state.masks[name]["kernel"].sharding == params[name]["kernel"].sharding, name
+    if axis_types is None:  # under jit too (in the mesh's context, as JAX wants for explicit axes)
+        with jax.set_mesh(mesh):
+            jitted = jax.jit(tx.init)(params)
+        for name in ("conv", "dense"):
+            assert jitted.masks[name]["kernel"].sharding.spec == params[name]["kernel"].sharding.spec
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(state)))
     params = sparsity.apply_masks(params, state)
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,

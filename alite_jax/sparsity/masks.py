@@ -101,6 +101,35 @@ def channel_units(shape: tuple[int, ...], structure: str) -> int:
     return int(shape[-1]) if structure == "irregular" else 1
 
 
+def explicit_spec(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """The sharding of ``x``'s type when it is sharded over explicit mesh axes, else None (unsharded, or
+    sharded over automatic axes, where the compiler places the round's intermediates itself)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return None
+    return sharding if any(axis is not None for axis in sharding.spec) else None
+
+
+def gathered(x: jax.Array) -> jax.Array:
+    """``x`` replicated if it is sharded over explicit axes (see :func:`explicit_spec`)."""
+    sharding = explicit_spec(x)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+def placed(x: jax.Array, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
+    """``x`` resharded to ``sharding`` (None: left as it is)."""
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def like(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """``mask`` resharded like ``x`` when ``x`` is sharded over explicit axes (where an elementwise op
+    needs its operands sharded alike)."""
+    return placed(mask, explicit_spec(x))
+
+
 def scale_to_fan_in(params: Params, masks: Masks) -> Params:
     """Masked kernels scaled per output channel by sqrt(fan_in / active fan_in): each channel's weights
     as if drawn by the same initializer for the inputs it really has (Evci et al.'s sparse
@@ -121,7 +150,7 @@ def scale_to_fan_in(params: Params, masks: Masks) -> Params:
 def apply_masks(params: Params, masks: Masks) -> Params:
     """Zeroes the inactive weights of ``params`` (leaves that are not pruned are returned as they are).
     ``masks`` may also be an optimizer state that contains a sparse-learning state."""
-    return jax.tree.map(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)) if is_pruned(m) else p,
+    return jax.tree.map(lambda m, p: jnp.where(like(m, p), p, jnp.zeros_like(p)) if is_pruned(m) else p,
                         masks_of(masks, params), params)
 
 
@@ -134,7 +163,8 @@ def count_nonzero_masked(masks: Masks) -> tuple[int, int]:
 
 
 def global_density(masks: Masks) -> float:
-    """Fraction of prunable weights that are active, from a mask tree or an optimizer state."""
+    """Fraction of prunable weights that are active, from a mask tree or an optimizer state (a Python
+    float: call it outside jit)."""
     active, total = count_nonzero_masked(masks)
     return active / max(total, 1)
 
@@ -240,6 +270,9 @@ def layer_units(params: Params, density: float, structure: str = "irregular",
                          "'kernel' with at least 2 dimensions)")
     total = int(sum(np.prod(s) for s in shapes))
     budget = int(round(density * total))
+    if budget >= 2 ** 31:
+        raise ValueError(f"a budget of {budget} active weights does not fit the int32 counts of the masks' "
+                         "bookkeeping: prune fewer parameters (is_prunable) or lower the density")
     units = np.array([np.prod(s) // unit_size(s, structure) for s in shapes], np.int32)
     sizes = np.array([unit_size(s, structure) for s in shapes], np.int32)
     with jax.ensure_compile_time_eval():  # shapes only: concrete even under an outer jit

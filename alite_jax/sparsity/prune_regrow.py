@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alite_jax.sparsity.masks import allocate, apply_masks, is_pruned, rank_of, unit_view
+from alite_jax.sparsity.masks import (allocate, apply_masks, explicit_spec, gathered, is_pruned, placed,
+                                      rank_of, unit_view)
 from alite_jax.sparsity.state import (Masks, Params, SparseLearningState, find_momentum, find_state, merge,
                                       replace_momentum, replace_state, restrict)
 
@@ -119,29 +120,6 @@ def round_masks(params: Params, masks: Masks, momentum: Params, prune_rate: jax.
         new_keep[i], new_masks[i] = placed(new_keep[i], mask_spec), placed(new_masks[i], mask_spec)
         new_mom[i] = placed(new_mom[i], mom_spec)
     return treedef.unflatten(new_keep), treedef.unflatten(new_masks), treedef.unflatten(new_mom)
-
-
-def explicit_spec(x: jax.Array) -> jax.sharding.NamedSharding | None:
-    """The sharding of ``x``'s type when it is sharded over explicit mesh axes, else None (unsharded, or
-    sharded over automatic axes, where the compiler places the round's intermediates itself)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
-        return None
-    return sharding if any(axis is not None for axis in sharding.spec) else None
-
-
-def gathered(x: jax.Array) -> jax.Array:
-    """``x`` replicated if it is sharded over explicit axes (see :func:`explicit_spec`)."""
-    sharding = explicit_spec(x)
-    if sharding is None:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
-def placed(x: jax.Array, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
-    """``x`` resharded to ``sharding`` (None: left as it is)."""
-    return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
 def round_state(params: Params, sparse: SparseLearningState,

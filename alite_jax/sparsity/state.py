@@ -121,14 +121,24 @@ def replace_momentum(inner_state: optax.OptState, params: Params, momentum: Para
 
 
 def search_state(state: Any) -> SparseLearningState | None:
-    """The first :class:`SparseLearningState` inside ``state`` (breadth first), or None."""
-    stack = [state]
+    """The :class:`SparseLearningState` inside ``state``, or None.
+
+    Raises:
+      ValueError: ``state`` holds more than one (e.g. ``optax.partition`` with a ``sparse_learning`` per
+        group): masks, densities and rounds are defined over one budget.
+    """
+    found, stack = [], [state]
     while stack:
         node = stack.pop(0)
         if isinstance(node, SparseLearningState):
-            return node
-        stack.extend(c for _, c in _children(node))
-    return None
+            found.append(node)
+        else:
+            stack.extend(c for _, c in _children(node))
+    if len(found) > 1:
+        raise ValueError(f"this optimizer state holds {len(found)} sparse_learning states; "
+                         "alite_jax.sparsity works with one (one global budget): wrap the optimizer once and "
+                         "choose the pruned leaves with its is_prunable, or keep the groups' states apart")
+    return found[0] if found else None
 
 
 def find_state(state: optax.OptState) -> SparseLearningState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Callable
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, IsPrunable, channel_units, draw_masks,
-                                      is_pruned, layer_units)
+                                      is_pruned, layer_units, like)
 from alite_jax.sparsity.prune_regrow import round_state
 from alite_jax.sparsity.state import Params, SparseLearningState, find_momentum
 
@@ -75,10 +76,10 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
       A GradientTransformationExtraArgs. ``init(params)`` draws the masks (apply them to the parameters
       with :func:`apply_masks`); ``update(grads, state, params, **extra_args)`` needs ``params``. Its
       updates make inactive weights exactly zero: a weight a round prunes gets ``-w``; the round judges
-      ``params + updates``, so transformations chained after this one are not seen by it. Put weight
-      decay inside ``inner`` (``optax.adamw``, or ``optax.chain(optax.add_decayed_weights(wd), sgd)``) or
-      before this transformation: chained after it, decay adds ``wd x w`` to the ``-w`` of a weight an
-      in-update round has just pruned, and the weight never reaches zero.
+      ``params + updates``. Nothing that changes the step may be chained after this transformation
+      (a scale, a learning rate, weight decay would turn ``-w`` into ``(1 - c) w`` or ``-w + wd w``):
+      keep the learning rate and weight decay inside ``inner`` (``optax.sgd(lr, ...)``, ``optax.adamw``,
+      ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``).
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -90,9 +91,14 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         raise ValueError(f"unknown redistribution {redistribution!r}; choose one of {REDISTRIBUTIONS}")
     if not 0.0 <= min_layer_fraction <= 1.0:
         raise ValueError(f"min_layer_fraction must be in [0, 1], got {min_layer_fraction}")
-    if round_every is not None and (isinstance(round_every, bool) or not isinstance(round_every, int)
-                                    or round_every < 1):
-        raise ValueError(f"round_every must be a whole number of updates >= 1 (or None), got {round_every!r}")
+    if round_every is not None:
+        given = round_every
+        try:  # an int, numpy's included; not a float or a bool
+            round_every = -1 if isinstance(given, bool) else operator.index(given)
+        except TypeError:
+            round_every = -1
+        if round_every < 1:
+            raise ValueError(f"round_every must be a whole number of updates >= 1 (or None), got {given!r}")
     if (round_every is None) != (prune_rate is None):
         raise ValueError("in-update rounds need both round_every and prune_rate (e.g. round_every=100, "
                          "prune_rate=sparsity.round_prune_rate(0.5, total_steps, 100)); give neither to run "
@@ -105,9 +111,7 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
         inner_state = inner.init(params)
         find_momentum(inner_state, params)  # fail now, not at the first round
         units, budget = layer_units(params, density, structure, distribution, is_prunable, keep_channels)
-        if budget >= 2 ** 31:
-            raise ValueError(f"a budget of {budget} weights does not fit the state's int32 counts")
-        masks = jax.tree.map(_sharded_like, draw_masks(params, units, structure, is_prunable, seed,
+        masks = jax.tree.map(_placed_like, draw_masks(params, units, structure, is_prunable, seed,
                                                        keep_channels), params)
         channels = [channel_units(m.shape, structure) if keep_channels else 1
                     for m in jax.tree.leaves(masks) if is_pruned(m)]
@@ -144,13 +148,25 @@ def sparse_learning(inner: optax.GradientTransformation, *, density: float,
 
 
 def _zero_inactive(masks, updates: Params, params: Params) -> Params:
-    """``updates`` where the mask is True, ``-params`` elsewhere (so the weight becomes exactly zero)."""
-    return jax.tree.map(lambda m, u, p: jnp.where(m, u, -p).astype(u.dtype) if is_pruned(m) else u,
-                        masks, updates, params)
+    """``updates`` where the mask is True, ``-params`` elsewhere (so the weight becomes exactly zero: in
+    the wider of the two dtypes, since ``-params`` rounded to bfloat16 updates would not cancel)."""
+    def leaf(m, u, p):
+        if not is_pruned(m):
+            return u
+        dtype = jnp.promote_types(u.dtype, p.dtype)
+        return jnp.where(like(m, u), u.astype(dtype), -p.astype(dtype))
+
+    return jax.tree.map(leaf, masks, updates, params)
 
 
-def _sharded_like(mask: jax.Array, param: jax.Array) -> jax.Array:
-    """A pruned leaf's mask placed like its (concrete) parameter, so sharded params get sharded masks."""
-    if is_pruned(mask) and isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+def _placed_like(mask: jax.Array, param: jax.Array) -> jax.Array:
+    """A pruned leaf's mask placed like its parameter: a committed array's sharding (eager init), or the
+    explicit-axes sharding of a traced one (init under jit). Uncommitted parameters leave the mask
+    uncommitted too, so a step compiled for the state's first use serves every later one."""
+    if not is_pruned(mask):
+        return mask
+    if isinstance(param, jax.core.Tracer):
+        return like(mask, param)
+    if isinstance(param, jax.Array) and param.committed:
         return jax.device_put(mask, param.sharding)
     return mask
