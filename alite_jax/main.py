@@ -21,7 +21,6 @@ multi-controller runtime first, when the environment asks for it.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -100,18 +99,20 @@ def _innermost_user_error(error: BaseException | None) -> UserError | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with the user errors in ``--config`` on one line and exit status 2: a config
-    file that cannot be loaded, a :class:`UserError` raised while building the config. Other flag errors
-    get absl's own report (status 1), with the traceback of an error inside a config file."""
+    """absl's flag parsing, with the user's errors on one line and exit status 2: a config file that
+    cannot be loaded, a :class:`UserError` raised while building the config, a ``--config.<field>``
+    override naming no field or giving a value of the wrong type, an unknown or malformed flag. An error
+    inside a config file's own code keeps its traceback."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         user_error = _innermost_user_error(e)
-        if user_error is None:  # as absl reports it
-            sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                             f"Pass --helpshort or --helpfull to see help on flags.\n")
-            sys.exit(1)
-        exit_with_user_error(f"--config: {user_error}")
+        exit_with_user_error(f"--config: {user_error}" if user_error is not None else str(e))
+    except (KeyError, AttributeError) as e:  # config_flags applying an override to a missing field
+        missing = unknown_override(argv, e)
+        if missing is None:
+            raise
+        exit_with_user_error(missing)
     config = _CONFIG.value
     if config is not None and not isinstance(config, ml_collections.ConfigDict):
         try:  # config_flags keeps a file it could not load as an object that raises when used
@@ -119,6 +120,24 @@ def parse_flags(argv: list[str]) -> list[str]:
         except OSError as e:
             exit_with_user_error(f"--config: {e.__cause__ or e}")
     return rest
+
+
+def unknown_override(argv: list[str], error: BaseException) -> str | None:
+    """The one-line message for a ``--config.<path>=<value>`` whose path the config does not have
+    (``error`` is what ml_collections raised: it names the missing key, with a suggestion), or None
+    when ``error`` names no part of an override's path (then it is not the user's)."""
+    detail: Any = error
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(message))
+        detail = detail.args[0]
+    lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+    missing = lines[0].strip("'\"") if lines else ""
+    hint = "".join(f"; {line[0].lower()}{line[1:]}" for line in lines[1:])
+    for arg in argv[1:]:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--config.") and missing in flag[len("--config."):].split("."):
+            return (f"{flag}: the config has no field {missing!r}{hint} (the fields are those of "
+                    f"alite_jax/config.py; a phased config's are under config.phases.<phase>)")
+    return None
 
 
 def main(argv: list[str]) -> None:

@@ -137,6 +137,14 @@ def test_several_bad_fields_are_named_at_once():
     ("configs/no_such_config.py", "", "No such file or directory: 'configs/no_such_config.py'"),
     ("configs/cifar10.py:smoek", "",
      "error: --config: unknown config switch 'smoek': the only one is 'smoke'"),
+    # Overrides and flags absl and ml_collections refuse (before, a 46-line traceback and exit 1, or
+    # absl's "FATAL Flags parsing error" and exit 1).
+    ("tiny", "--config.sparsity.densty=0.2", "error: --config.sparsity.densty: the config has no field "
+     "'densty'; did you mean \"density\" instead of \"densty\"? (the fields are those of "
+     "alite_jax/config.py; a phased config's are under config.phases.<phase>)"),
+    ("tiny", "--config.optimizer.lr=fast",
+     "error: flag --config.optimizer.lr=fast: could not convert string to float: 'fast'"),
+    ("tiny", "--workdirr=elsewhere", "error: Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
 ])
 def test_cli_prints_one_line_for_a_user_error(config, flag, message, tmp_path):
     if config == "tiny":
