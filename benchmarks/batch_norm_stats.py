@@ -6,7 +6,7 @@ each epoch's time (training steps, evaluation and the recomputation; epoch 0 inc
 and their ratio. The runs' accuracies are printed too: the recomputation changes only what the
 evaluation sees.
 
-    python benchmarks/batch_norm_stats.py --workdir=/tmp/bn --epochs=4 --image_size=16
+    python benchmarks/batch_norm_stats.py --workdir=<dir> --epochs=4 --image_size=16
 """
 
 from __future__ import annotations

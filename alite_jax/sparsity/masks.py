@@ -101,7 +101,7 @@ def channel_units(shape: tuple[int, ...], structure: str) -> int:
     return int(shape[-1]) if structure == "irregular" else 1
 
 
-def explicit_spec(x: jax.Array) -> jax.sharding.NamedSharding | None:
+def explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
     """The sharding of ``x``'s type when it is sharded over explicit mesh axes, else None (unsharded, or
     sharded over automatic axes, where the compiler places the round's intermediates itself)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
@@ -112,8 +112,8 @@ def explicit_spec(x: jax.Array) -> jax.sharding.NamedSharding | None:
 
 
 def gathered(x: jax.Array) -> jax.Array:
-    """``x`` replicated if it is sharded over explicit axes (see :func:`explicit_spec`)."""
-    sharding = explicit_spec(x)
+    """``x`` replicated if it is sharded over explicit axes (see :func:`explicit_sharding`)."""
+    sharding = explicit_sharding(x)
     if sharding is None:
         return x
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
@@ -127,7 +127,7 @@ def placed(x: jax.Array, sharding: jax.sharding.NamedSharding | None) -> jax.Arr
 def like(mask: jax.Array, x: jax.Array) -> jax.Array:
     """``mask`` resharded like ``x`` when ``x`` is sharded over explicit axes (where an elementwise op
     needs its operands sharded alike)."""
-    return placed(mask, explicit_spec(x))
+    return placed(mask, explicit_sharding(x))
 
 
 def scale_to_fan_in(params: Params, masks: Masks) -> Params:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alite_jax.sparsity.masks import (allocate, apply_masks, explicit_spec, gathered, is_pruned, placed,
+from alite_jax.sparsity.masks import (allocate, apply_masks, explicit_sharding, gathered, is_pruned, placed,
                                       rank_of, unit_view)
 from alite_jax.sparsity.state import (Masks, Params, SparseLearningState, find_momentum, find_state, merge,
                                       replace_momentum, replace_state, restrict)
@@ -61,7 +61,7 @@ def round_masks(params: Params, masks: Masks, momentum: Params, prune_rate: jax.
     keep_channels = jnp.asarray(keep_channels, bool)
     # Kernels sharded over explicit mesh axes (jax.make_mesh's default) are gathered for the round: its
     # reshapes and sorts need whole kernels. The results go back to the masks' and momentum's shardings.
-    specs = {i: (explicit_spec(flat_masks[i]), explicit_spec(flat_mom[i])) for i in idx}
+    shardings = {i: (explicit_sharding(flat_masks[i]), explicit_sharding(flat_mom[i])) for i in idx}
     flat_params, flat_masks, flat_mom = list(flat_params), list(flat_masks), list(flat_mom)
     for i in idx:
         flat_params[i], flat_masks[i], flat_mom[i] = (gathered(x) for x in (flat_params[i], flat_masks[i],
@@ -116,9 +116,9 @@ def round_masks(params: Params, masks: Masks, momentum: Params, prune_rate: jax.
         new_keep[i] = as_weights(kept[j])
         reset = as_weights(grow) & jnp.asarray(reset_regrown_momentum, bool)
         new_mom[i] = jnp.where(reset, jnp.zeros_like(flat_mom[i]), flat_mom[i])
-        mask_spec, mom_spec = specs[i]
-        new_keep[i], new_masks[i] = placed(new_keep[i], mask_spec), placed(new_masks[i], mask_spec)
-        new_mom[i] = placed(new_mom[i], mom_spec)
+        mask_sharding, mom_sharding = shardings[i]
+        new_keep[i], new_masks[i] = placed(new_keep[i], mask_sharding), placed(new_masks[i], mask_sharding)
+        new_mom[i] = placed(new_mom[i], mom_sharding)
     return treedef.unflatten(new_keep), treedef.unflatten(new_masks), treedef.unflatten(new_mom)
 
 

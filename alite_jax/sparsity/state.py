@@ -204,5 +204,4 @@ def get_masks(state: optax.OptState, params: Params | None = None) -> Masks:
     group, and its masks hold optax's ``MaskedNode`` where the other groups' parameters are. Given
     ``params`` (the whole tree), those places become True (not pruned), so the masks match ``params``.
     """
-    masks = find_state(state).masks
-    return masks if params is None else fill_masked(masks, params)
+    return masks_of(find_state(state), params)
