@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alite_jax import batch_norm_stats, costs, data, health, report, run_dir
+from alite_jax import activity, batch_norm_stats, costs, data, health, report, run_dir
 from alite_jax.config import check_ranges
 from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
@@ -48,6 +48,7 @@ from alite_jax.models import STUDENTS, check_model_image_size, count_params, ini
 
 GATES_STREAM = 1  # folded into the step's key for the method's rng streams (the mixing key is the step's)
 RECOMPUTE_STREAM = 2  # folded into the epoch's key for the rng streams of BatchNorm's recomputation
+PROBE_STREAM = 3  # folded into the epoch's key for the rng streams of the end-of-epoch probe
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +262,24 @@ def with_recomputed_batch_stats(recompute: Callable, state: State, pipe: data.In
     return dict(state, batch_stats=stats)
 
 
+def epoch_probe(variance: Callable, pipe: data.InputPipeline, epoch: int,
+                seed: int = 0) -> Callable[[State], Any]:
+    """The ``probe`` a method's ``end_of_epoch`` gets: ``state -> variances`` of every Conv / Dense
+    layer's output channels (:func:`alite_jax.activity.output_variance`, jitted as ``variance``) over
+    the first training batch of ``epoch``, read when first called, apart from the training iterator (as
+    :func:`with_recomputed_batch_stats` reads its batches)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), PROBE_STREAM)
+    images: list[jax.Array] = []
+
+    def probe(state: State) -> Any:
+        if not images:
+            with contextlib.closing(pipe.train_epoch(epoch)) as epoch_batches:
+                images.append(next(iter(epoch_batches))["image"])
+        return variance({"params": state["params"], "batch_stats": state["batch_stats"]}, images[0], key)
+
+    return probe
+
+
 def watch_health(run: Run, row: dict[str, Any], writer: MetricWriter) -> None:
     """Warns (one line a layer) about parameters or statistics that grew more than
     ``config.health_factor`` in the epoch; stops on a non-finite one, before its checkpoint is saved."""
@@ -374,6 +393,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                          donate_argnums=0, out_shardings=(replicated, replicated))  # no recompile
     eval_step = jax.jit(make_eval_step(run.model), out_shardings=replicated)
     recompute = batch_norm_stats.make_recompute(run.model, replicated, method.apply_rngs)
+    variance = activity.make_output_variance(run.model, replicated, method.apply_rngs)
     lr = method.learning_rate(steps_per_epoch)
     progress = Progress(steps_per_epoch * num_epochs, config.data.batch_size)
     if step:
@@ -410,7 +430,8 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                                                 config.data.seed)
             row = dict(epoch=epoch, step=step, lr=float(lr(step - 1)), **train,
                        **evaluate(eval_step, state, pipe))
-            state, fields = method.end_of_epoch(state, epoch, steps_per_epoch)
+            state, fields = method.end_of_epoch(state, epoch, steps_per_epoch,
+                                                epoch_probe(variance, pipe, epoch, config.data.seed))
             row.update(fields, **health.layer_health(state["params"], state["batch_stats"]),
                        epoch_time_s=time.perf_counter() - timer)
             watch_health(run, row, writer)

@@ -46,7 +46,7 @@ import ml_collections  # noqa: E402
 # The paper's round taken literally: no per-layer floor, regrown weights keep their momentum, full-rate
 # rounds however short the epoch, channels may empty, masked dense initialisation.
 PAPER_RULE = dict(min_layer_fraction=0.0, reset_regrown_momentum=False, full_rate_steps=0,
-                  keep_channels=False, fan_in_init=False)
+                  keep_channels=False, fan_in_init=False, revive_dormant=False)
 # name -> (label, mode, loss, density, structure, sparsity fields that differ from the defaults)
 SETTINGS = {
     "dense_ce": ("dense CE (baseline)", "baseline", "ce", 1.0, "irregular", {}),
@@ -56,7 +56,10 @@ SETTINGS = {
     "sparse_kd": ("sparse KD, d = 0.1", "distill", "kd", 0.1, "irregular", {}),
     "sparse_kdat": ("sparse KD+AT, d = 0.1", "distill", "kd+at", 0.1, "irregular", {}),
     "sparse_kdat_open": ("sparse KD+AT, d = 0.1, channels may empty, masked dense init", "distill",
-                         "kd+at", 0.1, "irregular", dict(keep_channels=False, fan_in_init=False)),
+                         "kd+at", 0.1, "irregular", dict(keep_channels=False, fan_in_init=False,
+                                                         revive_dormant=False)),
+    "sparse_kdat_norevive": ("sparse KD+AT, d = 0.1, regrown weights at zero in dormant channels too",
+                             "distill", "kd+at", 0.1, "irregular", dict(revive_dormant=False)),
     "sparse_kdat_keep": ("sparse KD+AT, d = 0.1, no channel empties, masked dense init", "distill",
                          "kd+at", 0.1, "irregular", dict(fan_in_init=False)),
     "sparse_kdat_fanin": ("sparse KD+AT, d = 0.1, channels may empty, fan-in init", "distill", "kd+at",

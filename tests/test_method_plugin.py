@@ -36,7 +36,7 @@ class SmoothedCE(methods.Method):
         ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
         return smoothed, dict(ce=ce, smoothed=smoothed, total=smoothed)
 
-    def end_of_epoch(self, state, epoch, steps_per_epoch):
+    def end_of_epoch(self, state, epoch, steps_per_epoch, probe=None):
         return state, {"toy_epoch": epoch}
 
     def summary_fields(self, state, student_costs, image_size, channels):

@@ -132,7 +132,8 @@ def test_recomputed_statistics_leave_training_untouched(tmp_path):
 
 EPOCHS = 2  # the first prune/regrow round ends epoch 0: the blow-up is in epoch 1's first steps
 RUNS = (("dense", "baseline", {}), ("sparse", "distill", {}),
-        ("paper", "distill", dict(keep_channels=False, fan_in_init=False, bn_batches=0)))
+        ("paper", "distill", dict(keep_channels=False, fan_in_init=False, revive_dormant=False,
+                                  bn_batches=0)))
 
 
 def _run_16x16(workdir, mode, **sparsity):
@@ -242,4 +243,6 @@ def test_every_epoch_records_its_health_and_the_report_plots_it(runs):
         assert all(math.isfinite(v) for v in row["param_norm"].values())
         assert set(row["bn_var"]) >= {"stem_bn", "stage1_block1/bn1"}
         assert set(row["bn_mean"]) == set(row["bn_var"])
+    # the round after epoch 0 (not after the last) counts the weights it drew in dormant channels
+    assert isinstance(rows[0]["revived"], int) and "revived" not in rows[-1]
     assert os.path.exists(os.path.join(runs["sparse"]["workdir"], "health.png"))

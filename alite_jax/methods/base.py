@@ -35,7 +35,7 @@ and schedules), :mod:`~alite_jax.methods.teacher` (a teacher run in the step) an
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -145,8 +145,12 @@ class Method:
         return learning_rate_schedule(self.config, steps_per_epoch)
 
     # End of epoch --------------------------------------------------------------------------------
-    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
-        """Called after the epoch's evaluation; returns the new state and fields for the metrics row."""
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int,
+                     probe: Callable[[State], Any] | None = None) -> tuple[State, dict[str, Any]]:
+        """Called after the epoch's evaluation; returns the new state and fields for the metrics row.
+        ``probe(state)`` gives, under a state's weights, the variance of every Conv / Dense layer's
+        output channels over a training batch of the epoch (:func:`alite_jax.activity.output_variance`;
+        read only when called), e.g. to find the channels a prune/regrow round left dormant."""
         return state, {}
 
     # Summary -------------------------------------------------------------------------------------

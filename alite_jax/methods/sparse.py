@@ -7,8 +7,9 @@ See :mod:`alite_jax.sparsity` for the rule and docs/sparse_learning.md for its s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
+import jax
 import ml_collections
 import optax
 
@@ -20,9 +21,15 @@ from alite_jax.methods.optim import optimizer_from_config
 # sparsity: the options of alite_jax.sparsity.sparse_learning and of the rounds (docs/sparse_learning.md).
 # round_every: 0 runs a round after each epoch's evaluation (Algorithm 1); N > 0 runs them inside the
 # optimizer's update every N steps, whatever the epoch's length, with the same schedule over the run's steps.
+# revive_dormant: after each per-epoch round, weights regrown into a channel that is constant over a
+# training batch start at their layer's scale (alite_jax.sparsity.revive_dormant), not at zero.
 SECTION = dict(density=0.1, structure="irregular", distribution="uniform", prune_rate=0.5, schedule="linear",
                full_rate_steps=20, redistribution="momentum", min_layer_fraction=0.25,
-               reset_regrown_momentum=True, keep_channels=True, fan_in_init=True, round_every=0)
+               reset_regrown_momentum=True, keep_channels=True, fan_in_init=True, round_every=0,
+               revive_dormant=True)
+REVIVE_STREAM = 0x5EED  # folded into the seed and the epoch for revive_dormant's draw
+Probe = Callable[[dict[str, Any]], Any]  # state -> each kernel's output-channel variance (train.py's)
+_revive = jax.jit(sparsity.revive_dormant)
 RANGES = {
     "sparsity.density": Range(0, 1, low_open=True, meaning="the fraction of prunable weights kept"),
     "sparsity.prune_rate": Range(0, 1, meaning="the first round's prune rate p0"),
@@ -53,20 +60,31 @@ def sparse_optimizer(config: ml_collections.ConfigDict, inner: optax.GradientTra
         **rounds)
 
 
-def sparse_round(config: ml_collections.ConfigDict, state: State, epoch: int,
-                 steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+def sparse_round(config: ml_collections.ConfigDict, state: State, epoch: int, steps_per_epoch: int,
+                 probe: Probe | None = None) -> tuple[State, dict[str, Any]]:
     """Algorithm 1's end of epoch: a prune/regrow round after every epoch but the last (after its
     evaluation: the model that epoch trained is the one evaluated), unless the rounds run inside the
-    update (``sparsity.round_every``), and the densities for the metrics."""
+    update (``sparsity.round_every``), and the densities for the metrics.
+
+    With ``sparsity.revive_dormant`` and a ``probe`` (the trainer's: the output channels' variance
+    over a training batch under a state's weights), the weights the round regrew into dormant channels
+    are drawn at their layer's scale (:func:`alite_jax.sparsity.revive_dormant`); the row's ``revived``
+    counts them."""
     row = {}
     s, num_epochs = config.sparsity, config.num_epochs
     if epoch < num_epochs - 1 and not s.get("round_every", 0):
         rate = sparsity.prune_rate_schedule(s.prune_rate, num_epochs, s.schedule,
                                             steps_per_epoch=steps_per_epoch,
                                             full_rate_steps=s.full_rate_steps)(epoch)
+        before = sparsity.get_masks(state["opt_state"])
         params, opt_state = sparsity.prune_and_regrow(state["params"], state["opt_state"], rate)
         state = dict(state, params=params, opt_state=opt_state)
         row["prune_rate"] = rate
+        if s.get("revive_dormant", True) and probe is not None:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), epoch), REVIVE_STREAM)
+            params, revived = _revive(params, before, sparsity.get_masks(opt_state), probe(state), key)
+            state = dict(state, params=params)
+            row["revived"] = int(sum(jax.device_get(list(revived.values()))))
     masks = sparsity.get_masks(state["opt_state"])
     row.update(density=sparsity.global_density(masks), per_layer_density=sparsity.layer_densities(masks))
     return state, row
@@ -114,11 +132,12 @@ class SparseLearning:
             return sparsity.scale_to_fan_in(params, masks)
         return sparsity.apply_masks(params, masks)
 
-    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int,
+                     probe: Probe | None = None) -> tuple[State, dict[str, Any]]:
         """A prune/regrow round (:func:`sparse_round`) when sparse."""
         if not self.sparse:
             return state, {}
-        return sparse_round(self.config, state, epoch, steps_per_epoch)
+        return sparse_round(self.config, state, epoch, steps_per_epoch, probe)
 
     def masks(self, state: State) -> Any | None:
         return sparsity.get_masks(state["opt_state"]) if self.sparse else None

@@ -257,7 +257,8 @@ class SPViTSearch(SPViTMethod):
                     arch_attention=[kind for kind, _ in arch], arch_ffn=[width for _, width in arch],
                     mlp_hidden=int(m.dim * m.mlp_ratio))
 
-    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int) -> tuple[State, dict[str, Any]]:
+    def end_of_epoch(self, state: State, epoch: int, steps_per_epoch: int,
+                     probe: Any = None) -> tuple[State, dict[str, Any]]:
         return state, self.architecture(state["params"])
 
     def summary_fields(self, state: State, student_costs: Mapping[str, Any], image_size: int,

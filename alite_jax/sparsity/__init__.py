@@ -15,12 +15,14 @@ from alite_jax.sparsity.masks import (DISTRIBUTIONS, STRUCTURES, apply_masks, ch
                                       layer_densities, layer_units, scale_to_fan_in)
 from alite_jax.sparsity.prune_regrow import (SCHEDULES, prune_and_regrow, prune_rate_schedule, round_masks,
                                              round_prune_rate)
+from alite_jax.sparsity.revive import DORMANT_VARIANCE, revive_dormant
 from alite_jax.sparsity.state import SparseLearningState, find_state, get_masks
 from alite_jax.sparsity.transform import REDISTRIBUTIONS, sparse_learning
 
 __all__ = [
-    "DISTRIBUTIONS", "REDISTRIBUTIONS", "SCHEDULES", "STRUCTURES", "SparseLearningState", "apply_masks",
-    "channel_units", "default_is_prunable", "draw_masks", "find_state", "get_masks", "global_density",
-    "init_masks", "is_pruned", "layer_densities", "layer_units", "scale_to_fan_in",
-    "prune_and_regrow", "prune_rate_schedule", "round_masks", "round_prune_rate", "sparse_learning",
+    "DISTRIBUTIONS", "DORMANT_VARIANCE", "REDISTRIBUTIONS", "SCHEDULES", "STRUCTURES", "SparseLearningState",
+    "apply_masks", "channel_units", "default_is_prunable", "draw_masks", "find_state", "get_masks",
+    "global_density", "init_masks", "is_pruned", "layer_densities", "layer_units", "scale_to_fan_in",
+    "prune_and_regrow", "prune_rate_schedule", "round_masks", "revive_dormant", "round_prune_rate",
+    "sparse_learning",
 ]
