@@ -36,10 +36,11 @@ processes wait for each other around each rename.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -207,17 +208,38 @@ def check_nothing_to_lose(workdir: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+@dataclasses.dataclass
+class EpochCheckpoints:
+    """Orbax's preservation policy of a run: the newest ``n`` checkpoints taken at an epoch's end (a step
+    that is a multiple of ``steps_per_epoch``), and the newest checkpoint whatever its step (a stop's,
+    mid-epoch). ``checkpoint_max_to_keep`` counts epoch checkpoints: a checkpoint taken mid-epoch on a
+    preemption notice never evicts one, and goes once a newer checkpoint exists."""
+
+    n: int
+    steps_per_epoch: int
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> list[bool]:
+        steps = [c.step for c in checkpoints]
+        at_epoch_end = [s for s in steps if s % self.steps_per_epoch == 0]
+        keep = set(sorted(at_epoch_end)[-self.n:]) | ({max(steps)} if steps else set())
+        return [s in keep for s in steps]
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int,
+                       steps_per_epoch: int | None = None) -> ocp.CheckpointManager:
     """The orbax manager of ``workdir/checkpoints``: two items per step, ``state`` (the whole training
     state) and ``data`` (the training iterator's position, grain's own checkpoint format: one small JSON
-    file per process).
+    file per process). With ``steps_per_epoch`` (a run that saves), ``max_to_keep`` counts the
+    checkpoints at epochs' ends (:class:`EpochCheckpoints`); without, the newest ``max_to_keep``.
 
     The items' handlers are given, not inferred from the newest step directory on disk: an empty one (a
     kill in the first moments of a save) would otherwise make every checkpoint unreadable.
     """
+    keep = (dict(preservation_policy=EpochCheckpoints(max_to_keep, steps_per_epoch)) if steps_per_epoch
+            else dict(max_to_keep=max_to_keep))
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(create=True, **keep),
         item_names=(STATE, DATA),
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()})
 

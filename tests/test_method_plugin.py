@@ -99,6 +99,9 @@ def test_runs_checkpoints_and_resumes_exactly(toy_run):
     assert json.load(open(os.path.join(whole, "toy.json"))) == {"smoothing": 0.1}
     assert_same_model(whole, resumed)
     assert epoch_rows(resumed) == rows
+    # the notice's checkpoint (step 6, mid-epoch 1) went once epoch 1's existed: only epochs' are kept
+    kept = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")))
+    assert kept == [r["step"] for r in rows]
     with pytest.raises(RunDirError, match="toy.smoothing is 0.1 in its config.json, 0.2 now"):
         run_dir.check_same_run(whole, toy_config(smoothing=0.2),
                                methods.class_fields(SmoothedCE, "may_change"))

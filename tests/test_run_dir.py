@@ -3,6 +3,8 @@ another run, what counts as history, and where what is set aside goes."""
 
 import os
 
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
 import pytest
 from tiny_runs import tiny_config
 
@@ -52,3 +54,23 @@ def test_a_fresh_start_sets_the_whole_run_aside(tmp_path):
         assert run_dir.read_run_config(f"{workdir}.previous-{n}")["num_epochs"] == n
     os.makedirs(workdir)
     assert run_dir.set_aside_run(workdir) is None and os.path.isdir(workdir)  # empty: nothing to move
+
+
+def test_checkpoint_max_to_keep_counts_epoch_checkpoints(tmp_path):
+    """Two stops mid-epoch (steps 23 and 27, 10 steps an epoch) keep both epoch checkpoints of
+    max_to_keep = 2; a stop's checkpoint stays while it is the newest and goes after the next save."""
+    manager = run_dir.checkpoint_manager(str(tmp_path), 2, steps_per_epoch=10)
+    kept = {}
+    for step in (10, 20, 23, 27, 30, 33, 40):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": jnp.full(2, step)})))
+        manager.wait_until_finished()
+        kept[step] = sorted(manager.all_steps())
+    assert kept == {10: [10], 20: [10, 20], 23: [10, 20, 23], 27: [10, 20, 27], 30: [20, 30],
+                    33: [20, 30, 33], 40: [30, 40]}
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
+    # without steps_per_epoch (a manager that only reads): the newest max_to_keep, as orbax's own
+    plain = run_dir.checkpoint_manager(str(tmp_path / "plain"), 2)
+    for step in (10, 20, 23, 27):
+        plain.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": jnp.full(2, step)})))
+        plain.wait_until_finished()
+    assert sorted(plain.all_steps()) == [23, 27]
