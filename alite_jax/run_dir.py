@@ -254,10 +254,10 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data_
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
-                       data_iterator: Any | None = None) -> Any | None:
-    """The newest readable checkpoint of ``manager`` restored into ``abstract_state``'s structure,
-    shapes and shardings, and ``data_iterator`` (if given) moved to its position; None when there is no
-    checkpoint.
+                       data_iterator: Any | None = None, up_to: int | None = None) -> Any | None:
+    """The newest readable checkpoint of ``manager`` (at a step <= ``up_to``, if given) restored into
+    ``abstract_state``'s structure, shapes and shardings, and ``data_iterator`` (if given) moved to its
+    position; None when there is no checkpoint.
 
     Each newer checkpoint that cannot be read is reported and set aside (renamed ``<step>.corrupt-<n>``
     in the same directory, kept for inspection), so that step is saved afresh when the run reaches it.
@@ -266,7 +266,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
     """
     failures = []
     state = None
-    for step in sorted(manager.all_steps(), reverse=True):
+    for step in sorted((s for s in manager.all_steps() if up_to is None or s <= up_to), reverse=True):
         try:
             items = {STATE: ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
@@ -335,6 +335,21 @@ def read_metrics(workdir: str, warn: Callable[[str], None] = print) -> list[dict
                               f"{line.strip()[:80]!r}. Repair or delete that line (each line holds one "
                               f"epoch's metrics).")
     return rows
+
+
+def epochs_without_rows(workdir: str, epoch: int) -> list[int]:
+    """The epochs before ``epoch`` (which a checkpoint in ``epoch`` has finished) that metrics.jsonl has
+    no row for: a cut last line, or a kill between the checkpoint's save and the row's write."""
+    return sorted(set(range(epoch)) - {r["epoch"] for r in read_metrics(workdir, warn=lambda _: None)})
+
+
+def drop_checkpoints_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
+    """Deletes the checkpoints of ``manager`` after ``step`` (a run resumed from ``step`` saves them again,
+    the same); returns their steps."""
+    later = sorted(s for s in manager.all_steps() if s > step)
+    for s in later:
+        manager.delete(s)
+    return later
 
 
 def resume_metrics(workdir: str, epoch: int, step: int) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from alite_jax import activity, batch_norm_stats, costs, data, health, report, r
 from alite_jax.config import check_ranges
 from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
-from alite_jax.errors import DivergedError, user_input
+from alite_jax.errors import DivergedError, RunDirError, user_input
 from alite_jax.methods import Method, State, get_method, method_class, registered_may_change
 from alite_jax.metric_writers import MetricWriter, Progress
 from alite_jax.models import STUDENTS, check_model_image_size, count_params, init_model, model_from_config
@@ -349,6 +349,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
         inputs = method.initial_inputs()
         state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed), inputs)
     epoch = int(state["step"]) // pipe.steps_per_epoch
+    missing = run_dir.epochs_without_rows(workdir, epoch)
+    if missing:  # a cut metrics.jsonl: train those epochs again from a checkpoint before them, if any
+        start = missing[0] * pipe.steps_per_epoch
+        try:
+            older = run_dir.restore_checkpoint(manager, abstract, batches, up_to=start)
+        except RunDirError:  # none of them readable: go on from the newest, without those rows
+            older = None
+        if older is not None:
+            dropped = run_dir.drop_checkpoints_after(manager, int(older["step"]))
+            say(f"WARNING: {os.path.join(workdir, run_dir.METRICS)} has no row for epochs {missing}, which "
+                f"the checkpoint at step {int(state['step'])} has finished: resuming from step "
+                f"{int(older['step'])} to compute them again (the checkpoints at steps {dropped} are saved "
+                f"again, the same)")
+            state = older
+            epoch = int(state["step"]) // pipe.steps_per_epoch
     history = run_dir.resume_metrics(workdir, epoch, int(state["step"]))
     run_dir.write_run_config(workdir, config, num_classes, channels, (pipe.mean, pipe.std))
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it

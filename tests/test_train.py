@@ -241,6 +241,31 @@ def test_unreadable_checkpoints_and_a_partial_metrics_line_are_set_aside(teacher
     assert "is unreadable" not in capsys.readouterr().out
 
 
+def test_a_finished_run_whose_last_metrics_line_was_cut_trains_that_epoch_again(teacher_dir, student_run,
+                                                                                tmp_path, capsys):
+    """A finished run whose metrics.jsonl lost its last row (cut in half) is run again: the checkpoint of
+    the epoch before it restores, the epoch is trained again and its row written, and summary.json
+    describes the saved model, as the uninterrupted run's does (not epoch 1's accuracy beside epoch 2's
+    model)."""
+    _, reference = student_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    path = os.path.join(workdir, "metrics.jsonl")
+    text = open(path).read()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    with open(path, "w") as f:
+        f.write(text[:len(text) - len(last) // 2 - 1])
+    summary = train.train_and_evaluate(student_config(teacher_dir), workdir)
+    out = capsys.readouterr().out
+    assert "has no row for epochs [2], which the checkpoint at step 12 has finished: resuming from step 8" \
+        in out, out
+    assert epoch_rows(workdir) == epoch_rows(reference)
+    assert_same_model(workdir, reference)
+    expected = json.load(open(os.path.join(reference, "summary.json")))
+    assert summary == expected == json.load(open(os.path.join(workdir, "summary.json")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+
+
 def test_rounds_inside_the_step_every_epochs_length_equal_the_rounds_after_each_epoch(teacher_dir,
                                                                                      student_run, tmp_path):
     """``sparsity.round_every`` = the steps of an epoch runs the same rounds at the same moments, inside
