@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from typing import Any, Callable, Sequence
 
 import grain
@@ -61,6 +62,7 @@ CHECKPOINTS = "checkpoints"
 STATE, DATA = "state", "data"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
+NEW, OLD = ".new", ".old"  # model/ is written as model.new, then swapped in (the old one as model.old)
 SUMMARY = "summary.json"
 
 # Fields that may differ between a run's config.json and the config that resumes it: where files are,
@@ -381,14 +383,43 @@ def export_model(workdir: str, variables: dict[str, Any]) -> None:
 
     With :func:`write_run_config` this makes a run directory a distillation can take as its teacher,
     e.g. a ResNet-50 trained elsewhere and converted to this zoo's parameter tree. Every process takes
-    part (orbax saves collectively); an existing export is replaced.
+    part (orbax saves collectively). An existing export is replaced, never deleted first: the new one
+    is written whole beside it (``model.new``), then swapped in by two renames, and a kill between them
+    is finished by the next reader (:func:`recover_model`).
     """
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(os.path.join(workdir, MODEL)), variables, force=True)
+    path = os.path.abspath(os.path.join(workdir, MODEL))
+    new, old = path + NEW, path + OLD
+    if is_leader():
+        recover_model(workdir)
+        for leftover in (new, old):  # a kill before the swap: the old export is whole in model/
+            shutil.rmtree(leftover, ignore_errors=True)
+    _sync("before exporting the model")
+    with ocp.StandardCheckpointer() as checkpointer:  # orbax renames its temporary directory when done
+        checkpointer.save(new, variables, force=True)
+    _sync("model exported")
+    if is_leader():
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync("model replaced")
+
+
+def recover_model(workdir: str) -> None:
+    """Finishes an export that a kill cut between its two renames (``model/`` moved to ``model.old``,
+    the whole new one still in ``model.new``): moves the new one in. Nothing else changes."""
+    path = os.path.abspath(os.path.join(workdir, MODEL))
+    if not os.path.exists(path) and os.path.exists(path + NEW) and os.path.exists(path + OLD):
+        try:
+            os.rename(path + NEW, path)
+        except FileNotFoundError:  # another process finished it
+            return
+        shutil.rmtree(path + OLD, ignore_errors=True)
 
 
 def is_finished_run(workdir: str) -> bool:
     """Whether ``workdir`` holds a finished run's model: ``config.json`` and ``model/``."""
+    recover_model(workdir)
     return all(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG, MODEL))
 
 
@@ -400,6 +431,7 @@ def restore_model(workdir: str, model: Any, mesh: jax.sharding.Mesh, image_size:
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             abstract_variables(model, image_size, channels))
+    recover_model(workdir)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
 

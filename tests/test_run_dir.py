@@ -74,3 +74,46 @@ def test_checkpoint_max_to_keep_counts_epoch_checkpoints(tmp_path):
         plain.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": jnp.full(2, step)})))
         plain.wait_until_finished()
     assert sorted(plain.all_steps()) == [23, 27]
+
+
+def read_export(workdir):
+    with ocp.StandardCheckpointer() as checkpointer:
+        return float(checkpointer.restore(os.path.join(workdir, "model"))["params"]["w"][0])
+
+
+def test_a_models_export_is_replaced_never_deleted_first(tmp_path, monkeypatch):
+    """A finished run exported again (a rerun) keeps a whole model/ at every moment: a kill while the new
+    one is written leaves the old one; a kill between the two renames that swap it in is finished by the
+    next reader (a distillation's teacher check), which then finds the new one."""
+    workdir = str(tmp_path)
+    run_dir.write_run_config(workdir, tiny_config("baseline"), num_classes=10, channels=1)
+    run_dir.export_model(workdir, {"params": {"w": jnp.full(3, 1.0)}})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_dir.export_model(workdir, {"params": {"w": jnp.full(3, 2.0)}})
+    assert run_dir.is_finished_run(workdir) and read_export(workdir) == 1.0
+
+    renames = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        renames.append(os.path.basename(dst))
+        if os.path.basename(dst) == "model":  # model -> model.old done, model.new -> model not yet
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", rename)
+        with pytest.raises(KeyboardInterrupt):
+            run_dir.export_model(workdir, {"params": {"w": jnp.full(3, 3.0)}})
+    assert renames[-2:] == ["model.old", "model"]
+    assert {"model.new", "model.old"} <= set(os.listdir(workdir)) and "model" not in os.listdir(workdir)
+    assert run_dir.is_finished_run(workdir) and read_export(workdir) == 3.0
+    run_dir.export_model(workdir, {"params": {"w": jnp.full(3, 4.0)}})
+    assert read_export(workdir) == 4.0
+    assert sorted(os.listdir(workdir)) == ["config.json", "model"]
