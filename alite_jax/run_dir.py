@@ -36,12 +36,17 @@ processes wait for each other around each rename.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Sequence
+import socket
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -62,6 +67,7 @@ CHECKPOINTS = "checkpoints"
 STATE, DATA = "state", "data"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
+LOCK = "lock"  # held by the run working in the directory (workdir_lock)
 NEW, OLD = ".new", ".old"  # model/ is written as model.new, then swapped in (the old one as model.old)
 SUMMARY = "summary.json"
 
@@ -185,13 +191,91 @@ def set_aside_run(workdir: str) -> str | None:
     or None when there was nothing to move."""
     _sync("before setting a run aside")  # every process has read the directory
     moved = None
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {LOCK}:
         moved = aside_name(workdir, "previous")
         if is_leader():
             os.rename(workdir, moved)
+            if os.path.exists(os.path.join(moved, LOCK)):  # the run's lock (held) comes back with it
+                os.makedirs(workdir)
+                os.rename(os.path.join(moved, LOCK), os.path.join(workdir, LOCK))
             say(f"starting fresh: the previous contents of {workdir} are now in {moved}")
     _sync("after setting a run aside")
     return moved
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds ``workdir/lock`` for the run: a second run in the same workdir (another terminal, a
+    relaunched job, a misconfigured host) is refused with :class:`RunDirError` naming the holder, before
+    it reads or writes anything else.
+
+    The lock is the kernel's (``fcntl.flock``): it goes with the process that holds it, however that
+    process ends, so a killed run's lock never blocks the next one. The holder's host, pid, start and
+    command are written in the file, which is removed on release: a next run that still finds them knows
+    the previous one was killed, and says so. In a multi-host run process 0 holds it for all. A workdir
+    this created and that holds nothing else when the run ends (a run its checks refused) is removed.
+    """
+    path = os.path.join(workdir, LOCK)
+    created, handle, refusal = not os.path.exists(workdir), None, ""
+    if is_leader():
+        handle, refusal = _take_lock(workdir, path)
+    if jax.process_count() > 1:
+        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
+        if int(refused) and not refusal:
+            refusal = f"process 0 could not take the lock of {workdir}: it is in use by another run"
+    if refusal:
+        if created and os.path.isdir(workdir) and not os.listdir(workdir):
+            os.rmdir(workdir)
+        raise RunDirError(refusal)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            os.remove(path)  # before the lock goes: a run that opens the file next finds a new one
+            handle.close()
+            if created and not os.listdir(workdir):
+                os.rmdir(workdir)
+
+
+def _take_lock(workdir: str, path: str) -> tuple[Any, str]:
+    """``(open lock file, "")`` once this process holds ``path``'s lock, or ``(None, why not)``."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {workdir} ({_one_line(e)}); give a --workdir this user can "
+                          f"write to") from None
+    while True:
+        try:
+            handle = open(path, "a+")
+        except OSError as e:
+            raise RunDirError(f"cannot write in {workdir} ({_one_line(e)}); give a --workdir this user "
+                              f"can write to") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "its details are not written yet"
+            handle.close()
+            return None, (f"{workdir} is in use by another run ({holder}); nothing was changed. Wait for "
+                          f"it to end, or use another --workdir")
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its holder removed while this one opened it: try the new one
+            break
+        handle.close()
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous:
+        say(f"WARNING: the last run in {workdir} ({previous}) ended without releasing its lock (it was "
+            f"killed): taking it over")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+    handle.flush()
+    return handle, ""
 
 
 def check_nothing_to_lose(workdir: str) -> None:

@@ -378,21 +378,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains and evaluates per ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
     Everything is checked before anything is written or compiled: the config, the data, the teacher
-    run, and that ``workdir`` holds no other run (:func:`alite_jax.run_dir.check_same_run`). A workdir
+    run, that ``workdir`` holds no other run (:func:`alite_jax.run_dir.check_same_run`) and that no other
+    run works in it now (:func:`alite_jax.run_dir.workdir_lock`, taken first). A workdir
     with history (checkpoints, metrics, results) is never started over from scratch, unless ``fresh``:
     then its contents are first moved aside to ``<workdir>.previous-<n>``.
 
     Returns the summary (also written to ``workdir/summary.json``), or ``{"preempted_at_step": step}``
     when a preemption notice stopped the run after checkpointing it.
     """
-    run = setup(config, workdir, fresh)
-    writer = MetricWriter(workdir)
-    try:
-        return loop(run, writer)
-    finally:
-        writer.close()
-        run.batches.close()
-        run.manager.close()
+    with run_dir.workdir_lock(workdir):
+        run = setup(config, workdir, fresh)
+        writer = MetricWriter(workdir)
+        try:
+            return loop(run, writer)
+        finally:
+            writer.close()
+            run.batches.close()
+            run.manager.close()
 
 
 def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 another run, what counts as history, and where what is set aside goes."""
 
 import os
+import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
-from tiny_runs import tiny_config
+from tiny_runs import ROOT, tiny_config
 
 from alite_jax import methods, run_dir
 from alite_jax.errors import RunDirError
@@ -117,3 +120,38 @@ def test_a_models_export_is_replaced_never_deleted_first(tmp_path, monkeypatch):
     run_dir.export_model(workdir, {"params": {"w": jnp.full(3, 4.0)}})
     assert read_export(workdir) == 4.0
     assert sorted(os.listdir(workdir)) == ["config.json", "model"]
+
+
+def test_a_second_run_in_a_workdir_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, capsys):
+    """Another process holds the workdir (a run in another terminal): a run there is refused, naming the
+    holder, before anything is read or written; so is a second lock in the same process. Once the holder
+    is killed (SIGKILL: no clean-up), the next run takes the lock over and says what happened."""
+    from alite_jax import train
+
+    workdir = str(tmp_path / "run")
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from alite_jax import run_dir\n"
+            f"with run_dir.workdir_lock({workdir!r}):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = rf"{re.escape(workdir)} is in use by another run \(pid {holder.pid} on host .+, started "
+        with pytest.raises(RunDirError, match=refused + r".*nothing was changed. Wait for it to end"):
+            train.train_and_evaluate(tiny_config("baseline"), workdir)
+        assert os.listdir(workdir) == ["lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir.workdir_lock(workdir):
+        out = capsys.readouterr().out
+        assert re.search(rf"the last run in {re.escape(workdir)} \(pid {holder.pid} .*\) ended without "
+                         r"releasing its lock \(it was killed\): taking it over", out), out
+        assert open(os.path.join(workdir, "lock")).read().startswith(f"pid {os.getpid()} on host ")
+        with pytest.raises(RunDirError, match="is in use by another run"):
+            with run_dir.workdir_lock(workdir):
+                pass
+    assert os.listdir(workdir) == []  # the lock goes with the run; the directory was there before it
+    fresh = str(tmp_path / "new")
+    with pytest.raises(RunDirError):  # a run its checks refuse leaves no directory it created
+        with run_dir.workdir_lock(fresh):
+            raise RunDirError("refused")
+    assert not os.path.exists(fresh)
