@@ -64,7 +64,7 @@ from alite_jax.models import abstract_variables
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
-STATE, DATA = "state", "data"  # the items of a checkpoint step
+STATE, DATA, RUN_CONFIG = "state", "data", "config"  # the items of a checkpoint step
 METRICS = "metrics.jsonl"
 MODEL = "model"
 LOCK = "lock"  # held by the run working in the directory (workdir_lock)
@@ -144,13 +144,13 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, num_classe
 
 
 def config_differences(stored: dict[str, Any], config: ml_collections.ConfigDict,
-                       may_change: tuple[str, ...] = ()) -> list[str]:
+                       may_change: tuple[str, ...] = (), source: str = "its config.json") -> list[str]:
     """The fields, outside :data:`MAY_CHANGE` and ``may_change`` (the methods'), whose values differ
-    between a run's stored config and ``config``, as "<field> is <stored> in its config.json, <new>
-    now". Fields only one of them has (a run written by an older version) are not compared."""
+    between a run's stored config and ``config``, as "<field> is <stored> in <source>, <new> now".
+    Fields only one of them has (a run written by an older version) are not compared."""
     old = flatten(stored, sep=".")
     new = flatten(json.loads(json.dumps(config.to_dict())), sep=".")  # tuples as JSON lists, like the file
-    return [f"{name} is {old[name]!r} in its config.json, {new[name]!r} now"
+    return [f"{name} is {old[name]!r} in {source}, {new[name]!r} now"
             for name in sorted(old.keys() & new.keys())
             if name not in MAY_CHANGE + may_change and old[name] != new[name]]
 
@@ -175,14 +175,16 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, may_change: 
     that may differ too (:func:`alite_jax.methods.registered_may_change`)."""
     if not history(workdir):
         return
-    stored = read_run_config(workdir)
+    stored, source = read_run_config(workdir), "its config.json"
+    if stored is None:  # config.json lost: the checkpoints carry the config they were trained with
+        stored, source = checkpoint_config(workdir), "its checkpoint"
     if stored is None:
         return
-    differences = config_differences(stored, config, may_change)
+    differences = config_differences(stored, config, may_change, source)
     if differences:
         raise RunDirError(
             f"{workdir} holds another run: {'; '.join(differences)}. To resume it, run it with its own "
-            f"config (its config.json); to run this config, "
+            f"config ({source}); to run this config, "
             + FRESH_HINT.format(aside=aside_name(workdir, "previous")) + ".")
 
 
@@ -326,17 +328,40 @@ def checkpoint_manager(workdir: str, max_to_keep: int,
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
         options=ocp.CheckpointManagerOptions(create=True, **keep),
-        item_names=(STATE, DATA),
-        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()})
+        item_names=(STATE, DATA, RUN_CONFIG),
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+                       RUN_CONFIG: ocp.JsonCheckpointHandler()})
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-                    force: bool = False) -> None:
-    """Saves the train state and the data iterator's position at ``step`` (asynchronously; orbax waits
-    for the previous save first)."""
-    manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(data_iterator)}),
-        force=force)
+                    force: bool = False, config: ml_collections.ConfigDict | None = None) -> None:
+    """Saves the train state, the data iterator's position and (given) the run's config at ``step``
+    (asynchronously; orbax waits for the previous save first). The config in each checkpoint checks a
+    resumption when config.json is gone (:func:`check_same_run`)."""
+    items = {STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(data_iterator)}
+    if config is not None:
+        items[RUN_CONFIG] = ocp.args.JsonSave(json.loads(json.dumps(config.to_dict())))
+    manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def checkpoint_config(workdir: str) -> dict[str, Any] | None:
+    """The config saved with the newest checkpoint of ``workdir`` that holds one, or None."""
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=(RUN_CONFIG,),
+                                    item_handlers={RUN_CONFIG: ocp.JsonCheckpointHandler()})
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return manager.restore(step, args=ocp.args.Composite(
+                    **{RUN_CONFIG: ocp.args.JsonRestore()}))[RUN_CONFIG]
+            except Exception:  # an older checkpoint without one, or a damaged one: try the previous
+                continue
+    finally:
+        manager.close()
+    return None
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,

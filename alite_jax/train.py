@@ -227,11 +227,11 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State,
-                         batches: Any) -> dict[str, int]:
+def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State, batches: Any,
+                         config: ml_collections.ConfigDict) -> dict[str, int]:
     """Saves ``state`` and the data position at ``step`` (if not saved yet) and reports the preemption."""
     if manager.latest_step() != step:
-        run_dir.save_checkpoint(manager, step, state, batches, force=True)
+        run_dir.save_checkpoint(manager, step, state, batches, force=True, config=config)
     manager.wait_until_finished()
     print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
     return {"preempted_at_step": step}
@@ -436,7 +436,7 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
                     writer.write_text(f"epoch {epoch} step {step}/{progress.total_steps} loss {loss:.4f} "
                                       f"{progress.line(step)}")
                 if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
-                    return _checkpoint_and_stop(manager, step, state, run.batches)
+                    return _checkpoint_and_stop(manager, step, state, run.batches, config)
             train = {f"train_{k}": float(v) / steps_per_epoch
                      for k, v in jax.device_get(state["epoch_sums"]).items()}
             if not np.isfinite(train["train_total"]):
@@ -454,10 +454,10 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
             watch_health(run, row, writer)
             run.history.append(row)
             writer.write_epoch(epoch, row)
-            run_dir.save_checkpoint(manager, step, state, run.batches)
+            run_dir.save_checkpoint(manager, step, state, run.batches, config=config)
             epoch, start_step = epoch + 1, 0
             if stop and epoch < num_epochs:  # the notice came at the epoch's last step
-                return _checkpoint_and_stop(manager, step, state, run.batches)
+                return _checkpoint_and_stop(manager, step, state, run.batches, config)
     manager.wait_until_finished()
     return finish(run, state)
 

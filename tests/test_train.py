@@ -17,7 +17,7 @@ import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
 from alite_jax import data, run_dir, train
-from alite_jax.methods import learning_rate_schedule, needs_teacher
+from alite_jax.methods import learning_rate_schedule, needs_teacher, registered_may_change
 from alite_jax.methods import sparse as sparse_method
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
@@ -303,6 +303,17 @@ def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(tea
                        match=r"num_epochs is 3 .*, 5 now; optimizer\.momentum is 0\.9 .*, 0\.8 now"):
         train.train_and_evaluate(config, workdir)
     assert snapshot(workdir) == before
+    # config.json lost: the checkpoints carry the config they were trained with, and still check
+    os.remove(os.path.join(workdir, "config.json"))
+    before = snapshot(workdir)
+    config = student_config(teacher_dir)
+    config.optimizer.lr = 0.5
+    with pytest.raises(RunDirError, match=r"holds another run: optimizer\.lr is 0\.05 in its checkpoint, "
+                                          r"0\.5 now\. To resume it, run it with its own config \(its "
+                                          r"checkpoint\)"):
+        train.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == before
+    run_dir.check_same_run(workdir, student_config(teacher_dir), registered_may_change())
 
 
 def test_history_is_not_started_over_unless_asked(teacher_dir, student_run, tmp_path):
