@@ -58,8 +58,10 @@ def resolve_phase_paths(phase: ml_collections.ConfigDict, workdir: str) -> None:
             holder[key] = os.path.join(workdir, holder[key])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> dict[str, Any]:
-    """Runs a config (or each phase of a phased config) in ``workdir``.
+def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False,
+        preemption: train.Preemption | None = None) -> dict[str, Any]:
+    """Runs a config (or each phase of a phased config) in ``workdir``; ``preemption``: the caller's
+    :class:`alite_jax.train.Preemption`, so that a notice before a phase's first step stops it too.
 
     Returns the (last phase's) summary, or ``{"preempted_at_step": step}`` (with ``"phase": name`` for a
     phased config) when a preemption notice stopped a run after its checkpoint: the phases after it do
@@ -67,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
     phases are all checked before the first one runs.
     """
     if "phases" not in config:
-        return train.train_and_evaluate(config, workdir, fresh=fresh)
+        return train.train_and_evaluate(config, workdir, fresh=fresh, preemption=preemption)
     num_devices = distributed.make_mesh().devices.size
     for name in config.phase_order:
         phase = config.phases[name]
@@ -79,7 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) ->
         phase = config.phases[name]
         distributed.say(f"=== phase {name}: {phase.mode} {phase.model.name} -> {os.path.join(workdir, name)}")
         try:
-            result = train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh)
+            result = train.train_and_evaluate(phase, os.path.join(workdir, name), fresh=fresh,
+                                              preemption=preemption)
         except UserError as e:  # say which phase (other errors keep their own type and traceback)
             raise type(e)(f"phase {name}: {e}") from e
         if "preempted_at_step" in result:
@@ -149,8 +152,9 @@ def main(argv: list[str]) -> None:
                              "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")
     distributed.initialize(_DISTRIBUTED.value)  # before anything uses a device
     start = time.perf_counter()
-    with exit_on_user_error():
-        result = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+    # a notice (SIGTERM, Ctrl-C) from here on stops the command cleanly, during the set-up too
+    with exit_on_user_error(), train.Preemption() as preemption:
+        result = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, preemption=preemption)
     seconds = time.perf_counter() - start
     if "preempted_at_step" in result:
         again = " without --fresh" if _FRESH.value else ""

@@ -373,8 +373,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
                state, history, channels, mesh)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       fresh: bool = False) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False,
+                       preemption: Preemption | None = None) -> dict[str, Any]:
     """Trains and evaluates per ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
     Everything is checked before anything is written or compiled: the config, the data, the teacher
@@ -384,21 +384,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     then its contents are first moved aside to ``<workdir>.previous-<n>``.
 
     Returns the summary (also written to ``workdir/summary.json``), or ``{"preempted_at_step": step}``
-    when a preemption notice stopped the run after checkpointing it.
+    when a preemption notice stopped the run after checkpointing it, or before its first step (then
+    nothing needed saving). ``preemption``: a :class:`Preemption` already entered by the caller (the
+    CLI's, from its start), else one for this call.
     """
-    with run_dir.workdir_lock(workdir):
+    with contextlib.ExitStack() as stack:
+        if preemption is None:
+            preemption = stack.enter_context(Preemption())
+        stack.enter_context(run_dir.workdir_lock(workdir))
         run = setup(config, workdir, fresh)
         writer = MetricWriter(workdir)
         try:
-            return loop(run, writer)
+            if preemption.requested:  # a notice during the set-up (reading data, the teacher, restoring)
+                step = int(run.state["step"])
+                say(f"preempted before step {step + 1}: nothing new to save; run again to go on")
+                return {"preempted_at_step": step}
+            return loop(run, writer, preemption)
         finally:
             writer.close()
             run.batches.close()
             run.manager.close()
+            checkpoints = os.path.join(workdir, run_dir.CHECKPOINTS)
+            if is_leader() and os.path.isdir(checkpoints) and not os.listdir(checkpoints):
+                os.rmdir(checkpoints)  # a run stopped before its first checkpoint leaves no empty directory
 
 
-def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
-    """The epochs: steps, evaluation, the method's end-of-epoch round, metrics, checkpoints."""
+def loop(run: Run, writer: MetricWriter, preemption: Preemption) -> dict[str, Any]:
+    """The epochs: steps, evaluation, the method's end-of-epoch round, metrics, checkpoints; a notice
+    ``preemption`` has caught checkpoints and stops them."""
     config, method, pipe, manager, state = run.config, run.method, run.pipe, run.manager, run.state
     replicated = NamedSharding(run.mesh, PartitionSpec())
     steps_per_epoch, num_epochs = pipe.steps_per_epoch, config.num_epochs
@@ -419,45 +432,44 @@ def loop(run: Run, writer: MetricWriter) -> dict[str, Any]:
     say(f"{config.model.name} ({config.mode}): {num_epochs} epochs x {steps_per_epoch} steps, batch "
         f"{config.data.batch_size} on {run.mesh.devices.size} device(s){processes}, "
         f"{count_params(state['params']):,} params")
-    with Preemption() as preemption:
-        while epoch < num_epochs:
-            timer, stop = time.perf_counter(), False
-            for _ in range(start_step, steps_per_epoch):
-                state, metrics = train_step(state, next(run.batches), run.teacher_variables)
-                step += 1
-                if progress.start_step is None:  # the first step compiles: time from after it
-                    jax.block_until_ready(state["step"])
-                    progress.started(step)
-                stop = preemption.should_stop(step)
-                if step % config.log_every_steps == 0 or stop:
-                    loss = float(metrics["total"])
-                    if not np.isfinite(loss):
-                        raise _diverged(f"the loss became {loss} at step {step} (epoch {epoch})", manager)
-                    writer.write_text(f"epoch {epoch} step {step}/{progress.total_steps} loss {loss:.4f} "
-                                      f"{progress.line(step)}")
-                if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
-                    return _checkpoint_and_stop(manager, step, state, run.batches, config)
-            train = {f"train_{k}": float(v) / steps_per_epoch
-                     for k, v in jax.device_get(state["epoch_sums"]).items()}
-            if not np.isfinite(train["train_total"]):
-                raise _diverged(f"the loss became {train['train_total']} in epoch {epoch}", manager)
-            # Evaluate the model this epoch trained, before the method's round changes it, with
-            # BatchNorm statistics of its own weights (the running averages lag behind them).
-            state = with_recomputed_batch_stats(recompute, state, pipe, epoch, config.get("bn_batches", 0),
-                                                config.data.seed)
-            row = dict(epoch=epoch, step=step, lr=float(lr(step - 1)), **train,
-                       **evaluate(eval_step, state, pipe))
-            state, fields = method.end_of_epoch(state, epoch, steps_per_epoch,
-                                                epoch_probe(variance, pipe, epoch, config.data.seed))
-            row.update(fields, **health.layer_health(state["params"], state["batch_stats"]),
-                       epoch_time_s=time.perf_counter() - timer)
-            watch_health(run, row, writer)
-            run.history.append(row)
-            writer.write_epoch(epoch, row)
-            run_dir.save_checkpoint(manager, step, state, run.batches, config=config)
-            epoch, start_step = epoch + 1, 0
-            if stop and epoch < num_epochs:  # the notice came at the epoch's last step
+    while epoch < num_epochs:
+        timer, stop = time.perf_counter(), False
+        for _ in range(start_step, steps_per_epoch):
+            state, metrics = train_step(state, next(run.batches), run.teacher_variables)
+            step += 1
+            if progress.start_step is None:  # the first step compiles: time from after it
+                jax.block_until_ready(state["step"])
+                progress.started(step)
+            stop = preemption.should_stop(step)
+            if step % config.log_every_steps == 0 or stop:
+                loss = float(metrics["total"])
+                if not np.isfinite(loss):
+                    raise _diverged(f"the loss became {loss} at step {step} (epoch {epoch})", manager)
+                writer.write_text(f"epoch {epoch} step {step}/{progress.total_steps} loss {loss:.4f} "
+                                  f"{progress.line(step)}")
+            if stop and step % steps_per_epoch:  # mid-epoch (at its end the epoch is finished first)
                 return _checkpoint_and_stop(manager, step, state, run.batches, config)
+        train = {f"train_{k}": float(v) / steps_per_epoch
+                 for k, v in jax.device_get(state["epoch_sums"]).items()}
+        if not np.isfinite(train["train_total"]):
+            raise _diverged(f"the loss became {train['train_total']} in epoch {epoch}", manager)
+        # Evaluate the model this epoch trained, before the method's round changes it, with
+        # BatchNorm statistics of its own weights (the running averages lag behind them).
+        state = with_recomputed_batch_stats(recompute, state, pipe, epoch, config.get("bn_batches", 0),
+                                            config.data.seed)
+        row = dict(epoch=epoch, step=step, lr=float(lr(step - 1)), **train,
+                   **evaluate(eval_step, state, pipe))
+        state, fields = method.end_of_epoch(state, epoch, steps_per_epoch,
+                                            epoch_probe(variance, pipe, epoch, config.data.seed))
+        row.update(fields, **health.layer_health(state["params"], state["batch_stats"]),
+                   epoch_time_s=time.perf_counter() - timer)
+        watch_health(run, row, writer)
+        run.history.append(row)
+        writer.write_epoch(epoch, row)
+        run_dir.save_checkpoint(manager, step, state, run.batches, config=config)
+        epoch, start_step = epoch + 1, 0
+        if stop and epoch < num_epochs:  # the notice came at the epoch's last step
+            return _checkpoint_and_stop(manager, step, state, run.batches, config)
     manager.wait_until_finished()
     return finish(run, state)
 

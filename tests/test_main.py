@@ -3,9 +3,11 @@ resumes the interrupted phase, and every phase is checked before the first one r
 
 import importlib.util
 import os
+import signal
+import time
 
 import pytest
-from tiny_runs import ROOT
+from tiny_runs import ROOT, run_main, write_config
 
 from alite_jax import main, train
 from alite_jax.errors import ConfigError
@@ -54,3 +56,28 @@ def test_every_phase_is_checked_before_the_first_one_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"phase student: config\.distill\.alpha must be in \[0, 1\]"):
         main.run(config, str(workdir))
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_notice_during_the_set_up_stops_cleanly_and_leaves_no_empty_directory(sig, tmp_path):
+    """SIGTERM or Ctrl-C before the first step (here while the run reads its data and builds its state,
+    once it holds the workdir's lock): the promised clean stop, exit status 0 and the line saying to run
+    again, no traceback; no empty checkpoints/ left behind. The same command then trains the run."""
+    config_path = write_config(tmp_path / "config.py", "baseline", epochs=1)
+    workdir = str(tmp_path / "run")
+    proc = run_main(config_path, workdir, wait=False)
+    lock = os.path.join(workdir, "lock")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(lock) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "stopped by a preemption notice: run the same command again to resume" in out, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    if os.path.exists(workdir):  # the notice may land after the first step: then it checkpointed
+        assert os.path.exists(os.path.join(workdir, "checkpoints")) == bool(
+            [line for line in out.splitlines() if line.startswith("preempted: checkpoint at step")]), out
+        assert "lock" not in os.listdir(workdir)
+    run_main(config_path, workdir)
+    assert os.path.exists(os.path.join(workdir, "summary.json"))
