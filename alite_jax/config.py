@@ -177,7 +177,7 @@ class Range:
     meaning: str = ""
 
     def __contains__(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         if self.integer and not float(value).is_integer():
             return False

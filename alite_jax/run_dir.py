@@ -532,17 +532,25 @@ def is_finished_run(workdir: str) -> bool:
     return all(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG, MODEL))
 
 
-def restore_model(workdir: str, model: Any, mesh: jax.sharding.Mesh, image_size: int,
-                  channels: int) -> Any:
+def restore_model(workdir: str, model: Any, mesh: jax.sharding.Mesh | None, image_size: int,
+                  channels: int, sharding: jax.sharding.Sharding | None = None) -> Any:
     """The variables of the finished run in ``workdir`` (its ``model/``), for ``model`` (the module they
     belong to: :func:`alite_jax.methods.run_model` rebuilds it from the run's config), read outside
-    ``jit`` and replicated on ``mesh`` (the run may have been trained on another number of devices)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    ``jit`` and replicated on ``mesh`` (the run may have been trained on another number of devices), or
+    placed with ``sharding`` when given. A ``model/`` that cannot be read as ``model``'s variables (empty,
+    damaged, another model's) raises :class:`RunDirError`."""
+    placement = sharding if sharding is not None else NamedSharding(mesh, PartitionSpec())
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement),
                             abstract_variables(model, image_size, channels))
     recover_model(workdir)
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.abspath(os.path.join(workdir, MODEL)), abstract)
+    path = os.path.abspath(os.path.join(workdir, MODEL))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, abstract)
+    except Exception as e:  # an empty or damaged model/, or another model's
+        raise RunDirError(f"{path} cannot be read as the model its config.json describes "
+                          f"({_one_line(e)}); run that run again to export it (its checkpoints are "
+                          f"kept), or point at another run") from None
 
 
 def write_json(workdir: str, name: str, data: Any) -> None:

@@ -84,6 +84,8 @@ ISSUE_CASES = [
     ("sparsity.prune_rate", 1.5, "[0, 1]"),
     ("distill.temperature", 0.0, "> 0"),
     ("optimizer.lr", float("nan"), "> 0"),
+    ("optimizer.lr", float("inf"), "> 0"),  # non-finite values are refused like out-of-range ones
+    ("distill.beta", float("inf"), ">= 0"),
 ]
 
 

@@ -155,3 +155,17 @@ def test_a_second_run_in_a_workdir_is_refused_and_a_killed_runs_lock_taken_over(
         with run_dir.workdir_lock(fresh):
             raise RunDirError("refused")
     assert not os.path.exists(fresh)
+
+
+def test_a_teacher_run_whose_model_is_empty_is_a_user_error(tmp_path):
+    """A finished run's model/ emptied (a copy cut short, a disk fault): loading it, as a distillation
+    loads its teacher, says which directory and what to do, instead of orbax's traceback."""
+    from alite_jax.distributed import make_mesh
+
+    workdir = str(tmp_path)
+    run_dir.write_run_config(workdir, tiny_config("baseline"), num_classes=10, channels=1)
+    os.makedirs(os.path.join(workdir, "model"))
+    assert run_dir.is_finished_run(workdir)
+    with pytest.raises(RunDirError, match=re.escape(os.path.join(workdir, "model")) + r" cannot be read as "
+                       r"the model its config.json describes \(.+\); run that run again to export it"):
+        methods.load_run(workdir, make_mesh())

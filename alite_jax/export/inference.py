@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from alite_jax import methods, run_dir
 from alite_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from alite_jax.data.sources import default_splits, open_split, shard_range
 from alite_jax.errors import MissingFileError, RunDirError, UserError, user_input
 from alite_jax.export.compactors import AS_TRAINED, COMPACTORS, Compactor
-from alite_jax.models import STUDENTS, abstract_variables
+from alite_jax.models import STUDENTS
 
 InferenceFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -108,14 +107,8 @@ def build_model(config: ml_collections.ConfigDict, workdir: str, dtype: str = "f
 def load_variables(workdir: str, model: Any, config: ml_collections.ConfigDict) -> Any:
     """The run's exported variables (``model/``) on this process's first device."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract_variables(model, config.data.image_size, config.channels))
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(os.path.abspath(os.path.join(workdir, run_dir.MODEL)), abstract)
-    except Exception as e:  # a model/ that does not fit config.json: the user's files, not a bug
-        raise RunDirError(f"{workdir}/{run_dir.MODEL} cannot be read as the model its config.json describes "
-                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    return run_dir.restore_model(workdir, model, None, config.data.image_size, config.channels,
+                                 sharding=device)
 
 
 def inference_function(workdir: str, compactor: str | Compactor = AS_TRAINED, dtype: str = "float32",
