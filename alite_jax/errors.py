@@ -68,11 +68,30 @@ def exit_with_user_error(message: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
+def exit_on_user_error(filesystem: bool = False) -> Iterator[None]:
     """Runs the block; a :class:`UserError` raised in it ends the program by
-    :func:`exit_with_user_error` (one line, status 2). Other exceptions pass on with their traceback:
-    they are bugs."""
+    :func:`exit_with_user_error` (one line, status 2). With ``filesystem``, so does an ``OSError`` (a
+    path that cannot be read or written: missing, a file where a directory is wanted, no permission, a
+    full disk), for commands whose files are all the user's. Other exceptions pass on with their
+    traceback: they are bugs."""
     try:
         yield
     except UserError as e:
+        exit_with_user_error(str(e))
+    except OSError as e:
+        if not filesystem:
+            raise
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        exit_with_user_error(f"{where}: {e.strerror or e}" if where else str(e))
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=parse_flags_or_exit)``), with an unknown flag, a
+    malformed value or a value outside an enum's choices reported as a user error (one line, status 2)
+    instead of absl's FATAL report."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
         exit_with_user_error(str(e))

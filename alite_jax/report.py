@@ -41,7 +41,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from alite_jax import run_dir
-from alite_jax.errors import MissingFileError, UserError, exit_on_user_error
+from alite_jax.errors import MissingFileError, UserError, exit_on_user_error, parse_flags_or_exit
 from alite_jax.vit_costs import ATTENTION_TYPES
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    with exit_on_user_error():  # a missing or bad file
+    with exit_on_user_error(filesystem=True):  # a missing or bad file, a directory it cannot write
         print(render(flags.FLAGS.workdir))
     summary = run_dir.read_summary(flags.FLAGS.workdir) or {}
     print(f"plots and {table_file(summary)} written to {flags.FLAGS.workdir}")
@@ -387,4 +387,4 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "The run's directory (with summary.json, metrics.jsonl).")
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -362,7 +362,12 @@ def test_cli_end_to_end_without_torch(reference, tmp_path):
     for flags, message in [((f"--checkpoint={path}", f"--workdir={tmp_path / 'x'}", "--num_classes=10"),
                             "pass --num_classes=1000"),
                            ((f"--checkpoint={tmp_path / 'none.pth'}", f"--workdir={tmp_path / 'z'}"),
-                            "no checkpoint file")]:
+                            "no checkpoint file"),
+                           # before: absl's "FATAL Flags parsing error" and exit 1
+                           ((f"--checkpoint={path}", f"--workdir={tmp_path / 'y'}", "--arch=resnet5"),
+                            "flag --arch=resnet5: value should be one of"),
+                           # a filesystem error: before, an OSError's traceback
+                           ((f"--checkpoint={path}", f"--workdir={path}/teacher"), f"{path}/teacher")]:
         result = run_convert(*flags)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()

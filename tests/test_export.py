@@ -335,6 +335,7 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
 
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
+    (unfinished / "file").write_text("a file where the artifact's directory should go")
     for flags, expected in [
             ((f"--workdir={unfinished}", "--format=stablehlo"),
              "holds no finished model (no config.json and no model)"),
@@ -342,7 +343,11 @@ def test_cli_writes_the_artifact_and_refuses_bad_input(runs, images, tmp_path):
             ((f"--workdir={runs['deit']}", "--format=onnx"), "--format=onnx is not supported: no maintained"),
             ((f"--workdir={runs['hybrid']}", "--format=stablehlo", "--impl=nope"), "unknown"),
             ((f"--workdir={runs['deit']}", "--format=tflite", "--batch=0"), "--batch must be a positive"),
-            ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format=")]:
+            ((f"--workdir={runs['deit']}",), "give --workdir=<a finished run> and --format="),
+            ((f"--workdir={runs['deit']}", "--format=stablehlo", "--batch_sise=2"),
+             "Unknown command line flag 'batch_sise'"),
+            ((f"--workdir={runs['deit']}", "--format=stablehlo", f"--out={unfinished}/file/artifact"),
+             f"{unfinished}/file")]:
         result = run_cli("alite_jax.export", *flags)
         assert result.returncode == 2, (flags, result.stderr[-2000:])
         assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr

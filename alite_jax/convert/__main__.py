@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from alite_jax.convert.teacher_run import SOURCES, convert_checkpoint, write_teacher_run
 from alite_jax.convert.timm import ARCHS as TIMM_ARCHS
 from alite_jax.convert.torchvision import ARCHS
-from alite_jax.errors import exit_on_user_error, exit_with_user_error
+from alite_jax.errors import exit_on_user_error, exit_with_user_error, parse_flags_or_exit
 
 _FROM = flags.DEFINE_enum("from", "torchvision", list(SOURCES), "Where the checkpoint comes from.")
 _ARCH = flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(TIMM_ARCHS),
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     if not _CHECKPOINT.value or not _WORKDIR.value:
         exit_with_user_error("give --checkpoint=<file.pth or .safetensors> and --workdir=<dir>")
     start = time.perf_counter()
-    with exit_on_user_error():
+    with exit_on_user_error(filesystem=True):
         model, variables = convert_checkpoint(_CHECKPOINT.value, flags.FLAGS["from"].value, _ARCH.value,
                                               _NUM_CLASSES.value, image_size=_IMAGE_SIZE.value)
         summary = write_teacher_run(
@@ -60,4 +60,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

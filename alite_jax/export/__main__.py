@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from alite_jax.errors import UserError, exit_on_user_error, exit_with_user_error
+from alite_jax.errors import UserError, exit_on_user_error, exit_with_user_error, parse_flags_or_exit
 from alite_jax.export.formats import FORMATS, WEIGHTS_FILE, check_format, export
 from alite_jax.export.compactors import AUTO
 from alite_jax.export.inference import (COMPACTORS, PORTABLE_IMPL, TFLITE_IMPL, check_finished_run,
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     fmt = _FORMAT.value
     start = time.perf_counter()
     sparse = {"auto": None, "on": True, "off": False}[_SPARSE.value]
-    with exit_on_user_error():  # every check that reads no model comes first
+    with exit_on_user_error(filesystem=True):  # every check that reads no model comes first
         check_format(fmt, sparse)
         batch = parse_batch(_BATCH.value, fmt)
         check_finished_run(_WORKDIR.value)
@@ -82,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)
