@@ -169,3 +169,15 @@ def test_a_teacher_run_whose_model_is_empty_is_a_user_error(tmp_path):
     with pytest.raises(RunDirError, match=re.escape(os.path.join(workdir, "model")) + r" cannot be read as "
                        r"the model its config.json describes \(.+\); run that run again to export it"):
         methods.load_run(workdir, make_mesh())
+
+
+def test_a_missing_teacher_names_the_teacher_config_of_the_data_set():
+    from alite_jax.config import base_config, tiny_imagenet
+    from alite_jax.errors import MissingFileError
+    from alite_jax.methods.teacher import TEACHER_CONFIGS, check_teacher_run
+
+    config = tiny_imagenet(base_config())
+    config.teacher.workdir = ""
+    with pytest.raises(MissingFileError, match=r"--config=configs/teacher_tiny_imagenet\.py --workdir=<dir>"):
+        check_teacher_run(config, 200)
+    assert all(os.path.exists(os.path.join(ROOT, path)) for path in TEACHER_CONFIGS.values())

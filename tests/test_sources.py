@@ -224,6 +224,18 @@ def test_unprepared_data_set_without_network_fails_fast(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
     with pytest.raises(MissingFileError, match=r"'mnist' is not prepared in .* and download is off"):
         sources.open_split("mnist", "test", data_dir=str(tmp_path), download=False)
+    # Tiny-ImageNet's builder downloads in its own code (no registered URL): probed all the same (before,
+    # 206 s of TFDS retries); with its zip in the manual directory nothing is downloaded, so no probe.
+    start = time.perf_counter()
+    with pytest.raises(MissingFileError, match=r"'tiny_imagenet' .* its download host cs231n\.stanford\.edu "
+                                               r"\(gaierror: .*\) cannot be reached"):
+        sources.open_split("tiny_imagenet", "validation", data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "tiny-imagenet-200.zip").write_bytes(b"")
+    with pytest.raises(AssertionError, match="download_and_prepare was called"):
+        sources.open_split("tiny_imagenet", "validation", data_dir=str(tmp_path))
 
 
 def test_unknown_and_non_classification_data_sets_fail_clearly():

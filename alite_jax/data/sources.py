@@ -102,7 +102,8 @@ def _tfds_builder(name: str, data_dir: str | None):
 def unreachable_hosts(builder, timeout: float = 5.0) -> list[str]:
     """The hosts a TFDS builder downloads from that do not answer, as "host (reason)".
 
-    Hosts are those of the data set's registered download URLs; a builder without them, or an
+    Hosts are those of the data set's registered download URLs (and of a builder's own
+    ``DOWNLOAD_URLS``, for a builder that downloads in its code); a builder without them, or an
     environment with an HTTP(S) proxy (which this direct probe would bypass), gives []: the download
     then tells for itself. One TCP connection per host, ``timeout`` seconds at most: without network,
     TFDS would retry every download for minutes before failing.
@@ -110,7 +111,7 @@ def unreachable_hosts(builder, timeout: float = 5.0) -> list[str]:
     if any(urllib.request.getproxies().get(k) for k in ("http", "https", "all")):
         return []
     hosts = {}
-    for url in builder.url_infos or {}:
+    for url in [*(builder.url_infos or {}), *getattr(builder, "DOWNLOAD_URLS", ())]:
         parsed = urllib.parse.urlparse(url)
         if parsed.hostname:
             hosts[parsed.hostname] = parsed.port or (80 if parsed.scheme == "http" else 443)
@@ -228,13 +229,13 @@ class TfdsRecords:
         return f"TfdsRecords({self.dataset_dir!r}, {self.split!r}, {self._len} records)"
 
 
-def _imagenet_manual_dir(builder, manual_dir: str | None) -> str:
+def _manual_dir(builder, manual_dir: str | None) -> str:
     return os.fspath(manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual"))
 
 
 def check_imagenet_tars(builder, manual_dir: str | None) -> None:
     """Raises MissingFileError naming the ImageNet tars that are not in the manual dir, and where they go."""
-    where = _imagenet_manual_dir(builder, manual_dir)
+    where = _manual_dir(builder, manual_dir)
     missing = [t for t in IMAGENET_TARS if not os.path.isfile(os.path.join(where, t))]
     if missing:
         raise MissingFileError(
@@ -327,8 +328,12 @@ def _array_record_builder(name: str, data_dir: str | None, download: bool, manua
         raise MissingFileError(
             f"data set {name!r} is not prepared in {builder.data_dir} and download is off: set "
             f"download=True to prepare it" + (f". {manual}" if manual else ""))
-    # The ImageNet tars are there: its registered download URLs are not used.
-    unreachable = [] if name == IMAGENET else unreachable_hosts(builder)
+    # The ImageNet tars are there: its registered download URLs are not used; nor are a builder's when
+    # the files it would download are in the manual directory (MANUAL_FILES).
+    manual_files = getattr(builder, "MANUAL_FILES", ())
+    have_files = manual_files and all(os.path.exists(os.path.join(_manual_dir(builder, manual_dir), f))
+                                      for f in manual_files)
+    unreachable = [] if name == IMAGENET or have_files else unreachable_hosts(builder)
     if unreachable:
         raise MissingFileError(
             f"data set {name!r} is not prepared in {builder.data_dir} and its download "

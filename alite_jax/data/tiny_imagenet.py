@@ -35,6 +35,8 @@ def class_list() -> tuple[tuple[str, ...], tuple[str, ...]]:
 class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     """Tiny-ImageNet: 200 classes of 64x64 images, 500 train and 50 validation images per class."""
 
+    DOWNLOAD_URLS = (URL,)  # what alite_jax.data.sources probes before a download (no checksums file)
+    MANUAL_FILES = (ZIP_NAME,)  # in the manual_dir, no download is needed
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release (alite_jax)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (

@@ -20,15 +20,24 @@ from alite_jax.methods.base import Teacher
 from alite_jax.models import compute_dtype
 
 
+# The repository's teacher config of each data set: what the missing-teacher message suggests.
+TEACHER_CONFIGS = {"cifar10": "configs/teacher_cifar10.py", "cifar100": "configs/teacher_cifar100.py",
+                   "tiny_imagenet": "configs/teacher_tiny_imagenet.py",
+                   "imagenet2012": "configs/teacher_imagenet.py"}
+
+
 def check_teacher_run(config: ml_collections.ConfigDict, num_classes: int) -> None:
     """The teacher run at ``config.teacher.workdir``: there, finished, and trained on this data (classes,
     normalisation, image size); a :class:`alite_jax.errors.UserError` says what to change."""
     workdir = config.teacher.workdir
     if not workdir or not run_dir.is_finished_run(workdir):
+        dataset = config.data.dataset
+        example = TEACHER_CONFIGS.get(dataset, "configs/teacher_cifar10.py")
         raise MissingFileError(
             f"no finished teacher run at config.teacher.workdir={workdir!r} (it needs config.json and "
             f"model/). Train the teacher first, e.g. python -m alite_jax.main "
-            f"--config=configs/teacher_cifar10.py --workdir=<dir>, and point teacher.workdir at it.")
+            f"--config={example} --workdir=<dir>, and point teacher.workdir at it"
+            + ("" if dataset in TEACHER_CONFIGS else f" (with data.dataset={dataset!r})") + ".")
     teacher = ml_collections.ConfigDict(run_dir.read_run_config(workdir))
     if teacher.data.dataset != config.data.dataset or teacher.num_classes != num_classes:
         raise ConfigError(f"the teacher at {workdir} was trained on {teacher.data.dataset} "
