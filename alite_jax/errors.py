@@ -12,8 +12,9 @@ still catches a bad setting.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
-from typing import Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 EXIT_USER_ERROR = 2  # the command lines' exit status for a user error (1 is a bug, with its traceback)
 
@@ -79,7 +80,7 @@ def exit_on_user_error(filesystem: bool = False) -> Iterator[None]:
     except UserError as e:
         exit_with_user_error(str(e))
     except OSError as e:
-        if not filesystem:
+        if not filesystem and e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk is never a bug
             raise
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
         exit_with_user_error(f"{where}: {e.strerror or e}" if where else str(e))
@@ -95,3 +96,32 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         exit_with_user_error(str(e))
+
+
+FULL_DISK_SIGNS = ("no space left on device", "resource_exhausted", "event loop is closed")
+
+
+def quiet_failed_saves() -> None:
+    """For a command line: a checkpoint save that fails for lack of space (reported by the trainer in one
+    line, :func:`alite_jax.run_dir.checkpoint_saved`) would first print hundreds of lines: orbax's
+    background threads log each failed write with its traceback, and tensorstore's callbacks into the
+    save's closed event loop each print one. Those records (orbax's errors mentioning a full disk, the
+    closed loop's unraisable errors) are dropped; every other log record and unraisable error is
+    printed as before."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+            return True
+        text = (record.getMessage() + str(record.exc_info[1] if record.exc_info else "")).lower()
+        return not any(sign in text for sign in FULL_DISK_SIGNS)
+
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(keep)
+    previous = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        if not any(sign in str(info.exc_value).lower() for sign in FULL_DISK_SIGNS):
+            previous(info)
+
+    sys.unraisablehook = unraisable

@@ -29,7 +29,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alite_jax import distributed, methods, train
-from alite_jax.errors import UserError, exit_on_user_error, exit_with_user_error, user_input
+from alite_jax.errors import (UserError, exit_on_user_error, exit_with_user_error, quiet_failed_saves,
+                              user_input)
 
 # The trainer's fields naming another run's directory, relative to a phased run's workdir (a method adds
 # its own: Method.path_fields).
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # hide the backend probing chatter
+    quiet_failed_saves()  # a full disk: the trainer's one line, not orbax's hundreds
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("give --config=configs/<file>.py and --workdir=<dir> "
                              "(try --config=configs/demo.py --workdir=/tmp/alite_demo)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -336,12 +337,57 @@ def checkpoint_manager(workdir: str, max_to_keep: int,
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
                     force: bool = False, config: ml_collections.ConfigDict | None = None) -> None:
     """Saves the train state, the data iterator's position and (given) the run's config at ``step``
-    (asynchronously; orbax waits for the previous save first). The config in each checkpoint checks a
-    resumption when config.json is gone (:func:`check_same_run`)."""
+    (asynchronously; orbax waits for the previous save first: :func:`checkpoint_saved` says whether it
+    worked). The config in each checkpoint checks a resumption when config.json is gone
+    (:func:`check_same_run`)."""
     items = {STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(data_iterator)}
     if config is not None:
         items[RUN_CONFIG] = ocp.args.JsonSave(json.loads(json.dumps(config.to_dict())))
-    manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:
+        raise _save_failure(manager, e, step) from e
+
+
+def checkpoint_saved(manager: ocp.CheckpointManager) -> None:
+    """Waits for the checkpoint save in flight. One that failed for lack of space raises
+    :class:`RunDirError` (``no space left on <filesystem> while saving step N: the last good checkpoint
+    is step M``), with its partial directory removed so that it fills nothing; any other failure
+    propagates as it is."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _save_failure(manager, e) from e
+
+
+def _save_failure(manager: ocp.CheckpointManager, error: BaseException,
+                  step: int | None = None) -> BaseException:
+    """``error`` as a :class:`RunDirError` when it is a full disk (or quota), else ``error`` itself."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = any(getattr(c, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+               or "no space left on device" in str(c).lower() or "quota exceeded" in str(c).lower()
+               for c in chain)
+    if not full:
+        return error
+    directory = str(manager.directory)
+    partial = [name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name]
+    if step is None:
+        steps = [int(name.split(".")[0]) for name in partial if name.split(".")[0].isdigit()]
+        step = max(steps) if steps else None
+    for name in partial:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    manager.reload()
+    good = sorted(manager.all_steps())
+    mount = os.path.abspath(directory)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    what = f"step {step}" if step is not None else "a checkpoint"
+    last = f"the last good checkpoint is step {good[-1]}" if good else "no checkpoint has been saved"
+    return RunDirError(f"no space left on {mount} while saving {what}: {last}. Free space there (or "
+                       f"move the workdir) and run the same command again to resume")
 
 
 def checkpoint_config(workdir: str) -> dict[str, Any] | None:

@@ -232,7 +232,7 @@ def _checkpoint_and_stop(manager: ocp.CheckpointManager, step: int, state: State
     """Saves ``state`` and the data position at ``step`` (if not saved yet) and reports the preemption."""
     if manager.latest_step() != step:
         run_dir.save_checkpoint(manager, step, state, batches, force=True, config=config)
-    manager.wait_until_finished()
+    run_dir.checkpoint_saved(manager)
     print(f"preempted: checkpoint at step {step}; run again to resume", flush=True)
     return {"preempted_at_step": step}
 
@@ -464,13 +464,14 @@ def loop(run: Run, writer: MetricWriter, preemption: Preemption) -> dict[str, An
         row.update(fields, **health.layer_health(state["params"], state["batch_stats"]),
                    epoch_time_s=time.perf_counter() - timer)
         watch_health(run, row, writer)
+        run_dir.checkpoint_saved(manager)  # the last epoch's save worked before this epoch's row is kept
         run.history.append(row)
         writer.write_epoch(epoch, row)
         run_dir.save_checkpoint(manager, step, state, run.batches, config=config)
         epoch, start_step = epoch + 1, 0
         if stop and epoch < num_epochs:  # the notice came at the epoch's last step
             return _checkpoint_and_stop(manager, step, state, run.batches, config)
-    manager.wait_until_finished()
+    run_dir.checkpoint_saved(manager)
     return finish(run, state)
 
 

@@ -2,8 +2,11 @@
 resumes the interrupted phase, and every phase is checked before the first one runs."""
 
 import importlib.util
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -81,3 +84,35 @@ def test_a_notice_during_the_set_up_stops_cleanly_and_leaves_no_empty_directory(
         assert "lock" not in os.listdir(workdir)
     run_main(config_path, workdir)
     assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_on_a_freed_disk_resumes(tmp_path):
+    """The workdir on a 7 MB filesystem (a tmpfs; one checkpoint of the tiny run is 4.4 MB): the second
+    epoch's save fails. Before: 800-4,000 lines of stderr, the partial step directory left filling the
+    disk, the failure noticed at the next save. Now: one line naming the filesystem, the step and the
+    last good checkpoint, exit status 2, no partial directory; with space freed, the same command
+    resumes from the last good checkpoint and finishes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+    try:
+        config_path = write_config(tmp_path / "config.py", "baseline", epochs=2)
+        workdir = str(disk / "run")
+        cmd = [sys.executable, "-m", "alite_jax.main", f"--config={config_path}", f"--workdir={workdir}"]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip() == (
+            f"error: no space left on {disk} while saving step 8: the last good checkpoint is step 4. Free "
+            f"space there (or move the workdir) and run the same command again to resume"), \
+            result.stderr[-3000:]
+        assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        out = run_main(config_path, workdir)
+        assert f"resuming {workdir} at step 4" in out, out
+        assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+        assert [json.loads(line)["epoch"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
