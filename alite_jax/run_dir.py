@@ -395,7 +395,7 @@ def checkpoint_config(workdir: str) -> dict[str, Any] | None:
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
     if not os.path.isdir(directory):
         return None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                     item_names=(RUN_CONFIG,),
                                     item_handlers={RUN_CONFIG: ocp.JsonCheckpointHandler()})
     try:

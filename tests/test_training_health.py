@@ -197,7 +197,7 @@ def runs(tmp_path_factory):
 # rounds differently, as another CPU's would): 13.7 and 8.6e3; train-mode accuracy 24.2% at the least.
 # BatchNorm makes each layer's function independent of its weights' scale, so a sparse layer may settle
 # at several times the dense one's (its gradients are larger per weight); orders of magnitude is the
-# singularity (measured with revive_dormant too: the same 12.8, no channel was dormant after the round).
+# singularity (the same 12.8 with revive_dormant).
 # Over 3 seeds and 20 epochs the defaults keep every layer within 103x (benchmarks/RESULTS.md, issue 28).
 SCALE_FACTOR = 100.0
 
