@@ -346,7 +346,10 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data_
     try:
         manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:
-        raise _save_failure(manager, e, step) from e
+        failure = _save_failure(manager, e, step)
+        if failure is e:
+            raise
+        raise failure from e
 
 
 def checkpoint_saved(manager: ocp.CheckpointManager) -> None:
@@ -357,7 +360,10 @@ def checkpoint_saved(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        raise _save_failure(manager, e) from e
+        failure = _save_failure(manager, e)
+        if failure is e:
+            raise
+        raise failure from e
 
 
 def _save_failure(manager: ocp.CheckpointManager, error: BaseException,

@@ -354,8 +354,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
         start = missing[0] * pipe.steps_per_epoch
         try:
             older = run_dir.restore_checkpoint(manager, abstract, batches, up_to=start)
-        except RunDirError:  # none of them readable: go on from the newest, without those rows
-            older = None
+        except RunDirError:  # none of them readable: go on from the newest (read again), without those rows
+            older, state = None, run_dir.restore_checkpoint(manager, abstract, batches)
         if older is not None:
             dropped = run_dir.drop_checkpoints_after(manager, int(older["step"]))
             say(f"WARNING: {os.path.join(workdir, run_dir.METRICS)} has no row for epochs {missing}, which "
