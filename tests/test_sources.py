@@ -228,7 +228,8 @@ def test_unprepared_data_set_without_network_fails_fast(tmp_path, monkeypatch):
     # 206 s of TFDS retries); with its zip in the manual directory nothing is downloaded, so no probe.
     start = time.perf_counter()
     with pytest.raises(MissingFileError, match=r"'tiny_imagenet' .* its download host cs231n\.stanford\.edu "
-                                               r"\(gaierror: .*\) cannot be reached"):
+                                               r"\(gaierror: .*\) cannot be reached.*Download "
+                                               r"tiny-imagenet-200\.zip from .* in the manual_dir"):
         sources.open_split("tiny_imagenet", "validation", data_dir=str(tmp_path))
     assert time.perf_counter() - start < 10
     manual = tmp_path / "downloads" / "manual"

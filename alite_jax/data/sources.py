@@ -341,7 +341,7 @@ def _array_record_builder(name: str, data_dir: str | None, download: bool, manua
             f"prepare it on a machine with network ({_prepare_command(name, builder)} with "
             f"data_dir='<dir>'), copy <dir> here and set data.data_dir to it (now {builder.data_dir_root}); "
             f"or, for a data set whose files you download by hand, set data.download=False to see where "
-            f"they go")
+            f"they go" + (f". {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}" if manual_files else ""))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
                                  file_format=ARRAY_RECORD)
     return builder
