@@ -99,19 +99,21 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
 
 FULL_DISK_SIGNS = ("no space left on device", "resource_exhausted", "event loop is closed")
+NOISY = ("orbax", "asyncio")  # where those records come from: orbax's threads, its futures' event loops
 
 
 def quiet_failed_saves() -> None:
     """For a command line: a checkpoint save that fails for lack of space (reported by the trainer in one
     line, :func:`alite_jax.run_dir.checkpoint_saved`) would first print hundreds of lines: orbax's
     background threads log each failed write with its traceback, and tensorstore's callbacks into the
-    save's closed event loop each print one. Those records (orbax's errors mentioning a full disk, the
-    closed loop's unraisable errors) are dropped; every other log record and unraisable error is
+    save's closed event loop each print one, and asyncio reports the failed writes' futures at exit.
+    Those records (orbax's and asyncio's errors mentioning a full disk, the closed loop's unraisable
+    errors) are dropped; every other log record and unraisable error is
     printed as before."""
     import logging
 
     def keep(record: logging.LogRecord) -> bool:
-        if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR or not any(where in record.pathname for where in NOISY):
             return True
         text = (record.getMessage() + str(record.exc_info[1] if record.exc_info else "")).lower()
         return not any(sign in text for sign in FULL_DISK_SIGNS)
