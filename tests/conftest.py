@@ -12,15 +12,13 @@ import os
 import sys
 import tempfile
 
+from xla_flags import with_fast_compile
+
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="alite_jax_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs repeat too
-# The tests' programs are tiny and run once or a few times: compiling is most of their time, and LLVM's
-# optimisation of the CPU code most of that. Level 0 keeps XLA's own (HLO) optimisations, fusion included,
-# so the programs compute the same; it cut the CPU time of the files tried by about 30%.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = flags.strip()
+# Cheaper CPU compiles for the whole session (tests/xla_flags.py says which and why).
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 if "jax" in sys.modules:  # imported before this file (by a plugin): set what the variables would have
     import jax
@@ -30,15 +28,16 @@ if "jax" in sys.modules:  # imported before this file (by a plugin): set what th
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 # The files that take longest (minutes of compiling and end-to-end runs on 2 cores), longest first.
-# pytest-xdist's --dist loadfile hands out whole files in collection order; started last (they sort late
-# by name), the longest would run alone at the end while the other worker idles.
-# Measured with --durations on the whole suite (-n 2, 2 cores), seconds of a worker: test_train 428,
-# test_training_health 369, test_multihost 280, test_attention 233, test_notebook about 135, test_sparsity
-# 140, test_export 130, test_models 127, test_attention_impls 112, test_compaction 109.
-LONGEST_FIRST = ("test_train.py", "test_training_health.py", "test_multihost.py", "test_attention.py",
-                 "test_notebook.py", "test_sparsity.py", "test_export.py", "test_models.py",
-                 "test_attention_impls.py", "test_compaction.py", "test_method_plugin.py",
-                 "test_mixed_precision.py")
+# pytest-xdist's --dist loadfile hands out whole files in collection order (setup.cfg turns off its
+# default reordering by the number of tests per file, which started the few-test end-to-end files last,
+# to run alone while the other worker idled). Worker-seconds measured with --durations on the whole
+# suite (-n 2, 2 cores): test_training_health 300, test_train 300, test_notebook 220, test_multihost
+# 190, test_attention 115, test_main 85, test_export 70, test_sparsity 65, test_models 60,
+# test_compaction 60, test_attention_impls 55, test_convert 40, test_method_plugin 40.
+LONGEST_FIRST = ("test_training_health.py", "test_train.py", "test_notebook.py", "test_multihost.py",
+                 "test_attention.py", "test_main.py", "test_export.py", "test_sparsity.py", "test_models.py",
+                 "test_compaction.py", "test_attention_impls.py", "test_convert.py", "test_method_plugin.py",
+                 "test_spvit_finetune.py", "test_mixed_precision.py", "test_costs.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

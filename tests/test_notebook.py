@@ -12,6 +12,7 @@ import sys
 
 import nbformat
 import pytest
+from xla_flags import without_fast_compile
 from tiny_runs import load_config
 from nbclient import NotebookClient
 
@@ -35,9 +36,8 @@ def printed(cell) -> str:
 
 def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     # The kernel trains 8 epochs on the digits: run time, not compile time, dominates, so it runs at
-    # XLA's default CPU optimisation level rather than the session's level 0 (tests/conftest.py).
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_backend_optimization_level=0", "").strip())
+    # XLA's default CPU code rather than with the session's fast-compile flags (tests/xla_flags.py).
+    monkeypatch.setenv("XLA_FLAGS", without_fast_compile(os.environ.get("XLA_FLAGS", "")))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit it without outputs"
     # Raises CellExecutionError, with the cell and its traceback, if any cell fails.

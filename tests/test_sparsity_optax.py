@@ -96,6 +96,28 @@ def assert_trees_equal(a, b, what=""):
         np.testing.assert_array_equal(x, y, err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
+def assert_trees_match(a, b, what="", updates=1):
+    """Two runs of the same arithmetic in different programs (the round inside the update or outside it,
+    under a wrapper or alone, scanned or looped): booleans and integers equal, floats within the rounding
+    the two programs may differ by. XLA fuses each program its own way, and the CPU's vector code may
+    contract a multiply and an add into one rounding or not (compilers and CPUs differ), so each float
+    operation may round differently by half a unit in the last place (ulp). An update of momentum SGD
+    rounds about 4 operations per weight, and the momentum carries every earlier difference into later
+    updates scaled by at most sum(0.9^j) = 10: after n updates at most 4 * 10 * n ulps of the leaf's
+    largest magnitude. A wrong mean, count, mask or round moves weights by a fraction of an update,
+    about 1e-2 of their magnitude, or more, 1e3 times this bound at n = 12."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        assert x.dtype == y.dtype, name
+        if not np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+            continue
+        bound = 40 * updates * np.finfo(x.dtype).eps * max(float(np.max(np.abs(x), initial=0.0)), 1e-30)
+        np.testing.assert_allclose(x, y, rtol=0, atol=bound, err_msg=name)
+
+
 def assert_trees_close(a, b, what=""):
     assert jax.tree.structure(a) == jax.tree.structure(b), what
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
@@ -142,7 +164,8 @@ def assert_at_budget(state, structure="irregular"):
 def test_in_update_rounds_equal_rounds_from_outside(structure):
     """(A) rounds inside update every EVERY updates; (B) no rounds inside, prune_and_regrow after every
     "epoch" of EVERY steps but the last, at the trainer's per-epoch rate. The same gradients: masks,
-    parameters and momentum agree exactly (measured: bit for bit) after every step."""
+    parameters and momentum agree after every step (to the rounding two programs may differ by:
+    :func:`assert_trees_match`; measured: bit for bit on AMD EPYC with XLA's default code)."""
     tx_a, update_a = in_update(structure)
     tx_b = sparsity.sparse_learning(sgd(), density=DENSITY, structure=structure)
     update_b = jax.jit(tx_b.update)
@@ -160,8 +183,8 @@ def test_in_update_rounds_equal_rounds_from_outside(structure):
         if into_epoch == 0 and epoch < epochs:  # the round after epoch e = epoch - 1, for e < E - 1
             pb, sb = sparsity.prune_and_regrow(pb, sb, rate(epoch - 1))
         assert_trees_equal(sparsity.get_masks(sa), sparsity.get_masks(sb), f"masks, step {k + 1}: ")
-        assert_trees_equal(pa, pb, f"params, step {k + 1}: ")
-        assert_trees_equal(momentum_of(sa, pa), momentum_of(sb, pb), f"momentum, step {k + 1}: ")
+        assert_trees_match(pa, pb, f"params, step {k + 1}: ", k + 1)
+        assert_trees_match(momentum_of(sa, pa), momentum_of(sb, pb), f"momentum, step {k + 1}: ", k + 1)
         assert int(sa.count) == int(sb.count) == k + 1
         assert_at_budget(sa, structure)
         assert_inactive_zero(pa, sparsity.get_masks(sa))
@@ -186,7 +209,7 @@ def test_scan_over_steps_equals_the_loop_of_jitted_steps():
 
     scanned = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(STEPS))[0])(params, state)
     assert not trees_equal(sparsity.get_masks(state), sparsity.get_masks(loop[1]))  # rounds ran
-    assert_trees_equal(loop, scanned)
+    assert_trees_match(loop, scanned, updates=STEPS)
 
 
 @pytest.mark.slow
@@ -327,7 +350,7 @@ def test_multi_steps_rounds_count_real_updates():
         mean = welford_mean(grads_at(ref_params, call - 1), grads_at(ref_params, call))
         ref_params, ref_state = step_with(update_s, ref_params, ref_state, real - 1, mean)
         assert_trees_equal(sparsity.get_masks(state), sparsity.get_masks(ref_state))
-        assert_trees_equal(params, ref_params)
+        assert_trees_match(params, ref_params, updates=real)
         assert_inactive_zero(params, sparsity.get_masks(state))
         if not trees_equal(before[1], sparsity.get_masks(state)):
             moved_at.append(real)
@@ -401,11 +424,11 @@ def test_sparse_on_some_groups_only(how):
         ref_params, ref_state = step_with(ref[1], ref_params, ref_state, k)
         masks = sparsity.get_masks(state, params)
         assert_trees_equal(kernels_only(masks), sparsity.get_masks(ref_state))
-        assert_trees_equal(kernels_only(new_params), ref_params)
+        assert_trees_match(kernels_only(new_params), ref_params, updates=k + 1)
         for name, leaf in (("conv", "bias"), ("dense", "bias"), ("head", "kernel")):
             assert not sparsity.is_pruned(masks[name][leaf])
             expected = np.asarray(params[name][leaf]) + rest_update(np.asarray(grads[name][leaf]))
-            np.testing.assert_array_equal(new_params[name][leaf], expected)
+            assert_trees_match(new_params[name][leaf], expected, f"{name}/{leaf}")
         assert_inactive_zero(new_params, masks)
         params = new_params
     assert not trees_equal(kernels_only(masks), first)  # the rounds moved the masks
@@ -431,10 +454,10 @@ def test_rounds_from_outside_cover_the_sparse_group_only():
         ref_params, ref_state = step_with(jax.jit(ref.update), ref_params, ref_state, k, kernels_only(grads))
     new_params, new_state = sparsity.prune_and_regrow(params, state, 0.3)
     ref_params, ref_state = sparsity.prune_and_regrow(ref_params, ref_state, 0.3)
-    assert_trees_equal(kernels_only(new_params), ref_params)
+    assert_trees_match(kernels_only(new_params), ref_params, updates=3)
     assert_trees_equal(kernels_only(sparsity.get_masks(new_state, params)), sparsity.get_masks(ref_state))
-    assert_trees_equal(kernels_only(momentum_of(new_state, restrict_to_sparse(params))),
-                       momentum_of(ref_state, ref_params))
+    assert_trees_match(kernels_only(momentum_of(new_state, restrict_to_sparse(params))),
+                       momentum_of(ref_state, ref_params), updates=3)
     for name, leaf in (("conv", "bias"), ("dense", "bias"), ("head", "kernel")):
         np.testing.assert_array_equal(new_params[name][leaf], params[name][leaf])
     assert not trees_equal(sparsity.get_masks(new_state, params), sparsity.get_masks(state, params))

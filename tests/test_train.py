@@ -17,7 +17,8 @@ import pytest
 from tiny_runs import ROOT, assert_same_model, epoch_rows, final_params, run_main, tiny_config, write_config
 
 from alite_jax import data, run_dir, train
-from alite_jax.methods import learning_rate_schedule, needs_teacher, registered_may_change
+from alite_jax.distributed import make_mesh
+from alite_jax.methods import get_method, learning_rate_schedule, needs_teacher, registered_may_change
 from alite_jax.methods import sparse as sparse_method
 from alite_jax.config import base_config
 from alite_jax.errors import RunDirError
@@ -158,6 +159,16 @@ def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(teacher_dir,
     train.train_and_evaluate(config, workdir)
     assert_same_model(reference, workdir)
     assert epoch_rows(workdir) == epoch_rows(reference)
+    # Started again in the same process, the run reused the first launch's programs: one trace of the
+    # step for both launches (and none for a third run of the config).
+    mesh = make_mesh()
+    teacher = get_method(config, 10).teacher(mesh)[0]
+    programs = train.run_programs(config, 10, 4, 1, teacher, mesh)
+    assert programs.train_step._cache_size() == 1 and programs.eval_step._cache_size() == 1
+    assert train.run_programs(student_config(teacher_dir), 10, 4, 1, teacher, mesh) is programs
+    other = student_config(teacher_dir)
+    other.optimizer.lr = 0.5
+    assert train.run_programs(other, 10, 4, 1, teacher, mesh) is not programs
 
 
 def test_each_epoch_is_evaluated_before_its_round_changes_the_masks(teacher_dir, student_run, tmp_path,

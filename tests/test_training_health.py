@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from xla_flags import without_fast_compile
 from tiny_runs import tiny_config
 
 from alite_jax import health, methods, run_dir, train
@@ -177,11 +178,11 @@ def measure_all(root: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    # The runs execute more than they compile: one subprocess at XLA's default CPU optimisation level
-    # (not the session's level 0, tests/conftest.py) takes about 2/3 of the time in-process runs do.
+    # The runs execute more than they compile: one subprocess with XLA's default CPU code (not the
+    # session's fast-compile flags, tests/xla_flags.py) takes about 2/3 of the time in-process runs do.
     root = str(tmp_path_factory.mktemp("health"))
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_backend_optimization_level=0", "").strip(), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": without_fast_compile(os.environ.get("XLA_FLAGS", "")),
+           "JAX_PLATFORMS": "cpu"}
     script = (f"import sys; sys.path.insert(0, {TESTS!r}); import test_training_health as t; "
               f"t.measure_all({root!r})")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
