@@ -18,10 +18,12 @@ is refused raises an :class:`alite_jax.errors.UserError`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import signal
 import time
@@ -296,6 +298,61 @@ def watch_health(run: Run, row: dict[str, Any], writer: MetricWriter) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """A run's method, student, optimizer and jitted functions: everything its config decides before any
+    weight is read. Built by :func:`run_programs`, which hands the same object to every later run of
+    the same config in the process, so that a run started again there (the notebook's "run this cell
+    again to resume", a resumed preemption, a sweep that repeats a setting) traces and compiles nothing
+    anew: jax keeps each jitted function's traces and executables with the function object."""
+
+    method: Method
+    model: nn.Module
+    tx: optax.GradientTransformation
+    init_state: Callable[[jax.Array, Any], State]  # (key, the method's initial inputs) -> replicated state
+    train_step: Callable[[State, dict, Any], tuple[State, dict]]
+    eval_step: Callable[[State, dict], dict]
+    recompute: Callable[..., Any]
+    variance: Callable[..., Any]
+
+
+PROGRAMS_KEPT = 4  # the configs whose programs a process keeps (a notebook alternates teacher and student)
+_programs: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
+
+
+def run_programs(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, channels: int,
+                 teacher: nn.Module | None, mesh: jax.sharding.Mesh) -> Programs:
+    """The :class:`Programs` of a run, the same object for the same inputs: the whole config (as JSON;
+    its mode names the method), the data's shape, the teacher's architecture and the mesh. The
+    :data:`PROGRAMS_KEPT` most recently used are kept; what jax traced for them (for the shapes and
+    shardings they were called with) goes with them, and a change of jax's own configuration (e.g. the
+    matmul precision) jax checks itself at each call."""
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=repr), num_classes, steps_per_epoch,
+           channels, teacher, mesh)
+    if key in _programs:
+        _programs.move_to_end(key)
+        return _programs[key]
+    method = get_method(config, num_classes)
+    model, tx = method.student(), method.optimizer(steps_per_epoch)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def init_state(rng, inputs):
+        return create_train_state(method, model, tx, rng, config.data.image_size, channels, inputs)
+
+    step = make_train_step(method, model, teacher, tx, steps_per_epoch, batch_mixing(config, num_classes),
+                           config.data.seed)
+    programs = Programs(
+        method=method, model=model, tx=tx, init_state=jax.jit(init_state, out_shardings=replicated),
+        train_step=jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated)),  # no recompile
+        eval_step=jax.jit(make_eval_step(model), out_shardings=replicated),
+        recompute=batch_norm_stats.make_recompute(model, replicated, method.apply_rngs),
+        variance=activity.make_output_variance(model, replicated, method.apply_rngs))
+    _programs[key] = programs
+    while len(_programs) > PROGRAMS_KEPT:
+        _programs.popitem(last=False)
+    return programs
+
+
 @dataclasses.dataclass
 class Run:
     """Everything the loop needs, built and checked by :func:`setup`."""
@@ -309,7 +366,7 @@ class Run:
     pipe: data.InputPipeline
     batches: Any  # the training iterator (grain), positioned at the state's step
     manager: ocp.CheckpointManager
-    tx: optax.GradientTransformation
+    programs: Programs
     state: State
     history: list[dict[str, Any]]
     channels: int
@@ -326,19 +383,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     with user_input():  # data sets that cannot be read, splits too small for the batch
         pipe = data.create_input_pipeline(config.data, mesh)
     channels = pipe.channels
-    method = get_method(config, num_classes)
-    model, tx = method.student(), method.optimizer(pipe.steps_per_epoch)
-    teacher, teacher_variables = method.teacher(mesh) or (None, None)
-
-    def init_state(key, inputs):
-        return create_train_state(method, model, tx, key, config.data.image_size, channels, inputs)
-
+    teacher, teacher_variables = get_method(config, num_classes).teacher(mesh) or (None, None)
+    programs = run_programs(config, num_classes, pipe.steps_per_epoch, channels, teacher, mesh)
+    method, model = programs.method, programs.model
     if fresh:
         run_dir.set_aside_run(workdir)
     os.makedirs(workdir, exist_ok=True)
     replicated = NamedSharding(mesh, PartitionSpec())
     manager = run_dir.checkpoint_manager(workdir, config.checkpoint_max_to_keep, pipe.steps_per_epoch)
-    abstract = jax.eval_shape(init_state, jax.random.key(config.seed), None)
+    abstract = jax.eval_shape(programs.init_state, jax.random.key(config.seed), None)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     batches = pipe.train_iterator()
     state = run_dir.restore_checkpoint(manager, abstract, batches)
@@ -347,7 +400,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
         # what the method builds the state from (e.g. pretrained weights), read only for a new state and
         # passed as an argument: read and placed outside jit, not baked into the program as constants
         inputs = method.initial_inputs()
-        state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed), inputs)
+        state = programs.init_state(jax.random.key(config.seed), inputs)
     epoch = int(state["step"]) // pipe.steps_per_epoch
     missing = run_dir.epochs_without_rows(workdir, epoch)
     if missing:  # a cut metrics.jsonl: train those epochs again from a checkpoint before them, if any
@@ -369,7 +422,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
         multihost_utils.sync_global_devices("alite_jax: metrics read")
     run_dir.write_metrics(workdir, history)
-    return Run(config, workdir, method, model, teacher, teacher_variables, pipe, batches, manager, tx,
+    return Run(config, workdir, method, model, teacher, teacher_variables, pipe, batches, manager, programs,
                state, history, channels, mesh)
 
 
@@ -413,17 +466,11 @@ def loop(run: Run, writer: MetricWriter, preemption: Preemption) -> dict[str, An
     """The epochs: steps, evaluation, the method's end-of-epoch round, metrics, checkpoints; a notice
     ``preemption`` has caught checkpoints and stops them."""
     config, method, pipe, manager, state = run.config, run.method, run.pipe, run.manager, run.state
-    replicated = NamedSharding(run.mesh, PartitionSpec())
     steps_per_epoch, num_epochs = pipe.steps_per_epoch, config.num_epochs
     step = int(state["step"])
     epoch, start_step = divmod(step, steps_per_epoch)
-    mix = batch_mixing(config, method.num_classes)
-    train_step = jax.jit(make_train_step(method, run.model, run.teacher, run.tx, steps_per_epoch, mix,
-                                         config.data.seed),
-                         donate_argnums=0, out_shardings=(replicated, replicated))  # no recompile
-    eval_step = jax.jit(make_eval_step(run.model), out_shardings=replicated)
-    recompute = batch_norm_stats.make_recompute(run.model, replicated, method.apply_rngs)
-    variance = activity.make_output_variance(run.model, replicated, method.apply_rngs)
+    train_step, eval_step = run.programs.train_step, run.programs.eval_step
+    recompute, variance = run.programs.recompute, run.programs.variance
     lr = method.learning_rate(steps_per_epoch)
     progress = Progress(steps_per_epoch * num_epochs, config.data.batch_size)
     if step:
