@@ -101,12 +101,12 @@ def test_teacher_then_sparse_distillation_end_to_end(teacher_dir, student_run):
     assert 0.02 < np.mean(np.concatenate([k.ravel() for k in kernels]) != 0) < 0.6
 
 
-def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tmp_path):
+def test_preempted_then_killed_then_resumed_equals_uninterrupted(teacher_dir, student_run, tmp_path, capsys):
     """SIGTERM after the first step checkpoints where it lands (inside epoch 0 unless the notice is late)
     and exits cleanly; the run started again resumes there and is SIGKILLed once the next epoch-end
-    checkpoint exists; started a third time it finishes with exactly the uninterrupted run's parameters
-    and metrics (the interrupted epoch's averages span the launches' steps, since the running sums are
-    in the checkpoint)."""
+    checkpoint exists; started a third time (here in this process, as a notebook cell would) it finishes
+    with exactly the uninterrupted run's parameters and metrics (the interrupted epoch's averages span
+    the launches' steps, since the running sums are in the checkpoint)."""
     config_path, reference = student_run
     workdir = str(tmp_path / "interrupted")
     proc = run_main(config_path, workdir, wait=False)
@@ -136,7 +136,8 @@ def test_preempted_then_killed_then_resumed_equals_uninterrupted(student_run, tm
     assert os.path.isdir(epoch_end), "the run ended before the next epoch's end"
     assert not os.path.exists(os.path.join(workdir, "summary.json")), "killed after it finished"
 
-    out = run_main(config_path, workdir)
+    train.train_and_evaluate(student_config(teacher_dir), workdir)
+    out = capsys.readouterr().out
     assert f"resuming {workdir} at step {(step // 4 + 1) * 4} " in out, out[-3000:]
     assert_same_model(reference, workdir)
     assert (json.load(open(os.path.join(workdir, "summary.json")))["test_accuracy"]
