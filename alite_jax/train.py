@@ -44,7 +44,7 @@ from alite_jax.config import check_ranges
 from alite_jax.data import mixup
 from alite_jax.distributed import is_leader, make_mesh, say
 from alite_jax.errors import DivergedError, RunDirError, user_input
-from alite_jax.methods import Method, State, get_method, method_class, registered_may_change
+from alite_jax.methods import Method, State, class_fields, get_method, method_class, registered_may_change
 from alite_jax.metric_writers import MetricWriter, Progress
 from alite_jax.models import STUDENTS, check_model_image_size, count_params, init_model, model_from_config
 
@@ -320,15 +320,29 @@ PROGRAMS_KEPT = 4  # the configs whose programs a process keeps (a notebook alte
 _programs: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
 
 
+def named_files(config: ml_collections.ConfigDict) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, modification time) of each file the method's ``path_fields`` name (e.g. SPViT's found
+    architecture): a run whose config is unchanged but whose file was edited gets programs of its own."""
+    found = []
+    for field in class_fields(method_class(config.mode), "path_fields"):
+        section, _, name = field.rpartition(".")
+        value = (config.get(section, {}) if section else config).get(name, "")
+        if isinstance(value, str) and value and os.path.isfile(value):
+            stat = os.stat(value)
+            found.append((value, stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
 def run_programs(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, channels: int,
                  teacher: nn.Module | None, mesh: jax.sharding.Mesh) -> Programs:
     """The :class:`Programs` of a run, the same object for the same inputs: the whole config (as JSON;
-    its mode names the method), the data's shape, the teacher's architecture and the mesh. The
+    its mode names the method), the files it names (:func:`named_files`), the data's shape, the
+    teacher's architecture and the mesh. The
     :data:`PROGRAMS_KEPT` most recently used are kept; what jax traced for them (for the shapes and
     shardings they were called with) goes with them, and a change of jax's own configuration (e.g. the
     matmul precision) jax checks itself at each call."""
-    key = (json.dumps(config.to_dict(), sort_keys=True, default=repr), num_classes, steps_per_epoch,
-           channels, teacher, mesh)
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=repr), named_files(config), num_classes,
+           steps_per_epoch, channels, teacher, mesh)
     if key in _programs:
         _programs.move_to_end(key)
         return _programs[key]

@@ -457,6 +457,24 @@ def test_nan_loss_stops_with_a_clear_message(first_bad, match, tmp_path, monkeyp
         train.train_and_evaluate(tiny_config("teacher"), str(tmp_path / "nan"))
 
 
+def test_programs_key_on_the_files_a_config_names(tmp_path):
+    """An SPViT fine-tuning config names its found architecture's file: the same config with the file
+    edited on disk (another architecture, same path) gets programs of its own."""
+    config = base_config()
+    config.mode = "spvit_finetune"
+    path = tmp_path / "architecture.json"
+    config.spvit.architecture = str(path)
+    assert train.named_files(config) == ()  # no file yet: nothing to key on
+    path.write_text('{"blocks": []}')
+    first = train.named_files(config)
+    assert [f[:2] for f in first] == [(str(path), 14)]
+    path.write_text('{"blocks": [1, 2]}')
+    assert train.named_files(config) != first
+    config.mode = "distill"  # its path field is teacher.workdir, a directory: not a file to key on
+    config.teacher.workdir = str(tmp_path)
+    assert train.named_files(config) == ()
+
+
 def test_config_files_load():
     import importlib.util
 
