@@ -300,15 +300,15 @@ def watch_health(run: Run, row: dict[str, Any], writer: MetricWriter) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
-    """A run's method, student, optimizer and jitted functions: everything its config decides before any
-    weight is read. Built by :func:`run_programs`, which hands the same object to every later run of
-    the same config in the process, so that a run started again there (the notebook's "run this cell
-    again to resume", a resumed preemption, a sweep that repeats a setting) traces and compiles nothing
-    anew: jax keeps each jitted function's traces and executables with the function object."""
+    """A run's method, student and jitted functions (the optimizer inside them): everything its config
+    decides before any weight is read. Built by :func:`run_programs`, which hands the same object to
+    every later run of the same config in the process, so that a run started again there (the
+    notebook's "run this cell again to resume", a resumed preemption, a sweep that repeats a setting)
+    traces and compiles nothing anew: jax keeps each jitted function's traces and executables with the
+    function object."""
 
     method: Method
     model: nn.Module
-    tx: optax.GradientTransformation
     init_state: Callable[[jax.Array, Any], State]  # (key, the method's initial inputs) -> replicated state
     train_step: Callable[[State, dict, Any], tuple[State, dict]]
     eval_step: Callable[[State, dict], dict]
@@ -356,7 +356,7 @@ def run_programs(config: ml_collections.ConfigDict, num_classes: int, steps_per_
     step = make_train_step(method, model, teacher, tx, steps_per_epoch, batch_mixing(config, num_classes),
                            config.data.seed)
     programs = Programs(
-        method=method, model=model, tx=tx, init_state=jax.jit(init_state, out_shardings=replicated),
+        method=method, model=model, init_state=jax.jit(init_state, out_shardings=replicated),
         train_step=jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated)),  # no recompile
         eval_step=jax.jit(make_eval_step(model), out_shardings=replicated),
         recompute=batch_norm_stats.make_recompute(model, replicated, method.apply_rngs),
@@ -373,9 +373,6 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    method: Method
-    model: nn.Module
-    teacher: nn.Module | None
     teacher_variables: Any
     pipe: data.InputPipeline
     batches: Any  # the training iterator (grain), positioned at the state's step
@@ -385,6 +382,14 @@ class Run:
     history: list[dict[str, Any]]
     channels: int
     mesh: jax.sharding.Mesh
+
+    @property
+    def method(self) -> Method:
+        return self.programs.method
+
+    @property
+    def model(self) -> nn.Module:
+        return self.programs.model
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> Run:
@@ -399,7 +404,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     channels = pipe.channels
     teacher, teacher_variables = get_method(config, num_classes).teacher(mesh) or (None, None)
     programs = run_programs(config, num_classes, pipe.steps_per_epoch, channels, teacher, mesh)
-    method, model = programs.method, programs.model
+    method = programs.method
     if fresh:
         run_dir.set_aside_run(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -436,8 +441,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) 
     if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
         multihost_utils.sync_global_devices("alite_jax: metrics read")
     run_dir.write_metrics(workdir, history)
-    return Run(config, workdir, method, model, teacher, teacher_variables, pipe, batches, manager, programs,
-               state, history, channels, mesh)
+    return Run(config, workdir, teacher_variables, pipe, batches, manager, programs, state, history, channels,
+               mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -22,37 +23,18 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-CONFIG = """
-from alite_jax.config import base_config
-
-
-def get_config(arg=None):
-    c = base_config()
-    c.mode = "baseline"
-    c.num_epochs = {epochs}
-    c.data.dataset = "digits"
-    c.data.image_size = 8
-    c.data.batch_size = c.data.eval_batch_size = 32
-    c.data.train_split = "train[:{images}]"
-    c.data.eval_split = "test[:64]"
-    c.optimizer.lr = 0.05
-    c.model.width = 0.25
-    c.bn_batches = 0
-    c.checkpoint_max_to_keep = {keep}
-    return c
-"""
+from tiny_runs import write_config  # noqa: E402  (the trainer tests' own tiny run)
 
 
 class Probes:
     def __init__(self, repo: str, root: str):
         self.repo, self.root, self.rows = repo, root, []
 
-    def config(self, name: str, epochs: int = 2, images: int = 128, keep: int = 3) -> str:
-        path = os.path.join(self.root, f"{name}.py")
-        with open(path, "w") as f:
-            f.write(CONFIG.format(epochs=epochs, images=images, keep=keep))
-        return path
+    def config(self, name: str, epochs: int = 2, images: int = 128) -> str:
+        """The trainer tests' tiny digits run (tests/tiny_runs.py), dense."""
+        return write_config(pathlib.Path(self.root, f"{name}.py"), "baseline", epochs=epochs, images=images)
 
     def command(self, module: str, *flags: str) -> list[str]:
         return [sys.executable, "-m", module, *flags]

@@ -1,5 +1,6 @@
-"""Tiny trainer runs shared by the trainer and multi-host tests: a config file, running main, reading
-results; and :func:`load_config`, a config file of configs/ as the trainer reads it."""
+"""Tiny trainer runs shared by the trainer and multi-host tests (and the benchmarks that run them): a
+config file, running main, reading results; and :func:`load_config`, a config file of configs/ as the
+trainer reads it."""
 
 import importlib.util
 import json
@@ -24,7 +25,7 @@ def get_config(arg=None):
     c.data.dataset = "digits"
     c.data.image_size = 8
     c.data.batch_size = c.data.eval_batch_size = 32
-    c.data.train_split = "train[:128]"
+    c.data.train_split = "train[:{images}]"
     c.data.eval_split = "test[:64]"
     c.optimizer.lr = 0.05
     c.optimizer.decay_epochs = (2,)
@@ -53,14 +54,17 @@ def load_config(name, arg=None):
     return module.get_config(arg)
 
 
-def tiny_config(mode, epochs=3, teacher="", mix=False, bn_batches=0):
+def tiny_config(mode, epochs=3, teacher="", mix=False, bn_batches=0, images=128):
     namespace = {}
-    exec(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches), namespace)
+    source = TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches,
+                         images=images)
+    exec(source, namespace)
     return namespace["get_config"]()
 
 
-def write_config(path, mode, epochs=3, teacher="", mix=False, bn_batches=0):
-    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches))
+def write_config(path, mode, epochs=3, teacher="", mix=False, bn_batches=0, images=128):
+    path.write_text(TINY.format(mode=mode, epochs=epochs, teacher=teacher, mix=mix, bn_batches=bn_batches,
+                                images=images))
     return str(path)
 
 
